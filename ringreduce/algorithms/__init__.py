@@ -1,0 +1,8 @@
+"""Allreduce algorithms over mpi4py: each reduces a flat host buffer in place."""
+from . import allgather, mpi, ring, tree  # noqa: F401
+
+# name -> function(chan, flat_buffer, op)
+RUNNERS = {
+    "ring": ring.allreduce,
+    "tree": tree.allreduce,
+}

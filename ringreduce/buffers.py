@@ -1,0 +1,97 @@
+"""Host array handling: supported dtypes, input validation, byte views, scratch pools."""
+from __future__ import annotations
+
+import threading
+
+import ml_dtypes
+import numpy as np
+
+from .errors import RingReduceError
+
+__all__ = ["SUPPORTED_DTYPES", "dtype_code", "dtype_name", "check_array", "as_bytes", "ScratchPool"]
+
+# Codes travel in the mismatch-check fingerprint, so they must never change.
+SUPPORTED_DTYPES = {
+    np.dtype(np.float16): 1,
+    np.dtype(ml_dtypes.bfloat16): 2,
+    np.dtype(np.float32): 3,
+    np.dtype(np.float64): 4,
+    np.dtype(np.int32): 5,
+    np.dtype(np.int64): 6,
+    np.dtype(np.int8): 7,
+    np.dtype(np.uint8): 8,
+}
+_BY_CODE = {code: dt for dt, code in SUPPORTED_DTYPES.items()}
+HALF_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
+def dtype_code(dtype: np.dtype) -> int:
+    return SUPPORTED_DTYPES[np.dtype(dtype)]
+
+
+def dtype_name(code: int) -> str:
+    dt = _BY_CODE.get(int(code))
+    return str(dt) if dt is not None else f"<dtype code {code}>"
+
+
+def is_integer(dtype: np.dtype) -> bool:
+    return np.dtype(dtype).kind in "iu"
+
+
+def check_array(x, rank: int, name: str | None, what: str = "input", writable: bool = False):
+    """Validate a host array for a collective and return it as an ndarray.
+
+    Raises RingReduceError naming the rank, the tensor and the problem.
+    """
+    label = f"rank {rank}: {what}" + (f" of tensor '{name}'" if name else "")
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "__cuda_array_interface__"):
+            raise RingReduceError(f"{label} is a device array; device buffers need the GPU path (cupy)")
+        raise RingReduceError(f"{label} must be a numpy array, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        supported = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise RingReduceError(f"{label} has unsupported dtype {x.dtype} (supported: {supported})")
+    if writable:
+        if not x.flags.writeable:
+            raise RingReduceError(f"{label} is read-only; in-place collectives need a writable array")
+        if not x.flags.c_contiguous:
+            raise RingReduceError(
+                f"{label} is not C-contiguous; in-place collectives need a contiguous array "
+                "(use the out-of-place call, which copies)")
+    return x
+
+
+def as_bytes(a: np.ndarray) -> np.ndarray:
+    """A flat uint8 view of a contiguous array (what MPI moves)."""
+    return a.reshape(-1).view(np.uint8)
+
+
+class ScratchPool:
+    """Reusable flat scratch buffers, so steady-state calls allocate nothing.
+
+    Buffers are keyed by (slot, dtype) and grown geometrically; a slot is owned by
+    one algorithm phase at a time (the engine runs one collective per communicator
+    at a time, so no two users share a slot).
+    """
+
+    def __init__(self):
+        self._bufs: dict[tuple[str, np.dtype], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def get(self, slot: str, dtype, count: int) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        key = (slot, dtype)
+        with self._lock:
+            buf = self._bufs.get(key)
+            if buf is None or buf.size < count:
+                size = max(count, 2 * buf.size if buf is not None else 0)
+                buf = np.empty(size, dtype=dtype)
+                self._bufs[key] = buf
+        return buf[:count]
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._bufs.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._bufs.clear()

@@ -1,0 +1,217 @@
+"""The public collectives on host arrays: allreduce, broadcast, object exchange.
+
+Data path: validate -> agree (mismatch check) -> algorithm -> result. Each public
+function resolves its communicator context and runs on that context's "main"
+channel; the background engine runs the same code on the "background" channel.
+"""
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+from . import check
+from .algorithms import RUNNERS, allgather, select
+from .algorithms import mpi as native
+from .algorithms._transfer import message_slices
+from .buffers import HALF_DTYPES, check_array, dtype_code, is_integer
+from .comm import Channel, context
+from .errors import RingReduceError
+from .ops import Average, ReduceOp
+
+__all__ = ["allreduce", "allreduce_", "broadcast_", "broadcast_object", "allgather_object"]
+
+
+def _as_op(op, rank: int) -> ReduceOp:
+    try:
+        return ReduceOp(op)
+    except ValueError:
+        raise RingReduceError(f"rank {rank}: unknown reduction op {op!r} "
+                              "(use rr.Sum, rr.Average, rr.Min or rr.Max)") from None
+
+
+def _prepare_output(chan: Channel, x, out, name, inplace: bool) -> np.ndarray:
+    """The buffer the algorithm reduces in place: x itself, `out` filled from x, or a copy."""
+    r = chan.rank
+    if inplace:
+        return check_array(x, r, name, writable=True)
+    x = check_array(x, r, name)
+    if out is None:
+        return np.array(x, order="C", copy=True)
+    out = check_array(out, r, name, what="out", writable=True)
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise RingReduceError(
+            f"rank {r}: out{' of tensor ' + repr(name) if name else ''} has shape {out.shape} and "
+            f"dtype {out.dtype}, but the input has shape {x.shape} and dtype {x.dtype}")
+    if out is not x:
+        np.copyto(out, x)
+    return out
+
+
+def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=None,
+                 name=None, out=None, inplace=False) -> np.ndarray:
+    """allreduce on a given channel (the engine's entry point for both threads)."""
+    r = chan.rank
+    op = _as_op(op, r)
+    algorithm = select.requested(algorithm, r)
+    buf = _prepare_output(chan, x, out, name, inplace)
+    if is_integer(buf.dtype) and op == Average:
+        raise RingReduceError(
+            f"rank {r}: op Average on integer tensor{' ' + repr(name) if name else ''} "
+            f"({buf.dtype}) would truncate; use rr.Sum and divide, or a float dtype")
+    from .compression import compressed_allreduce, resolve
+    comp = resolve(compression, r)
+    flat = buf.reshape(-1)
+    if comp is not None:
+        compressed_allreduce(chan, flat, op, algorithm, comp, name)
+        return buf
+    if algorithm == "auto":
+        algorithm = select.choose(flat.nbytes, flat.dtype, chan.size)
+    if algorithm == "mpi" and buf.dtype in HALF_DTYPES:
+        native.allreduce(chan, flat, op, name)   # raises the clear half-type error
+    seq = chan.next_seq()
+    header = None
+    if check.enabled():
+        header = check.fingerprint(seq, "allreduce", flat.size, dtype_code(buf.dtype), int(op),
+                                   algorithm, name, buf.shape, None)
+    if algorithm == "allgather":
+        table = allgather.allreduce_with_header(chan, flat, op, header)
+        if table is not None:
+            _raise_if_mismatch(chan, table, "allreduce", buf, op, algorithm, name, seq)
+        return buf
+    if header is not None:
+        _agree(chan, header, "allreduce", buf, op, algorithm, name, seq)
+    run_algorithm(chan, algorithm, flat, op, name)
+    return buf
+
+
+def run_algorithm(chan: Channel, algorithm: str, flat: np.ndarray, op: ReduceOp, name=None) -> None:
+    """Reduce the flat buffer in place with a resolved algorithm name."""
+    if algorithm == "mpi":
+        native.allreduce(chan, flat, op, name)
+    elif algorithm == "allgather":
+        allgather.allreduce_with_header(chan, flat, op, None)
+    elif algorithm in RUNNERS:
+        RUNNERS[algorithm](chan, flat, op)
+    else:
+        raise RingReduceError(f"rank {chan.rank}: algorithm {algorithm!r} is not available in this build")
+
+
+def _agree(chan: Channel, header: np.ndarray, kind, buf, op, algorithm, name, seq) -> None:
+    table = np.empty((chan.size, header.size), dtype=np.int64)
+    chan.comm.Allgather([header, MPI.INT64_T], [table, MPI.INT64_T])
+    _raise_if_mismatch(chan, table, kind, buf, op, algorithm, name, seq)
+
+
+def _raise_if_mismatch(chan, table, kind, buf, op, algorithm, name, seq) -> None:
+    if (table == table[0]).all():
+        return
+    shape = buf.shape if buf is not None else ()
+    dtype = buf.dtype if buf is not None else None
+    count = buf.size if buf is not None else 0
+    readable = check.describe(kind, count, dtype, op, algorithm, name, shape, None, seq)
+    check.raise_if_mismatch(table, chan.comm, chan.rank, readable, name)
+
+
+def allreduce(x, op=Average, algorithm: str = "auto", compression=None, name: str | None = None,
+              out: np.ndarray | None = None, comm=None) -> np.ndarray:
+    """Reduce `x` across all ranks and return the result (a new array, or `out`).
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Any shape; float16, bfloat16, float32, float64, int8, uint8, int32 or int64.
+        Non-contiguous input is copied.
+    op : rr.Sum, rr.Average, rr.Min or rr.Max
+    algorithm : "auto", "ring", "tree", "mpi", "shm" or "hierarchical"
+        "auto" picks by message size; RINGREDUCE_ALGORITHM overrides it.
+    compression : rr.Compression.* or None
+    name : str, optional
+        A stable tensor name, used in error messages and the mismatch check
+        (required with error-feedback compression).
+    out : numpy.ndarray, optional
+        Where to write the result (same shape and dtype as x).
+    comm : mpi4py communicator, optional
+        A sub-communicator; default the one given to rr.init().
+
+    Every rank gets bit-identical results.
+
+    Example::
+
+        import numpy as np, ringreduce as rr
+        rr.init()
+        y = rr.allreduce(np.arange(10, dtype=np.float32) * rr.rank(), op=rr.Average)
+    """
+    return allreduce_on(context(comm).main, x, op, algorithm, compression, name, out)
+
+
+def allreduce_(x: np.ndarray, op=Average, algorithm: str = "auto", compression=None,
+               name: str | None = None, comm=None) -> np.ndarray:
+    """In-place allreduce: `x` (contiguous, writable) is overwritten and returned.
+
+    Example::
+
+        grad = np.ones(1000, dtype=np.float32)
+        rr.allreduce_(grad, op=rr.Sum)     # grad == rr.size() everywhere
+    """
+    return allreduce_on(context(comm).main, x, op, algorithm, compression, name, inplace=True)
+
+
+def broadcast_on(chan: Channel, x: np.ndarray, root_rank: int = 0, name=None) -> np.ndarray:
+    r = chan.rank
+    if not 0 <= root_rank < chan.size:
+        raise RingReduceError(f"rank {r}: root_rank {root_rank} is out of range for {chan.size} ranks")
+    x = check_array(x, r, name, writable=True)
+    seq = chan.next_seq()
+    if check.enabled():
+        header = check.fingerprint(seq, "broadcast", x.size, dtype_code(x.dtype), root_rank,
+                                   "bcast", name, x.shape, None)
+        _agree(chan, header, "broadcast", x, f"root {root_rank}", "bcast", name, seq)
+    raw = x.reshape(-1).view(np.uint8)
+    for lo, hi in message_slices(raw.size):
+        chan.comm.Bcast([raw[lo:hi], MPI.BYTE], root=root_rank)
+    return x
+
+
+def broadcast_(x: np.ndarray, root_rank: int = 0, comm=None, name: str | None = None) -> np.ndarray:
+    """Overwrite `x` on every rank with root_rank's `x`, in place (Horovod's name and argument).
+
+    Example::
+
+        w = np.random.default_rng(rr.rank()).random(10)
+        rr.broadcast_(w, root_rank=0)      # every rank now holds rank 0's w
+    """
+    return broadcast_on(context(comm).main, x, root_rank, name)
+
+
+def _object_check(chan: Channel, kind: str, root_rank: int) -> None:
+    seq = chan.next_seq()
+    if check.enabled():
+        header = check.fingerprint(seq, kind, op=root_rank)
+        _agree(chan, header, kind, None, f"root {root_rank}", "", None, seq)
+
+
+def broadcast_object(obj, root_rank: int = 0, comm=None):
+    """Return root_rank's picklable `obj` on every rank.
+
+    Example::
+
+        cfg = rr.broadcast_object({"lr": 0.1} if rr.rank() == 0 else None)
+    """
+    chan = context(comm).main
+    if not 0 <= root_rank < chan.size:
+        raise RingReduceError(f"rank {chan.rank}: root_rank {root_rank} is out of range "
+                              f"for {chan.size} ranks")
+    _object_check(chan, "broadcast_object", root_rank)
+    return chan.comm.bcast(obj, root=root_rank)
+
+
+def allgather_object(obj, comm=None) -> list:
+    """Return the list of every rank's picklable `obj`, in rank order.
+
+    Example::
+
+        counts = rr.allgather_object(len(my_shard))
+    """
+    chan = context(comm).main
+    _object_check(chan, "allgather_object", 0)
+    return chan.comm.allgather(obj)

@@ -1,0 +1,52 @@
+"""Reduction operations and the local (on-rank) arithmetic behind them."""
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+__all__ = ["ReduceOp", "Sum", "Average", "Min", "Max", "reduce_into"]
+
+
+class ReduceOp(enum.IntEnum):
+    """How contributions from all ranks combine."""
+
+    SUM = 0
+    AVERAGE = 1
+    MIN = 2
+    MAX = 3
+
+    def __repr__(self) -> str:
+        return f"rr.{self.name.capitalize()}"
+
+
+Sum = ReduceOp.SUM
+Average = ReduceOp.AVERAGE
+Min = ReduceOp.MIN
+Max = ReduceOp.MAX
+
+# Average travels as a sum; the division happens once, on the reduced result.
+_UFUNC = {ReduceOp.SUM: np.add, ReduceOp.AVERAGE: np.add,
+          ReduceOp.MIN: np.minimum, ReduceOp.MAX: np.maximum}
+
+
+def ufunc(op: ReduceOp):
+    return _UFUNC[op]
+
+
+def reduce_into(op: ReduceOp, dst: np.ndarray, src: np.ndarray, src_first: bool = False) -> None:
+    """dst = op(dst, src) in place (or op(src, dst) when src_first).
+
+    The operand order is fixed by rank so every rank computes the same bits, NaN
+    payloads included. Half types compute in fp32 inside numpy's loops.
+    """
+    if src_first:
+        _UFUNC[op](src, dst, out=dst)
+    else:
+        _UFUNC[op](dst, src, out=dst)
+
+
+def finish_average(op: ReduceOp, buf: np.ndarray, n: int) -> None:
+    """Turn a sum into an average in place (no-op for other ops)."""
+    if op == ReduceOp.AVERAGE and n > 1 and buf.size:
+        np.divide(buf, buf.dtype.type(n), out=buf)
