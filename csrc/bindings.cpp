@@ -1,0 +1,131 @@
+// bindings.cpp - pybind11 module ringreduce._C: the CPU kernels.
+//
+// The Python wrapper (ringreduce/kernels.py) validates formats, dtypes and
+// sizes and gives friendly errors; the checks here only keep a bad call from
+// touching memory it does not own.  Every kernel runs without the GIL.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu.h"
+#include "quantize.h"
+
+namespace py = pybind11;
+
+namespace {
+
+struct Buf {
+  void* ptr;
+  int64_t nbytes;
+};
+
+// Contiguous view of a buffer-protocol object; `what` names it in errors.
+Buf get_buf(const py::buffer& obj, bool writable, const char* what) {
+  py::buffer_info info = obj.request(writable);
+  int64_t expect = info.itemsize;
+  for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+    if (info.shape[d] != 1 && info.strides[d] != expect)
+      throw std::invalid_argument(std::string(what) + " must be C-contiguous");
+    expect *= info.shape[d];
+  }
+  return Buf{info.ptr, (int64_t)(info.size * info.itemsize)};
+}
+
+void need(int64_t have, int64_t want, const char* what) {
+  if (have < want)
+    throw std::invalid_argument(std::string(what) + " is too small: " + std::to_string(have) +
+                                " bytes, need " + std::to_string(want));
+}
+
+int64_t dtype_size(int dt) {
+  switch (dt) {
+    case rr::DT_F32: case rr::DT_I32: return 4;
+    case rr::DT_F16: case rr::DT_BF16: return 2;
+    case rr::DT_F64: case rr::DT_I64: return 8;
+    case rr::DT_I8: case rr::DT_U8: return 1;
+  }
+  throw std::invalid_argument("unknown dtype code " + std::to_string(dt));
+}
+
+void check_fmt(int fmt, int64_t block_size) {
+  if (fmt < rr::FMT_FP16 || fmt > rr::FMT_ONEBIT)
+    throw std::invalid_argument("unknown format code " + std::to_string(fmt));
+  if (block_size <= 0 || block_size % 8 != 0)
+    throw std::invalid_argument("block_size must be a positive multiple of 8");
+}
+
+int64_t compress(int fmt, py::buffer x, int xdtype, int64_t n, py::buffer out,
+                 py::object residual, int64_t block_size, bool has_clip, float clip,
+                 bool stochastic, uint64_t seed, uint64_t counter, uint64_t offset) {
+  check_fmt(fmt, block_size);
+  if (xdtype != rr::DT_F32 && xdtype != rr::DT_F16 && xdtype != rr::DT_BF16)
+    throw std::invalid_argument("x must be float32, float16 or bfloat16");
+  Buf bx = get_buf(x, false, "x");
+  Buf bo = get_buf(out, true, "out");
+  need(bx.nbytes, n * dtype_size(xdtype), "x");
+  need(bo.nbytes, rr::packed_nbytes(fmt, n, block_size), "out");
+  float* res = nullptr;
+  if (!residual.is_none()) {
+    Buf br = get_buf(residual.cast<py::buffer>(), true, "residual");
+    need(br.nbytes, 4 * n, "residual");
+    res = static_cast<float*>(br.ptr);
+  }
+  rr::CompressArgs a{fmt, bx.ptr, xdtype, n, static_cast<uint8_t*>(bo.ptr), res, block_size,
+                     has_clip, clip, stochastic, seed, counter, offset};
+  py::gil_scoped_release nogil;
+  return rr::compress_cpu(a);
+}
+
+void decompress(int fmt, py::buffer packed, int64_t n, py::buffer out, int odtype,
+                int64_t block_size) {
+  check_fmt(fmt, block_size);
+  if (odtype != rr::DT_F32 && odtype != rr::DT_F16 && odtype != rr::DT_BF16)
+    throw std::invalid_argument("out must be float32, float16 or bfloat16");
+  Buf bp = get_buf(packed, false, "packed");
+  Buf bo = get_buf(out, true, "out");
+  need(bp.nbytes, rr::packed_nbytes(fmt, n, block_size), "packed");
+  need(bo.nbytes, n * dtype_size(odtype), "out");
+  py::gil_scoped_release nogil;
+  rr::decompress_cpu(fmt, static_cast<const uint8_t*>(bp.ptr), n, bo.ptr, odtype, block_size);
+}
+
+void decompress_accumulate(int fmt, py::buffer packed, int64_t n, py::buffer acc, float alpha,
+                           int64_t block_size) {
+  check_fmt(fmt, block_size);
+  Buf bp = get_buf(packed, false, "packed");
+  Buf ba = get_buf(acc, true, "acc");
+  need(bp.nbytes, rr::packed_nbytes(fmt, n, block_size), "packed");
+  need(ba.nbytes, 4 * n, "acc");
+  py::gil_scoped_release nogil;
+  rr::decompress_accumulate_cpu(fmt, static_cast<const uint8_t*>(bp.ptr), n,
+                                static_cast<float*>(ba.ptr), alpha, block_size);
+}
+
+void reduce(int op, int dtype, py::buffer dst, py::buffer src, int64_t n) {
+  if (op < rr::OP_SUM || op > rr::OP_MAX) throw std::invalid_argument("unknown op code");
+  int64_t es = dtype_size(dtype);
+  Buf bd = get_buf(dst, true, "dst");
+  Buf bs = get_buf(src, false, "src");
+  need(bd.nbytes, n * es, "dst");
+  need(bs.nbytes, n * es, "src");
+  py::gil_scoped_release nogil;
+  rr::reduce_cpu(op, dtype, bd.ptr, bs.ptr, n);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ringreduce CPU kernels (see ringreduce.kernels for the documented API)";
+  m.def("compress", &compress, py::arg("fmt"), py::arg("x"), py::arg("xdtype"), py::arg("n"),
+        py::arg("out"), py::arg("residual"), py::arg("block_size"), py::arg("has_clip"),
+        py::arg("clip"), py::arg("stochastic"), py::arg("seed"), py::arg("counter"),
+        py::arg("offset"));
+  m.def("decompress", &decompress);
+  m.def("decompress_accumulate", &decompress_accumulate);
+  m.def("reduce", &reduce);
+  m.def("packed_nbytes", [](int fmt, int64_t n, int64_t block_size) {
+    check_fmt(fmt, block_size);
+    return rr::packed_nbytes(fmt, n, block_size);
+  });
+}

@@ -1,0 +1,388 @@
+// cpu.cpp - single-threaded CPU kernels: fused compress (quantise + pack +
+// error feedback), decompress, decompress-accumulate and element-wise reduce.
+//
+// Each quantisation block is staged once in a small L1-resident buffer, so
+// memory is read and written once; all loops are branch-free per element so
+// the compiler can vectorise them.  The math itself lives in quantize.h.
+#include "cpu.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "quantize.h"
+
+namespace rr {
+namespace {
+
+template <int XDT>
+inline float load_x(const void* x, int64_t i) {
+  if constexpr (XDT == DT_F32) {
+    return static_cast<const float*>(x)[i];
+  } else if constexpr (XDT == DT_F16) {
+    return f16_to_f32(static_cast<const uint16_t*>(x)[i]);
+  } else {
+    return bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
+  }
+}
+
+template <int ODT>
+inline void store_out(void* out, int64_t i, float v) {
+  if constexpr (ODT == DT_F32) {
+    static_cast<float*>(out)[i] = v;
+  } else if constexpr (ODT == DT_F16) {
+    static_cast<uint16_t*>(out)[i] = f32_to_f16(v);
+  } else {
+    static_cast<uint16_t*>(out)[i] = f32_to_bf16(v);
+  }
+}
+
+inline void put_scale(uint8_t* out, int64_t b, float s) { memcpy(out + 4 * b, &s, 4); }
+inline float get_scale(const uint8_t* packed, int64_t b) {
+  float s;
+  memcpy(&s, packed + 4 * b, 4);
+  return s;
+}
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// v = x (+ residual), clipped; staged into vb[0, m).
+template <int XDT, bool RES, bool CLIP>
+inline void stage_block(const CompressArgs& a, int64_t start, int64_t m, float* vb) {
+  const float* res = a.residual + (RES ? start : 0);
+  for (int64_t i = 0; i < m; ++i) {
+    float v = load_x<XDT>(a.x, start + i);
+    if constexpr (RES) v = v + res[i];
+    if constexpr (CLIP) v = clip_value(v, a.clip);
+    vb[i] = v;
+  }
+}
+
+// int8 / int4 / onebit.
+template <int FMT, int XDT, bool RES, bool CLIP, bool STOCH>
+int64_t compress_scaled(const CompressArgs& a) {
+  const int64_t n = a.n, B = a.block_size, nb = num_blocks(n, B);
+  uint8_t* payload = a.out + 4 * nb;
+  const uint64_t key = rng_key(a.seed, a.counter);
+  const float qmax = FMT == FMT_INT8 ? 127.0f : 7.0f;
+  std::vector<float> vbuf(round_up(B, kLanes) + kLanes);
+  std::vector<int8_t> lbuf(round_up(B, 8) + 8);  // levels (int8/int4) or bits (onebit)
+  float* vb = vbuf.data();
+  int8_t* lv = lbuf.data();
+  int64_t bad_blocks = 0;
+
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t start = b * B, m = std::min(B, n - start);
+    stage_block<XDT, RES, CLIP>(a, start, m, vb);
+    const int64_t mpad = round_up(m, kLanes);
+    for (int64_t i = m; i < mpad; ++i) vb[i] = 0.0f;
+
+    // Block statistics in kLanes lanes (see quantize.h for the order).
+    float lmax[kLanes], lsum[kLanes], lbad[kLanes];
+    for (int j = 0; j < kLanes; ++j) lmax[j] = lsum[j] = lbad[j] = 0.0f;
+    for (int64_t k = 0; k < mpad; k += kLanes) {
+      const float* p = vb + k;
+      for (int j = 0; j < kLanes; ++j) {
+        float v = p[j], av = abs_f(v);
+        if constexpr (FMT == FMT_ONEBIT) lsum[j] = lsum[j] + av;
+        else lmax[j] = av > lmax[j] ? av : lmax[j];
+        lbad[j] = lbad[j] + (v - v);  // 0 for finite, NaN for NaN/Inf
+      }
+    }
+    for (int off = kLanes / 2; off > 0; off /= 2) {
+      for (int j = 0; j < off; ++j) {
+        lsum[j] = lsum[j] + lsum[j + off];
+        lmax[j] = lmax[j + off] > lmax[j] ? lmax[j + off] : lmax[j];
+        lbad[j] = lbad[j] + lbad[j + off];
+      }
+    }
+
+    int64_t pbytes, pstart;  // payload bytes of this block
+    if constexpr (FMT == FMT_INT8) { pstart = start; pbytes = m; }
+    else if constexpr (FMT == FMT_INT4) { pstart = start / 2; pbytes = (m + 1) / 2; }
+    else { pstart = start / 8; pbytes = (m + 7) / 8; }
+    uint8_t* pout = payload + pstart;
+
+    if (is_nan(lbad[0])) {  // non-finite block: NaN scale, zero payload, reset residual
+      put_scale(a.out, b, bits_f32(0x7fc00000u));
+      memset(pout, 0, pbytes);
+      if constexpr (RES) memset(a.residual + start, 0, m * sizeof(float));
+      ++bad_blocks;
+      continue;
+    }
+    const float scale = scale_for(FMT, lmax[0], lsum[0], m);
+    const float inv = inv_for(FMT, lmax[0], scale);
+    put_scale(a.out, b, scale);
+
+    float* res = a.residual + (RES ? start : 0);
+    for (int64_t i = 0; i < m; ++i) {
+      float u = 0.0f;
+      if constexpr (STOCH) u = rng_uniform(key, a.offset + start + i);
+      float v = vb[i], d;
+      if constexpr (FMT == FMT_ONEBIT) {
+        uint32_t bit = onebit_bit(v, inv, STOCH, u);
+        lv[i] = (int8_t)bit;
+        d = bit ? scale : -scale;
+      } else {
+        float q = quant_level(v, inv, qmax, STOCH, u);
+        lv[i] = (int8_t)(int32_t)q;
+        d = dequant_level(q, scale);
+      }
+      if constexpr (RES) res[i] = v - d;
+    }
+
+    if constexpr (FMT == FMT_INT8) {
+      memcpy(pout, lv, m);
+    } else if constexpr (FMT == FMT_INT4) {
+      lv[m] = 0;
+      for (int64_t j = 0; j < pbytes; ++j)
+        pout[j] = (uint8_t)((lv[2 * j] & 0xf) | ((lv[2 * j + 1] & 0xf) << 4));
+    } else {
+      for (int64_t i = m; i < m + 8; ++i) lv[i] = 0;
+      for (int64_t j = 0; j < pbytes; ++j) {
+        const int8_t* s = lv + 8 * j;
+        pout[j] = (uint8_t)(s[0] | (s[1] << 1) | (s[2] << 2) | (s[3] << 3) | (s[4] << 4) |
+                            (s[5] << 5) | (s[6] << 6) | (s[7] << 7));
+      }
+    }
+  }
+  return bad_blocks;
+}
+
+// fp16 / bf16: element-wise RNE; blocks only decide the non-finite count and
+// the residual reset.
+template <int FMT, int XDT, bool RES, bool CLIP>
+int64_t compress_half(const CompressArgs& a) {
+  const int64_t n = a.n, B = a.block_size, nb = num_blocks(n, B);
+  int64_t bad_blocks = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t start = b * B, m = std::min(B, n - start);
+    float* res = a.residual + (RES ? start : 0);
+    uint8_t* o = a.out + 2 * start;
+    uint32_t exp_all_ones = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      float v = load_x<XDT>(a.x, start + i);
+      if constexpr (RES) v = v + res[i];
+      if constexpr (CLIP) v = clip_value(v, a.clip);
+      uint16_t h;
+      float d;
+      if constexpr (FMT == FMT_FP16) {
+        h = f32_to_f16(v);
+        d = f16_to_f32(h);
+        exp_all_ones |= (h & 0x7c00u) == 0x7c00u;
+      } else {
+        h = f32_to_bf16(v);
+        d = bf16_to_f32(h);
+        exp_all_ones |= (h & 0x7f80u) == 0x7f80u;
+      }
+      memcpy(o + 2 * i, &h, 2);  // little-endian host; out may be unaligned
+      if constexpr (RES) res[i] = v - d;
+    }
+    if (exp_all_ones) {
+      ++bad_blocks;
+      if constexpr (RES) memset(res, 0, m * sizeof(float));
+    }
+  }
+  return bad_blocks;
+}
+
+template <int FMT, int XDT, bool RES, bool CLIP>
+int64_t compress_dispatch_stoch(const CompressArgs& a) {
+  if constexpr (FMT == FMT_FP16 || FMT == FMT_BF16) {
+    return compress_half<FMT, XDT, RES, CLIP>(a);  // always RNE
+  } else {
+    return a.stochastic ? compress_scaled<FMT, XDT, RES, CLIP, true>(a)
+                        : compress_scaled<FMT, XDT, RES, CLIP, false>(a);
+  }
+}
+
+template <int FMT, int XDT>
+int64_t compress_dispatch_flags(const CompressArgs& a) {
+  const bool res = a.residual != nullptr;
+  if (res && a.has_clip) return compress_dispatch_stoch<FMT, XDT, true, true>(a);
+  if (res) return compress_dispatch_stoch<FMT, XDT, true, false>(a);
+  if (a.has_clip) return compress_dispatch_stoch<FMT, XDT, false, true>(a);
+  return compress_dispatch_stoch<FMT, XDT, false, false>(a);
+}
+
+template <int FMT>
+int64_t compress_dispatch_x(const CompressArgs& a) {
+  switch (a.xdtype) {
+    case DT_F32: return compress_dispatch_flags<FMT, DT_F32>(a);
+    case DT_F16: return compress_dispatch_flags<FMT, DT_F16>(a);
+    default: return compress_dispatch_flags<FMT, DT_BF16>(a);
+  }
+}
+
+// ---- decompress ------------------------------------------------------------
+
+// Calls f(i, value) for every element, block by block.
+template <int FMT, class F>
+inline void for_each_dequant(const uint8_t* packed, int64_t n, int64_t B, F&& f) {
+  const int64_t nb = num_blocks(n, B);
+  if constexpr (FMT == FMT_FP16 || FMT == FMT_BF16) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t h;
+      memcpy(&h, packed + 2 * i, 2);
+      f(i, FMT == FMT_FP16 ? f16_to_f32(h) : bf16_to_f32(h));
+    }
+  } else {
+    const uint8_t* payload = packed + 4 * nb;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t start = b * B, m = std::min(B, n - start);
+      const float scale = get_scale(packed, b);
+      for (int64_t i = start; i < start + m; ++i) {
+        float d;
+        if constexpr (FMT == FMT_INT8) {
+          d = dequant_level((float)(int8_t)payload[i], scale);
+        } else if constexpr (FMT == FMT_INT4) {
+          int32_t nib = (payload[i >> 1] >> ((i & 1) * 4)) & 0xf;
+          d = dequant_level((float)((nib ^ 8) - 8), scale);
+        } else {
+          uint32_t bit = (payload[i >> 3] >> (i & 7)) & 1u;
+          d = bit ? scale : -scale;
+        }
+        f(i, d);
+      }
+    }
+  }
+}
+
+template <int FMT>
+void decompress_fmt(const uint8_t* packed, int64_t n, void* out, int odt, int64_t B) {
+  switch (odt) {
+    case DT_F32:
+      for_each_dequant<FMT>(packed, n, B, [&](int64_t i, float d) { store_out<DT_F32>(out, i, d); });
+      break;
+    case DT_F16:
+      for_each_dequant<FMT>(packed, n, B, [&](int64_t i, float d) { store_out<DT_F16>(out, i, d); });
+      break;
+    default:
+      for_each_dequant<FMT>(packed, n, B, [&](int64_t i, float d) { store_out<DT_BF16>(out, i, d); });
+  }
+}
+
+template <int FMT>
+void accumulate_fmt(const uint8_t* packed, int64_t n, float* acc, float alpha, int64_t B) {
+  if (alpha == 1.0f) {  // x * 1 == x exactly, so skipping the multiply changes nothing
+    for_each_dequant<FMT>(packed, n, B, [&](int64_t i, float d) { acc[i] = acc[i] + d; });
+  } else {
+    for_each_dequant<FMT>(packed, n, B,
+                          [&](int64_t i, float d) { acc[i] = acc[i] + alpha * d; });
+  }
+}
+
+// ---- reduce ----------------------------------------------------------------
+
+// numpy's semantics: NaN propagates; otherwise the smaller (larger) value.
+inline float fmin_np(float a, float b) { return is_nan(a) ? a : (is_nan(b) ? b : (b < a ? b : a)); }
+inline float fmax_np(float a, float b) { return is_nan(a) ? a : (is_nan(b) ? b : (b > a ? b : a)); }
+inline double dmin_np(double a, double b) { return a != a ? a : (b != b ? b : (b < a ? b : a)); }
+inline double dmax_np(double a, double b) { return a != a ? a : (b != b ? b : (b > a ? b : a)); }
+
+template <class T, int OP>
+void reduce_plain(T* d, const T* s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (OP == OP_SUM) d[i] = d[i] + s[i];
+    else if constexpr (OP == OP_MIN) d[i] = s[i] < d[i] ? s[i] : d[i];
+    else d[i] = s[i] > d[i] ? s[i] : d[i];
+  }
+}
+
+// Integer sum wraps around like numpy (done in unsigned to avoid UB).
+template <class T, class U, int OP>
+void reduce_int(T* d, const T* s, int64_t n) {
+  if constexpr (OP == OP_SUM) {
+    for (int64_t i = 0; i < n; ++i) d[i] = (T)(U)((U)d[i] + (U)s[i]);
+  } else {
+    reduce_plain<T, OP>(d, s, n);
+  }
+}
+
+template <int OP>
+void reduce_f32(float* d, const float* s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (OP == OP_SUM) d[i] = d[i] + s[i];
+    else if constexpr (OP == OP_MIN) d[i] = fmin_np(d[i], s[i]);
+    else d[i] = fmax_np(d[i], s[i]);
+  }
+}
+
+template <int OP>
+void reduce_f64(double* d, const double* s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (OP == OP_SUM) d[i] = d[i] + s[i];
+    else if constexpr (OP == OP_MIN) d[i] = dmin_np(d[i], s[i]);
+    else d[i] = dmax_np(d[i], s[i]);
+  }
+}
+
+// fp16/bf16: computed in fp32, rounded back to nearest even.
+template <int DT, int OP>
+void reduce_half(uint16_t* d, const uint16_t* s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float a = DT == DT_F16 ? f16_to_f32(d[i]) : bf16_to_f32(d[i]);
+    float b = DT == DT_F16 ? f16_to_f32(s[i]) : bf16_to_f32(s[i]);
+    float r;
+    if constexpr (OP == OP_SUM) r = a + b;
+    else if constexpr (OP == OP_MIN) r = fmin_np(a, b);
+    else r = fmax_np(a, b);
+    d[i] = DT == DT_F16 ? f32_to_f16(r) : f32_to_bf16(r);
+  }
+}
+
+template <int OP>
+void reduce_op(int dtype, void* d, const void* s, int64_t n) {
+  switch (dtype) {
+    case DT_F32: reduce_f32<OP>((float*)d, (const float*)s, n); break;
+    case DT_F64: reduce_f64<OP>((double*)d, (const double*)s, n); break;
+    case DT_F16: reduce_half<DT_F16, OP>((uint16_t*)d, (const uint16_t*)s, n); break;
+    case DT_BF16: reduce_half<DT_BF16, OP>((uint16_t*)d, (const uint16_t*)s, n); break;
+    case DT_I8: reduce_int<int8_t, uint8_t, OP>((int8_t*)d, (const int8_t*)s, n); break;
+    case DT_U8: reduce_int<uint8_t, uint8_t, OP>((uint8_t*)d, (const uint8_t*)s, n); break;
+    case DT_I32: reduce_int<int32_t, uint32_t, OP>((int32_t*)d, (const int32_t*)s, n); break;
+    case DT_I64: reduce_int<int64_t, uint64_t, OP>((int64_t*)d, (const int64_t*)s, n); break;
+  }
+}
+
+}  // namespace
+
+int64_t compress_cpu(const CompressArgs& a) {
+  switch (a.fmt) {
+    case FMT_FP16: return compress_dispatch_x<FMT_FP16>(a);
+    case FMT_BF16: return compress_dispatch_x<FMT_BF16>(a);
+    case FMT_INT8: return compress_dispatch_x<FMT_INT8>(a);
+    case FMT_INT4: return compress_dispatch_x<FMT_INT4>(a);
+    default: return compress_dispatch_x<FMT_ONEBIT>(a);
+  }
+}
+
+void decompress_cpu(int fmt, const uint8_t* packed, int64_t n, void* out, int odt, int64_t B) {
+  switch (fmt) {
+    case FMT_FP16: decompress_fmt<FMT_FP16>(packed, n, out, odt, B); break;
+    case FMT_BF16: decompress_fmt<FMT_BF16>(packed, n, out, odt, B); break;
+    case FMT_INT8: decompress_fmt<FMT_INT8>(packed, n, out, odt, B); break;
+    case FMT_INT4: decompress_fmt<FMT_INT4>(packed, n, out, odt, B); break;
+    default: decompress_fmt<FMT_ONEBIT>(packed, n, out, odt, B);
+  }
+}
+
+void decompress_accumulate_cpu(int fmt, const uint8_t* packed, int64_t n, float* acc,
+                               float alpha, int64_t B) {
+  switch (fmt) {
+    case FMT_FP16: accumulate_fmt<FMT_FP16>(packed, n, acc, alpha, B); break;
+    case FMT_BF16: accumulate_fmt<FMT_BF16>(packed, n, acc, alpha, B); break;
+    case FMT_INT8: accumulate_fmt<FMT_INT8>(packed, n, acc, alpha, B); break;
+    case FMT_INT4: accumulate_fmt<FMT_INT4>(packed, n, acc, alpha, B); break;
+    default: accumulate_fmt<FMT_ONEBIT>(packed, n, acc, alpha, B);
+  }
+}
+
+void reduce_cpu(int op, int dtype, void* dst, const void* src, int64_t n) {
+  switch (op) {
+    case OP_SUM: reduce_op<OP_SUM>(dtype, dst, src, n); break;
+    case OP_MIN: reduce_op<OP_MIN>(dtype, dst, src, n); break;
+    default: reduce_op<OP_MAX>(dtype, dst, src, n);
+  }
+}
+
+}  // namespace rr

@@ -1,0 +1,35 @@
+// cpu.h - CPU kernels of ringreduce (single thread; the caller releases the GIL).
+#pragma once
+#include <stdint.h>
+
+namespace rr {
+
+struct CompressArgs {
+  int fmt;            // Format
+  const void* x;      // n elements of dtype xdtype (DT_F32, DT_F16 or DT_BF16)
+  int xdtype;
+  int64_t n;
+  uint8_t* out;       // packed_nbytes(fmt, n, block_size) bytes
+  float* residual;    // n floats, or nullptr
+  int64_t block_size;
+  bool has_clip;
+  float clip;         // > 0, used when has_clip
+  bool stochastic;
+  uint64_t seed, counter, offset;
+};
+
+// Returns the number of blocks that contained NaN/Inf.
+int64_t compress_cpu(const CompressArgs& a);
+
+// out: n elements of odtype (DT_F32, DT_F16 or DT_BF16).
+void decompress_cpu(int fmt, const uint8_t* packed, int64_t n, void* out, int odtype,
+                    int64_t block_size);
+
+// acc[i] = acc[i] + alpha * dequant[i]
+void decompress_accumulate_cpu(int fmt, const uint8_t* packed, int64_t n, float* acc,
+                               float alpha, int64_t block_size);
+
+// dst = op(dst, src), element-wise, n elements of dtype.
+void reduce_cpu(int op, int dtype, void* dst, const void* src, int64_t n);
+
+}  // namespace rr
