@@ -7,7 +7,11 @@ measures the bytes each node's link sent/received during the call (from the inte
 counters, read inside the namespace). Rank 0 prints one JSON line per algorithm::
 
     {"algorithm": "mpi", "mib": 4.0, "ok": true, "max_err": 0.0, "seconds": [...],
-     "node_bytes": {"rrc-ab12-n0": [sent, received], ...}, "nodes": 2, "ranks": 2}
+     "node_bytes": {"rrc-ab12-n0": [sent, received], ...}, "nodes": 2, "ranks": 2,
+     "shared_groups": 2, "rr_nodes": 2}
+
+nodes counts distinct RRC_NODE values, shared_groups MPI's COMM_TYPE_SHARED groups and
+rr_nodes ringreduce's node count (None when only "mpi" ran).
 
 Example::
 
@@ -56,10 +60,15 @@ def main() -> int:
     # One reader of the counters per node: the lowest rank in it.
     nodes = comm.allgather(node)
     reader = nodes.index(node) == rank
-    rr = None
+    # How many nodes MPI itself sees (COMM_TYPE_SHARED), and ringreduce's node split.
+    shared = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    shared_groups = len(set(comm.allgather(shared.allreduce(rank, op=MPI.MIN))))
+    shared.Free()
+    rr, rr_nodes = None, None
     if any(alg != "mpi" for alg in a.algorithms.split(",")):
         import ringreduce as rr
         rr.init()
+        rr_nodes = rr.info()["nodes"]
 
     failed = False
     for alg in a.algorithms.split(","):
@@ -89,7 +98,7 @@ def main() -> int:
         if rank == 0:
             print(json.dumps({"algorithm": alg, "mib": a.mib, "dtype": a.dtype, "ok": ok,
                               "max_err": err, "seconds": times, "nodes": len(set(nodes)),
-                              "ranks": size,
+                              "ranks": size, "shared_groups": shared_groups, "rr_nodes": rr_nodes,
                               "node_bytes": dict(v for v in per_node if v)}), flush=True)
         failed |= not ok
     if rr is not None:

@@ -36,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -432,8 +433,13 @@ def _raise_on_signal(signum, _frame):
 
 def run(nodes: int, ranks_per_node: int, argv: list[str], rate: str = "1gbit",
         timeout: float = 600, extra: list[str] | None = None, han: bool = False,
-        keep: bool = False, json_path: str | None = None, run_id: str | None = None) -> int:
-    """Bring a cluster up, run argv under mpirun, print link byte counters, tear down."""
+        keep: bool = False, json_path: str | None = None, run_id: str | None = None,
+        linkdown: tuple[str, float] | None = None) -> int:
+    """Bring a cluster up, run argv under mpirun, print link byte counters, tear down.
+
+    linkdown=(node, seconds) cuts that node's link that many seconds after the launch
+    (to test failure handling); the job then has to end on its own within `timeout`.
+    """
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(s, _raise_on_signal)
     c = up(nodes, rate, run_id=run_id, owner_pid=None if keep else os.getpid())
@@ -443,7 +449,20 @@ def run(nodes: int, ranks_per_node: int, argv: list[str], rate: str = "1gbit",
               f"rate {rate}\n# {shlex.join(cmd)}", flush=True)
         before = read_counters(c)
         t0 = time.perf_counter()
-        code = _run_job(cmd, env, timeout)
+        timer = None
+        if linkdown:
+            def cut():
+                n = set_link(c, linkdown[0], False)
+                print(f"# cluster: link of {n.ns} down at {time.perf_counter() - t0:.1f} s",
+                      file=sys.stderr, flush=True)
+            timer = threading.Timer(linkdown[1], cut)
+            timer.daemon = True
+            timer.start()
+        try:
+            code = _run_job(cmd, env, timeout)
+        finally:
+            if timer:
+                timer.cancel()
         seconds = time.perf_counter() - t0
         delta = counter_delta(before, read_counters(c))
         print(format_counters(delta, rate, seconds), flush=True)
@@ -503,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--han", action="store_true", help="allow Open MPI's coll/han")
     sp.add_argument("--keep", action="store_true", help="leave the cluster up afterwards")
     sp.add_argument("--json", help="write counters and timing to this file")
+    sp.add_argument("--linkdown", metavar="NODE@SECONDS",
+                    help="take NODE's link down SECONDS after launch (failure tests)")
     sp.add_argument("command", nargs=argparse.REMAINDER)
 
     sp = sub.add_parser("up", help="create a cluster and leave it up; prints the run id")
@@ -534,8 +555,12 @@ def main(argv: list[str] | None = None) -> int:
             command = a.command[1:] if a.command[:1] == ["--"] else a.command
             if not command:
                 p.error("give the command after --")
+            cut = None
+            if a.linkdown:
+                node, _, after = a.linkdown.partition("@")
+                cut = (node, float(after or 0))
             return run(a.nodes, a.ranks_per_node, command, a.rate, a.timeout, a.mpi_arg,
-                       a.han, a.keep, a.json, a.run_id)
+                       a.han, a.keep, a.json, a.run_id, cut)
         if a.cmd == "up":
             c = up(a.nodes, a.rate, run_id=a.run_id)
             print(c.run_id)
@@ -561,9 +586,10 @@ def main(argv: list[str] | None = None) -> int:
             print(c.hostfile(a.ranks_per_node))
         elif a.cmd == "mpirun-cmd":
             command = a.command[1:] if a.command[:1] == ["--"] else a.command
-            cmd, _ = mpirun_command(c, a.ranks_per_node, command)
-            print(f"RRC_HOSTMAP={c.hostmap} OMPI_ALLOW_RUN_AS_ROOT=1 "
-                  f"OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 {shlex.join(cmd)}")
+            cmd, env = mpirun_command(c, a.ranks_per_node, command)
+            env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())
+                           if k.startswith(("RRC_", "OMPI_ALLOW", "OMP_NUM")))
+            print(f"env {env} {shlex.join(cmd)}")
         elif a.cmd in ("linkdown", "linkup"):
             n = set_link(c, a.node, a.cmd == "linkup")
             print(f"{n.ns} ({n.addr}, {n.host_if}) link {'up' if a.cmd == 'linkup' else 'down'}")
