@@ -169,16 +169,16 @@ def test_error_feedback_accumulates_to_the_sum(fmt):
 
 @pytest.mark.parametrize("fmt", ("int8", "int4", "onebit"))
 def test_zero_block_has_zero_scale(fmt):
-    x = np.zeros(600, np.float32)
-    x[300:] = 1.0
-    x[10] = 1e-29  # block 0: tiny but above 2^-100, so a real (tiny) scale
-    x[256 + 7] = 1e-40  # block 1 is all zeros but this subnormal: below 2^-100 -> scale 0
-    x[300:] = 1.0
-    out, res, bad = run(fmt, x, np.zeros(600, np.float32))
-    scales = out[:12].view("<f4")
+    n = 800
+    x = np.zeros(n, np.float32)
+    x[10:20] = 1e-27  # block 0: tiny but above 2^-100, so a real (tiny) scale
+    x[256 + 7] = 1e-40  # block 1: zeros and one subnormal, below 2^-100 -> scale 0
+    x[512:] = 1.0
+    out, res, bad = run(fmt, x, np.zeros(n, np.float32))
+    scales = out[:16].view("<f4")
     assert bad == 0 and np.all(np.isfinite(scales))
-    y = np.empty(600, np.float32)
-    kernels.decompress(fmt, out, 600, y)
+    y = np.empty(n, np.float32)
+    kernels.decompress(fmt, out, n, y)
     assert np.all(np.isfinite(y)) and np.all(np.isfinite(res))
     assert scales[0] > 0 and scales[1] == 0 and res[256 + 7] == np.float32(1e-40)
     z = np.zeros(256, np.float32)
