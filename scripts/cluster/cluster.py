@@ -288,6 +288,16 @@ def _kill_namespace_pids(namespaces: list[str]) -> None:
             time.sleep(0.1)
 
 
+def _kill_launcher(state_dir: Path) -> None:
+    """Stop the run's mpirun (recorded by `run`) if it outlived its launcher."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int((state_dir / "mpirun.pid").read_text())
+        # Only if that pid is still our mpirun (its command line names our hostfile).
+        if str(state_dir) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
 def down(run_id: str) -> list[str]:
     """Remove run `run_id`: its processes, namespaces, links, bridge and state. Idempotent.
 
@@ -297,6 +307,7 @@ def down(run_id: str) -> list[str]:
     if not re.fullmatch(r"[a-z0-9]{1,6}", run_id):
         raise ClusterError(f"bad run id {run_id!r}")
     removed = []
+    _kill_launcher(STATE_ROOT / run_id)
     namespaces = [ns for ns in _sh("ip", "netns", "list", check=False).stdout.split()
                   if ns.startswith(f"rrc-{run_id}-")]
     _kill_namespace_pids(namespaces)
@@ -409,9 +420,11 @@ def mpirun_command(c: Cluster, ranks_per_node: int, argv: list[str],
     return cmd + list(extra or []) + list(argv), env
 
 
-def _run_job(cmd: list[str], env: dict, timeout: float) -> int:
+def _run_job(cmd: list[str], env: dict, timeout: float, pidfile: Path | None = None) -> int:
     """Run mpirun in its own process group; kill the group when the timeout passes."""
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+    if pidfile:
+        pidfile.write_text(str(proc.pid))     # lets `down` stop it if we are killed
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -459,7 +472,7 @@ def run(nodes: int, ranks_per_node: int, argv: list[str], rate: str = "1gbit",
             timer.daemon = True
             timer.start()
         try:
-            code = _run_job(cmd, env, timeout)
+            code = _run_job(cmd, env, timeout, c.state_dir / "mpirun.pid")
         finally:
             if timer:
                 timer.cancel()
