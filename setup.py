@@ -134,7 +134,8 @@ class BuildExt(build_ext):
 ext_modules = [
     Pybind11Extension(
         "ringreduce._C",
-        [f"{CSRC}/cpu.cpp", f"{CSRC}/bindings.cpp"],
+        [f"{CSRC}/cpu.cpp", f"{CSRC}/cpu_avx2.cpp", f"{CSRC}/cpu_avx512.cpp",
+         f"{CSRC}/bindings.cpp"],
         include_dirs=[CSRC],
         cxx_std=17,
         extra_compile_args=CXX_FLAGS,

@@ -4,9 +4,12 @@
 // sizes and gives friendly errors; the checks here only keep a bad call from
 // touching memory it does not own.  Every kernel runs without the GIL.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cpu.h"
 #include "quantize.h"
@@ -14,6 +17,41 @@
 namespace py = pybind11;
 
 namespace {
+
+rr::CpuKernels g_kernels = rr::cpu_kernels_baseline();
+std::string g_isa = "baseline";
+
+bool cpu_has(const std::string& isa) {
+  if (isa == "baseline") return true;
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (isa == "avx2") return __builtin_cpu_supports("avx2");
+  if (isa == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+  return false;
+}
+
+// Selects the kernels built for `isa` ("baseline", "avx2", "avx512" or "auto").
+std::string set_isa(const std::string& isa) {
+  std::string pick = isa;
+  if (isa == "auto") pick = cpu_has("avx512") ? "avx512" : (cpu_has("avx2") ? "avx2" : "baseline");
+  if (pick != "baseline" && pick != "avx2" && pick != "avx512")
+    throw std::invalid_argument("unknown instruction set '" + isa + "'");
+  if (!cpu_has(pick)) throw std::invalid_argument("this CPU does not support " + pick);
+  g_kernels = pick == "avx512" ? rr::cpu_kernels_avx512()
+              : pick == "avx2" ? rr::cpu_kernels_avx2() : rr::cpu_kernels_baseline();
+  g_isa = pick;
+  return g_isa;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (const char* s : {"baseline", "avx2", "avx512"})
+    if (cpu_has(s)) out.push_back(s);
+  return out;
+}
 
 struct Buf {
   void* ptr;
@@ -73,8 +111,13 @@ int64_t compress(int fmt, py::buffer x, int xdtype, int64_t n, py::buffer out,
   }
   rr::CompressArgs a{fmt, bx.ptr, xdtype, n, static_cast<uint8_t*>(bo.ptr), res, block_size,
                      has_clip, clip, stochastic, seed, counter, offset};
-  py::gil_scoped_release nogil;
-  return rr::compress_cpu(a);
+  int64_t bad;
+  {
+    py::gil_scoped_release nogil;
+    bad = g_kernels.compress(a);
+  }
+  if (bad < 0) throw std::bad_alloc();
+  return bad;
 }
 
 void decompress(int fmt, py::buffer packed, int64_t n, py::buffer out, int odtype,
@@ -87,7 +130,7 @@ void decompress(int fmt, py::buffer packed, int64_t n, py::buffer out, int odtyp
   need(bp.nbytes, rr::packed_nbytes(fmt, n, block_size), "packed");
   need(bo.nbytes, n * dtype_size(odtype), "out");
   py::gil_scoped_release nogil;
-  rr::decompress_cpu(fmt, static_cast<const uint8_t*>(bp.ptr), n, bo.ptr, odtype, block_size);
+  g_kernels.decompress(fmt, static_cast<const uint8_t*>(bp.ptr), n, bo.ptr, odtype, block_size);
 }
 
 void decompress_accumulate(int fmt, py::buffer packed, int64_t n, py::buffer acc, float alpha,
@@ -98,7 +141,7 @@ void decompress_accumulate(int fmt, py::buffer packed, int64_t n, py::buffer acc
   need(bp.nbytes, rr::packed_nbytes(fmt, n, block_size), "packed");
   need(ba.nbytes, 4 * n, "acc");
   py::gil_scoped_release nogil;
-  rr::decompress_accumulate_cpu(fmt, static_cast<const uint8_t*>(bp.ptr), n,
+  g_kernels.decompress_accumulate(fmt, static_cast<const uint8_t*>(bp.ptr), n,
                                 static_cast<float*>(ba.ptr), alpha, block_size);
 }
 
@@ -110,18 +153,24 @@ void reduce(int op, int dtype, py::buffer dst, py::buffer src, int64_t n) {
   need(bd.nbytes, n * es, "dst");
   need(bs.nbytes, n * es, "src");
   py::gil_scoped_release nogil;
-  rr::reduce_cpu(op, dtype, bd.ptr, bs.ptr, n);
+  g_kernels.reduce(op, dtype, bd.ptr, bs.ptr, n);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ringreduce CPU kernels (see ringreduce.kernels for the documented API)";
+  // RINGREDUCE_CPU_ISA pins one build (the tests compare them); default: the best.
+  const char* env = getenv("RINGREDUCE_CPU_ISA");
+  set_isa(env && *env ? env : "auto");
   m.def("compress", &compress, py::arg("fmt"), py::arg("x"), py::arg("xdtype"), py::arg("n"),
         py::arg("out"), py::arg("residual"), py::arg("block_size"), py::arg("has_clip"),
         py::arg("clip"), py::arg("stochastic"), py::arg("seed"), py::arg("counter"),
         py::arg("offset"));
   m.def("decompress", &decompress);
+  m.def("set_isa", &set_isa, "Select the kernels for 'baseline', 'avx2', 'avx512' or 'auto'");
+  m.def("isa", []() { return g_isa; });
+  m.def("supported_isas", &supported_isas);
   m.def("decompress_accumulate", &decompress_accumulate);
   m.def("reduce", &reduce);
   m.def("packed_nbytes", [](int fmt, int64_t n, int64_t block_size) {

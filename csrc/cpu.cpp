@@ -4,15 +4,39 @@
 // Each quantisation block is staged once in a small L1-resident buffer, so
 // memory is read and written once; all loops are branch-free per element so
 // the compiler can vectorise them.  The math itself lives in quantize.h.
+//
+// This file is compiled once per instruction set: cpu_avx2.cpp and
+// cpu_avx512.cpp include it under a target pragma with RR_ISA set, and
+// bindings.cpp picks one at import.  Every function here and in quantize.h
+// has internal linkage, so the copies never mix; they give identical bytes
+// because fp32 operations round the same at any vector width (no FMA, no
+// reassociation).  No std:: templates here for the same reason.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "cpu.h"
-
-#include <algorithm>
-#include <vector>
-
 #include "quantize.h"
+
+#ifndef RR_ISA
+#define RR_ISA baseline
+#endif
+#define RR_CAT2(a, b) a##_##b
+#define RR_CAT(a, b) RR_CAT2(a, b)
 
 namespace rr {
 namespace {
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Scratch of one block, freed on scope exit.
+struct Scratch {
+  void* p;
+  explicit Scratch(size_t bytes) : p(malloc(bytes)) {}
+  ~Scratch() { free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
 
 template <int XDT>
 inline float load_x(const void* x, int64_t i) {
@@ -64,14 +88,15 @@ int64_t compress_scaled(const CompressArgs& a) {
   uint8_t* payload = a.out + 4 * nb;
   const uint64_t key = rng_key(a.seed, a.counter);
   const float qmax = FMT == FMT_INT8 ? 127.0f : 7.0f;
-  std::vector<float> vbuf(round_up(B, kLanes) + kLanes);
-  std::vector<int8_t> lbuf(round_up(B, 8) + 8);  // levels (int8/int4) or bits (onebit)
-  float* vb = vbuf.data();
-  int8_t* lv = lbuf.data();
+  Scratch vbuf(sizeof(float) * (round_up(B, kLanes) + kLanes));
+  Scratch lbuf(round_up(B, 8) + 8);  // levels (int8/int4) or bits (onebit)
+  if (!vbuf.p || !lbuf.p) return -1;
+  float* vb = static_cast<float*>(vbuf.p);
+  int8_t* lv = static_cast<int8_t*>(lbuf.p);
   int64_t bad_blocks = 0;
 
   for (int64_t b = 0; b < nb; ++b) {
-    const int64_t start = b * B, m = std::min(B, n - start);
+    const int64_t start = b * B, m = min64(B, n - start);
     stage_block<XDT, RES, CLIP>(a, start, m, vb);
     const int64_t mpad = round_up(m, kLanes);
     for (int64_t i = m; i < mpad; ++i) vb[i] = 0.0f;
@@ -155,7 +180,7 @@ int64_t compress_half(const CompressArgs& a) {
   const int64_t n = a.n, B = a.block_size, nb = num_blocks(n, B);
   int64_t bad_blocks = 0;
   for (int64_t b = 0; b < nb; ++b) {
-    const int64_t start = b * B, m = std::min(B, n - start);
+    const int64_t start = b * B, m = min64(B, n - start);
     float* res = a.residual + (RES ? start : 0);
     uint8_t* o = a.out + 2 * start;
     uint32_t exp_all_ones = 0;
@@ -228,20 +253,28 @@ inline void for_each_dequant(const uint8_t* packed, int64_t n, int64_t B, F&& f)
   } else {
     const uint8_t* payload = packed + 4 * nb;
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t start = b * B, m = std::min(B, n - start);
+      const int64_t start = b * B, m = min64(B, n - start);
       const float scale = get_scale(packed, b);
-      for (int64_t i = start; i < start + m; ++i) {
-        float d;
-        if constexpr (FMT == FMT_INT8) {
-          d = dequant_level((float)(int8_t)payload[i], scale);
-        } else if constexpr (FMT == FMT_INT4) {
-          int32_t nib = (payload[i >> 1] >> ((i & 1) * 4)) & 0xf;
-          d = dequant_level((float)((nib ^ 8) - 8), scale);
-        } else {
-          uint32_t bit = (payload[i >> 3] >> (i & 7)) & 1u;
-          d = bit ? scale : -scale;
+      if constexpr (FMT == FMT_INT8) {
+        for (int64_t i = start; i < start + m; ++i)
+          f(i, dequant_level((float)(int8_t)payload[i], scale));
+      } else if constexpr (FMT == FMT_INT4) {
+        // Whole bytes first (two elements each, constant shifts vectorise), then the odd one.
+        const uint8_t* pb = payload + start / 2;
+        for (int64_t j = 0; j < m / 2; ++j) {
+          const int32_t by = pb[j];
+          f(start + 2 * j, dequant_level((float)(((by & 0xf) ^ 8) - 8), scale));
+          f(start + 2 * j + 1, dequant_level((float)(((by >> 4) ^ 8) - 8), scale));
         }
-        f(i, d);
+        if (m & 1) f(start + m - 1, dequant_level((float)(((pb[m / 2] & 0xf) ^ 8) - 8), scale));
+      } else {
+        const uint8_t* pb = payload + start / 8;
+        for (int64_t j = 0; j < m / 8; ++j) {
+          const uint32_t by = pb[j];
+          for (int e = 0; e < 8; ++e) f(start + 8 * j + e, ((by >> e) & 1u) ? scale : -scale);
+        }
+        for (int64_t k = m / 8 * 8; k < m; ++k)
+          f(start + k, ((pb[k >> 3] >> (k & 7)) & 1u) ? scale : -scale);
       }
     }
   }
@@ -344,8 +377,6 @@ void reduce_op(int dtype, void* d, const void* s, int64_t n) {
   }
 }
 
-}  // namespace
-
 int64_t compress_cpu(const CompressArgs& a) {
   switch (a.fmt) {
     case FMT_FP16: return compress_dispatch_x<FMT_FP16>(a);
@@ -383,6 +414,12 @@ void reduce_cpu(int op, int dtype, void* dst, const void* src, int64_t n) {
     case OP_MIN: reduce_op<OP_MIN>(dtype, dst, src, n); break;
     default: reduce_op<OP_MAX>(dtype, dst, src, n);
   }
+}
+
+}  // namespace
+
+CpuKernels RR_CAT(cpu_kernels, RR_ISA)() {
+  return CpuKernels{&compress_cpu, &decompress_cpu, &decompress_accumulate_cpu, &reduce_cpu};
 }
 
 }  // namespace rr

@@ -18,18 +18,22 @@ struct CompressArgs {
   uint64_t seed, counter, offset;
 };
 
-// Returns the number of blocks that contained NaN/Inf.
-int64_t compress_cpu(const CompressArgs& a);
+struct CpuKernels {
+  // Returns the number of blocks that contained NaN/Inf (-1: out of memory).
+  int64_t (*compress)(const CompressArgs& a);
+  // out: n elements of odtype (DT_F32, DT_F16 or DT_BF16).
+  void (*decompress)(int fmt, const uint8_t* packed, int64_t n, void* out, int odtype,
+                     int64_t block_size);
+  // acc[i] = acc[i] + alpha * dequant[i]
+  void (*decompress_accumulate)(int fmt, const uint8_t* packed, int64_t n, float* acc,
+                                float alpha, int64_t block_size);
+  // dst = op(dst, src), element-wise, n elements of dtype.
+  void (*reduce)(int op, int dtype, void* dst, const void* src, int64_t n);
+};
 
-// out: n elements of odtype (DT_F32, DT_F16 or DT_BF16).
-void decompress_cpu(int fmt, const uint8_t* packed, int64_t n, void* out, int odtype,
-                    int64_t block_size);
-
-// acc[i] = acc[i] + alpha * dequant[i]
-void decompress_accumulate_cpu(int fmt, const uint8_t* packed, int64_t n, float* acc,
-                               float alpha, int64_t block_size);
-
-// dst = op(dst, src), element-wise, n elements of dtype.
-void reduce_cpu(int op, int dtype, void* dst, const void* src, int64_t n);
+// One build of cpu.cpp per instruction set; all give identical results.
+CpuKernels cpu_kernels_baseline();
+CpuKernels cpu_kernels_avx2();
+CpuKernels cpu_kernels_avx512();
 
 }  // namespace rr

@@ -14,7 +14,8 @@
 #if defined(__CUDACC__)
 #define RR_HD __host__ __device__ __forceinline__
 #else
-#define RR_HD inline
+// static: each CPU instruction-set build keeps its own copy (see cpu.cpp).
+#define RR_HD static inline
 #endif
 
 namespace rr {

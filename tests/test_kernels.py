@@ -17,6 +17,18 @@ IN_DTYPES = (np.float32, np.float16, BF16)
 BLOCKS = (32, 256)
 
 
+ISAS = kernels._C.supported_isas() if kernels.available() else ["baseline"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run under each CPU build (baseline, avx2, avx512): all must give the same bytes."""
+    prev = kernels._C.isa()
+    kernels._C.set_isa(request.param)
+    yield request.param
+    kernels._C.set_isa(prev)
+
+
 def lengths(B):
     return (0, 1, B - 1, B, B + 1, 100003)
 
@@ -49,7 +61,7 @@ def assert_bits_equal(a, b):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", IN_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("B", BLOCKS)
-def test_compress_matches_reference(fmt, dtype, B):
+def test_compress_matches_reference(fmt, dtype, B, isa):
     for n, use_res, clip, stoch in itertools.product(
             lengths(B), (False, True), (None, 1.5), (False, True)):
         x = data(n, dtype, seed=n)
@@ -69,7 +81,7 @@ def test_compress_matches_reference(fmt, dtype, B):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("odtype", (np.float16, BF16), ids=("float16", "bfloat16"))
-def test_decompress_half_outputs(fmt, odtype):
+def test_decompress_half_outputs(fmt, odtype, isa):
     x = data(1000, np.float32)
     out, _, _ = run(fmt, x)
     y = np.empty(1000, odtype)
@@ -78,7 +90,7 @@ def test_decompress_half_outputs(fmt, odtype):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_decompress_accumulate(fmt):
+def test_decompress_accumulate(fmt, isa):
     n, B = 5000, 256
     out, _, _ = run(fmt, data(n, np.float32), B=B)
     d = ref.decompress(fmt, out, n, B)
@@ -192,7 +204,7 @@ def test_zero_block_has_zero_scale(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("bad_value", (np.nan, np.inf, -np.inf))
-def test_nonfinite_block(fmt, bad_value):
+def test_nonfinite_block(fmt, bad_value, isa):
     n, B = 1000, 256
     x = data(n, np.float32)
     x[300] = bad_value  # block 1
@@ -242,7 +254,7 @@ def red_data(dtype, n, seed):
 
 @pytest.mark.parametrize("dtype", RED_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("op", ("sum", "min", "max"))
-def test_reduce_matches_numpy(dtype, op):
+def test_reduce_matches_numpy(dtype, op, isa):
     n = 10007
     d, s = red_data(dtype, n, 1), red_data(dtype, n, 2)
     s[::97] = d[::97]  # same NaN on both sides at some places

@@ -1,0 +1,19 @@
+// cpu_avx512.cpp - cpu.cpp built for avx512 (selected at import when the CPU has it).
+// Only the target changes: the results are bit-identical to the baseline build.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define RR_ISA avx512
+#if defined(__x86_64__) || defined(__i386__)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))), apply_to = function)
+#include "cpu.cpp"
+#pragma clang attribute pop
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#include "cpu.cpp"
+#endif
+#else
+#include "cpu.cpp"  // not x86: a second copy of the baseline, never selected
+#endif
