@@ -12,12 +12,17 @@ import os
 import zlib
 
 import numpy as np
+from mpi4py import MPI
 
 from .errors import RingReduceError
 
 FIELDS = ("call number", "collective", "count", "dtype", "op", "algorithm", "name", "shape",
           "compression")
 NFIELDS = len(FIELDS)
+# Every fingerprint exchange has this one width, whatever the call, so ranks that
+# disagree about the call still make matching MPI calls (never a truncation or hang).
+# Payloads up to PIGGYBACK_BYTES travel inside it (the "allgather" algorithm).
+PIGGYBACK_BYTES = 1024
 KINDS = {"allreduce": 1, "broadcast": 2, "broadcast_object": 3, "allgather_object": 4}
 
 
@@ -36,6 +41,24 @@ def fingerprint(seq: int, kind: str, count: int = 0, dtype_code: int = 0, op: in
     fp = np.array([seq, KINDS[kind], count, dtype_code, op, _hash(algorithm), _hash(name),
                    _hash(tuple(shape)), _hash(compression)], dtype=np.int64)
     return fp
+
+
+def exchange(chan, header: np.ndarray, payload: np.ndarray | None = None):
+    """Allgather the fingerprint (and a small payload) of every rank in one fixed-width call.
+
+    Returns (table of shape (n, NFIELDS), payload rows of shape (n, PIGGYBACK_BYTES) uint8).
+    """
+    hbytes = header.nbytes
+    width = hbytes + PIGGYBACK_BYTES
+    send = chan.pool.get("check-send", np.uint8, width)
+    recv = chan.pool.get("check-recv", np.uint8, chan.size * width)
+    send[:hbytes] = header.view(np.uint8)
+    if payload is not None:
+        raw = payload.reshape(-1).view(np.uint8)
+        send[hbytes:hbytes + raw.size] = raw
+    chan.comm.Allgather([send, MPI.BYTE], [recv, MPI.BYTE])
+    rows = recv.reshape(chan.size, width)
+    return rows[:, :hbytes].copy().view(np.int64), rows[:, hbytes:]
 
 
 def describe(kind, count, dtype, op, algorithm, name, shape, compression, seq) -> tuple:

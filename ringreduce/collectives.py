@@ -69,17 +69,15 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
     if algorithm == "mpi" and buf.dtype in HALF_DTYPES:
         native.allreduce(chan, flat, op, name)   # raises the clear half-type error
     seq = chan.next_seq()
-    header = None
     if check.enabled():
         header = check.fingerprint(seq, "allreduce", flat.size, dtype_code(buf.dtype), int(op),
                                    algorithm, name, buf.shape, None)
-    if algorithm == "allgather":
-        table = allgather.allreduce_with_header(chan, flat, op, header)
-        if table is not None:
-            _raise_if_mismatch(chan, table, "allreduce", buf, op, algorithm, name, seq)
-        return buf
-    if header is not None:
-        _agree(chan, header, "allreduce", buf, op, algorithm, name, seq)
+        piggyback = algorithm == "allgather" and flat.nbytes <= check.PIGGYBACK_BYTES
+        table, rows = check.exchange(chan, header, flat if piggyback else None)
+        _raise_if_mismatch(chan, table, "allreduce", buf, op, algorithm, name, seq)
+        if piggyback:
+            allgather.reduce_rows(rows[:, :flat.nbytes], flat, op)
+            return buf
     run_algorithm(chan, algorithm, flat, op, name)
     return buf
 
@@ -89,7 +87,7 @@ def run_algorithm(chan: Channel, algorithm: str, flat: np.ndarray, op: ReduceOp,
     if algorithm == "mpi":
         native.allreduce(chan, flat, op, name)
     elif algorithm == "allgather":
-        allgather.allreduce_with_header(chan, flat, op, None)
+        allgather.allreduce(chan, flat, op)
     elif algorithm in RUNNERS:
         RUNNERS[algorithm](chan, flat, op)
     else:
@@ -97,8 +95,7 @@ def run_algorithm(chan: Channel, algorithm: str, flat: np.ndarray, op: ReduceOp,
 
 
 def _agree(chan: Channel, header: np.ndarray, kind, buf, op, algorithm, name, seq) -> None:
-    table = np.empty((chan.size, header.size), dtype=np.int64)
-    chan.comm.Allgather([header, MPI.INT64_T], [table, MPI.INT64_T])
+    table, _ = check.exchange(chan, header)
     _raise_if_mismatch(chan, table, kind, buf, op, algorithm, name, seq)
 
 

@@ -1,0 +1,69 @@
+"""Helpers shared by the per-rank test cases: inputs every rank can regenerate, global verdicts."""
+from __future__ import annotations
+
+import zlib
+
+import ml_dtypes
+import numpy as np
+from mpi4py import MPI
+
+import ringreduce as rr
+
+DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.int32, np.int64, np.int8, np.uint8]
+FLOATS = {np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32), np.dtype(np.float64)}
+# Relative tolerance per float dtype for sums (the reduction order differs from numpy's).
+RTOL = {np.dtype(np.float16): 2e-2, np.dtype(ml_dtypes.bfloat16): 1e-1,
+        np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+
+def make_input(rank: int, count: int, dtype, tag: str) -> np.ndarray:
+    """Deterministic input for `rank`, regenerable on every rank (no communication)."""
+    seed = zlib.crc32(f"{tag}:{rank}:{count}:{np.dtype(dtype)}".encode())
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    if dtype in FLOATS:
+        return rng.standard_normal(count).astype(dtype)
+    if dtype == np.dtype(np.uint8):
+        return rng.integers(0, 40, count).astype(dtype)      # sums of 5 ranks stay < 256
+    return rng.integers(-20, 20, count).astype(dtype)
+
+
+def reference(op, inputs: list[np.ndarray]) -> np.ndarray:
+    """numpy's answer in float64 (or the integer type itself)."""
+    dtype = inputs[0].dtype
+    wide = np.float64 if dtype in FLOATS else dtype
+    stack = np.stack([x.astype(wide) for x in inputs]) if inputs[0].size else np.zeros((len(inputs), 0), wide)
+    if op == rr.Sum:
+        return stack.sum(axis=0, dtype=wide)
+    if op == rr.Average:
+        return stack.mean(axis=0)
+    if op == rr.Min:
+        return stack.min(axis=0)
+    return stack.max(axis=0)
+
+
+def max_error(op, result: np.ndarray, inputs: list[np.ndarray]) -> float:
+    """Largest error of result vs reference, relative to the inputs' magnitude (0 for exact ops)."""
+    ref = reference(op, inputs)
+    if result.size == 0:
+        return 0.0
+    if result.dtype not in FLOATS or op in (rr.Min, rr.Max):
+        return float(np.max(np.abs(result.astype(np.float64) - ref.astype(np.float64))))
+    scale = np.sum([np.abs(x.astype(np.float64)) for x in inputs], axis=0)
+    if op == rr.Average:
+        scale = scale / len(inputs)
+    return float(np.max(np.abs(result.astype(np.float64) - ref) / (scale + 1e-30)))
+
+
+def all_ranks_identical(result: np.ndarray) -> bool:
+    """True on every rank iff every rank's result has the same bytes."""
+    comm = MPI.COMM_WORLD
+    raw = np.ascontiguousarray(result).reshape(-1).view(np.uint8)
+    gathered = np.empty((comm.size, raw.size), dtype=np.uint8)
+    comm.Allgather([raw, MPI.BYTE], [gathered, MPI.BYTE])
+    return bool((gathered == gathered[0]).all())
+
+
+def everyone(flag: bool) -> bool:
+    """True iff flag is true on every rank (so all ranks reach the same verdict)."""
+    return bool(MPI.COMM_WORLD.allreduce(int(bool(flag)), op=MPI.MIN))
