@@ -1,0 +1,287 @@
+"""Collectives on torch objects: parameter/optimizer-state broadcast, metrics, join.
+
+Example
+-------
+>>> import ringreduce.torch as rrt
+>>> rrt.broadcast_parameters(model.state_dict(), root_rank=0)
+>>> rrt.broadcast_optimizer_state(opt, root_rank=0)
+>>> val = rrt.allreduce(torch.tensor(loss), name="val_loss")   # average over ranks
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+import ringreduce as rr
+
+from ._convert import byte_view, from_array, to_array
+from .optimizer import _error, _live_optimizers
+
+__all__ = [
+    "broadcast_parameters",
+    "broadcast_optimizer_state",
+    "broadcast_object",
+    "allgather_object",
+    "allreduce",
+    "allreduce_",
+    "join",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _broadcast_tensors(tensors, root_rank, comm=None):
+    """Broadcast tensors in place from ``root_rank`` as one packed byte buffer."""
+    tensors = [t for t in tensors if t.numel() > 0]
+    if not tensors:
+        return
+    on_cpu = all(not t.is_cuda for t in tensors)
+    device = torch.device("cpu") if on_cpu else tensors[0].device
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    packed = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    me = rr.rank() if comm is None else comm.Get_rank()
+    if me == root_rank:
+        off = 0
+        for t, n in zip(tensors, sizes):
+            packed[off:off + n].copy_(byte_view(t.contiguous()))
+            off += n
+    rr.broadcast_(to_array(packed), root_rank=root_rank, comm=comm)
+    if me != root_rank:
+        off = 0
+        for t, n in zip(tensors, sizes):
+            src = packed[off:off + n].view(t.dtype).view(t.shape)
+            with torch.no_grad():
+                t.copy_(src)
+            off += n
+
+
+def broadcast_parameters(params, root_rank: int = 0, comm=None) -> None:
+    """Copy parameters/buffers from ``root_rank`` to every rank, in place.
+
+    ``params`` is ``model.state_dict()``, ``model.named_parameters()`` or a
+    list of tensors; every rank must pass the same names in the same order.
+
+    Example
+    -------
+    >>> rrt.broadcast_parameters(model.state_dict(), root_rank=0)
+    """
+    if isinstance(params, dict):
+        items = list(params.items())
+    else:
+        items = list(params)
+        if items and not isinstance(items[0], tuple):
+            items = [(str(i), t) for i, t in enumerate(items)]
+    tensors = [t for _, t in items if isinstance(t, torch.Tensor)]
+    _broadcast_tensors(tensors, root_rank, comm)
+
+
+def _split_tensors(obj, out):
+    """Replace tensors in a nested state dict by placeholders, collecting them."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+        return _TensorSlot(len(out) - 1, tuple(obj.shape), obj.dtype)
+    if isinstance(obj, dict):
+        return {k: _split_tensors(v, out) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_split_tensors(v, out) for v in obj)
+    return obj
+
+
+def _fill_tensors(obj, tensors):
+    if isinstance(obj, _TensorSlot):
+        return tensors[obj.index]
+    if isinstance(obj, dict):
+        return {k: _fill_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fill_tensors(v, tensors) for v in obj)
+    return obj
+
+
+class _TensorSlot:
+    __slots__ = ("index", "shape", "dtype")
+
+    def __init__(self, index, shape, dtype):
+        self.index, self.shape, self.dtype = index, shape, dtype
+
+    def __getstate__(self):
+        return (self.index, self.shape, str(self.dtype).replace("torch.", ""))
+
+    def __setstate__(self, s):
+        self.index, self.shape = s[0], s[1]
+        self.dtype = getattr(torch, s[2])
+
+
+def broadcast_optimizer_state(optimizer, root_rank: int = 0, comm=None) -> None:
+    """Make every rank's optimizer state (and hyperparameters) equal to ``root_rank``'s.
+
+    Works for every torch.optim optimizer, wrapped or not, including state that
+    is created lazily (Adam before its first step): the root's state dict
+    structure travels as a small object, its tensors as one packed broadcast,
+    and the other ranks load it with ``load_state_dict``. No dummy step is taken,
+    so parameters and step counters are untouched.
+
+    Example
+    -------
+    >>> rrt.broadcast_optimizer_state(opt, root_rank=0)
+    """
+    from .optimizer import _DistributedOptimizerMixin
+
+    me = rr.rank() if comm is None else comm.Get_rank()
+    base_sd = (super(_DistributedOptimizerMixin, optimizer).state_dict
+               if isinstance(optimizer, _DistributedOptimizerMixin) else optimizer.state_dict)
+    skeleton = None
+    tensors: list = []
+    if me == root_rank:
+        skeleton = _split_tensors(base_sd(), tensors)
+    skeleton = rr.broadcast_object(skeleton, root_rank=root_rank, **({} if comm is None else {"comm": comm}))
+    if me != root_rank:
+        slots: list = []
+        _collect_slots(skeleton, slots)
+        slots.sort(key=lambda s: s.index)
+        tensors = [torch.empty(s.shape, dtype=s.dtype) for s in slots]
+    _broadcast_tensors(tensors, root_rank, comm)
+    if me != root_rank:
+        sd = _fill_tensors(skeleton, tensors)
+        if isinstance(optimizer, _DistributedOptimizerMixin):
+            super(_DistributedOptimizerMixin, optimizer).load_state_dict(sd)
+        else:
+            optimizer.load_state_dict(sd)
+
+
+def _collect_slots(obj, out):
+    if isinstance(obj, _TensorSlot):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _collect_slots(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _collect_slots(v, out)
+
+
+def broadcast_object(obj, root_rank: int = 0, name=None):
+    """Return ``root_rank``'s picklable ``obj`` on every rank (Horovod's signature).
+
+    Example
+    -------
+    >>> epoch = rrt.broadcast_object(epoch, root_rank=0)
+    """
+    return rr.broadcast_object(obj, root_rank=root_rank)
+
+
+def allgather_object(obj, name=None) -> list:
+    """Return the list of every rank's ``obj``, indexed by rank.
+
+    Example
+    -------
+    >>> counts = rrt.allgather_object(len(my_shard))
+    """
+    return rr.allgather_object(obj)
+
+
+def _reduce(tensor, op, name, compression, algorithm, inplace):
+    if op is None:
+        op = rr.Average
+    src = tensor.detach()
+    if not src.is_contiguous():
+        src = src.contiguous()
+    kw = dict(op=op, name=name, algorithm=algorithm)
+    if compression is not None:
+        kw["compression"] = compression
+    if inplace and src.data_ptr() == tensor.data_ptr():
+        rr.allreduce_(to_array(src), **kw)
+        return tensor
+    res = rr.allreduce(to_array(src), **kw)
+    out = from_array(np.ascontiguousarray(res) if isinstance(res, np.ndarray) else res)
+    out = out.to(tensor.device).view(tensor.shape)
+    if inplace:
+        with torch.no_grad():
+            tensor.copy_(out)
+        return tensor
+    return out
+
+
+def allreduce(tensor: torch.Tensor, op=None, name=None, compression=None,
+              algorithm: str = "auto") -> torch.Tensor:
+    """Return a new tensor: ``tensor`` reduced over all ranks (default: averaged).
+
+    Meant for metrics and small tensors; it does not take part in autograd.
+
+    Example
+    -------
+    >>> mean_loss = rrt.allreduce(torch.tensor([loss]), name="loss").item()
+    """
+    return _reduce(tensor, op, name, compression, algorithm, inplace=False)
+
+
+def allreduce_(tensor: torch.Tensor, op=None, name=None, compression=None,
+               algorithm: str = "auto") -> torch.Tensor:
+    """In-place :func:`allreduce`; returns ``tensor``."""
+    return _reduce(tensor, op, name, compression, algorithm, inplace=True)
+
+
+def join() -> int:
+    """Wait here until every rank has joined, serving the others' gradient steps.
+
+    A rank that runs out of data calls ``join()``. Until every rank has
+    called it, this rank takes part in each ``step()`` of the ranks still
+    training, contributing zero gradients, and the averages they get are taken
+    over the ranks still training (not over all ranks). The joined rank does
+    not update its own parameters: after ``join()`` returns, broadcast the
+    model and optimizer state from the returned rank. Only optimizer steps are
+    served: ranks still training must not run other collectives (metric
+    allreduce, broadcasts) until everyone has joined. With several
+    DistributedOptimizers, step them in the order they were created.
+
+    Returns
+    -------
+    int
+        The rank that joined last (the highest one if several joined together).
+
+    Example
+    -------
+    >>> for batch in my_uneven_shard:
+    ...     opt.zero_grad(); loss_fn(model(batch)).backward(); opt.step()
+    >>> last = rrt.join()
+    >>> rrt.broadcast_parameters(model.state_dict(), root_rank=last)
+    >>> rrt.broadcast_optimizer_state(opt, root_rank=last)
+    """
+    opts = _live_optimizers()
+    size, me = rr.size(), rr.rank()
+    if size == 1:
+        return 0
+    for o in opts:
+        if not o._rr_synchronized:
+            raise _error("join() called with a backward pass not yet stepped; call step() "
+                         "or synchronize() first")
+    prev = None
+    for o in opts:
+        if o._rr_active is not None:
+            prev = o._rr_active
+    if prev is None:
+        prev = np.ones(size, dtype=np.int32)
+    while True:
+        if not opts:
+            flags = np.zeros(size, dtype=np.int32)
+            active = np.asarray(rr.allreduce_async(flags, op=rr.Sum, name="join.barrier").wait())
+            if not active.any():
+                break
+            prev = active
+            continue
+        done = False
+        for o in opts:
+            active = o._rr_join_round()
+            if active is not None and not active.any():
+                done = True
+                break
+            prev = active
+        if done:
+            break
+    for o in opts:
+        o._rr_active = None
+    last = int(np.flatnonzero(prev).max()) if prev.any() else size - 1
+    log.debug("rank %d: join done, last rank to join was %d", me, last)
+    return last
