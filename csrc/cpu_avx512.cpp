@@ -11,7 +11,7 @@
 #include "cpu.cpp"
 #pragma clang attribute pop
 #else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
 #include "cpu.cpp"
 #endif
 #else
