@@ -61,24 +61,24 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
     from .compression import compressed_allreduce, resolve
     comp = resolve(compression, r)
     flat = buf.reshape(-1)
-    if comp is not None:
-        compressed_allreduce(chan, flat, op, algorithm, comp, name)
-        return buf
-    if algorithm == "auto":
+    if algorithm == "auto" and comp is None:
         algorithm = select.choose(flat.nbytes, flat.dtype, chan.size)
-    if algorithm == "mpi" and buf.dtype in HALF_DTYPES:
+    if algorithm == "mpi" and buf.dtype in HALF_DTYPES and comp is None:
         native.allreduce(chan, flat, op, name)   # raises the clear half-type error
     seq = chan.next_seq()
     if check.enabled():
         header = check.fingerprint(seq, "allreduce", flat.size, dtype_code(buf.dtype), int(op),
-                                   algorithm, name, buf.shape, None)
+                                   algorithm, name, buf.shape, comp)
         piggyback = algorithm == "allgather" and flat.nbytes <= check.PIGGYBACK_BYTES
         table, rows = check.exchange(chan, header, flat if piggyback else None)
-        _raise_if_mismatch(chan, table, "allreduce", buf, op, algorithm, name, seq)
+        _raise_if_mismatch(chan, table, "allreduce", buf, op, algorithm, name, seq, comp)
         if piggyback:
             allgather.reduce_rows(rows[:, :flat.nbytes], flat, op)
             return buf
-    run_algorithm(chan, algorithm, flat, op, name)
+    if comp is not None:
+        compressed_allreduce(chan, flat, op, algorithm, comp, name)
+    else:
+        run_algorithm(chan, algorithm, flat, op, name)
     return buf
 
 
@@ -99,13 +99,13 @@ def _agree(chan: Channel, header: np.ndarray, kind, buf, op, algorithm, name, se
     _raise_if_mismatch(chan, table, kind, buf, op, algorithm, name, seq)
 
 
-def _raise_if_mismatch(chan, table, kind, buf, op, algorithm, name, seq) -> None:
+def _raise_if_mismatch(chan, table, kind, buf, op, algorithm, name, seq, compression=None) -> None:
     if (table == table[0]).all():
         return
     shape = buf.shape if buf is not None else ()
     dtype = buf.dtype if buf is not None else None
     count = buf.size if buf is not None else 0
-    readable = check.describe(kind, count, dtype, op, algorithm, name, shape, None, seq)
+    readable = check.describe(kind, count, dtype, op, algorithm, name, shape, compression, seq)
     check.raise_if_mismatch(table, chan.comm, chan.rank, readable, name)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from .. import progress
+
 # Lowered by tests to exercise the splitting without multi-GiB buffers.
 MAX_MESSAGE_BYTES = 2**31 - 1
 
@@ -42,10 +44,8 @@ def irecv(comm, buf: np.ndarray, source: int, tag: int) -> list:
 
 def sendrecv(comm, sendbuf: np.ndarray, dest: int, recvbuf: np.ndarray, source: int, tag: int) -> None:
     """Exchange with a peer without deadlock (receives posted before sends)."""
-    reqs = irecv(comm, recvbuf, source, tag) + isend(comm, sendbuf, dest, tag)
-    MPI.Request.Waitall(reqs)
+    waitall(irecv(comm, recvbuf, source, tag) + isend(comm, sendbuf, dest, tag))
 
 
-def waitall(reqs: list) -> None:
-    if reqs:
-        MPI.Request.Waitall(reqs)
+def waitall(reqs: list, what: str = "") -> None:
+    progress.wait(reqs, what)
