@@ -63,7 +63,7 @@ def run(sizes=(1 << 20, 1 << 24), formats=kernels.FORMATS, block_size: int = 256
     -------
     >>> rows = run(sizes=[1024], formats=["fp16"], repeats=1)
     >>> sorted(rows[0])[:3]
-    ['copy_gbps', 'direction', 'format']
+    ['bytes', 'copy_gbps', 'direction']
     """
     if not kernels.available():
         raise SystemExit("ringreduce._C is not built; `pip install -e .` first")
