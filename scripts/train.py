@@ -44,7 +44,7 @@ COMPRESSIONS = ["none", "fp16", "bf16", "int8", "int4", "onebit"]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (total, when resuming)")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps (total, when resuming)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per rank per backward pass")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
