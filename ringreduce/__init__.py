@@ -8,6 +8,7 @@ Example::
 """
 from .comm import init, local_rank, local_size, rank, shutdown, size
 from .collectives import allgather_object, allreduce, allreduce_, broadcast_, broadcast_object
+from .compression import Compression, compression_state, last_stats
 from .engine import Handle, allreduce_async
 from .errors import RingReduceError
 from .info import info
@@ -19,4 +20,5 @@ __all__ = [
     "allreduce", "allreduce_", "allreduce_async", "Handle",
     "broadcast_", "broadcast_object", "allgather_object",
     "info", "RingReduceError",
+    "Compression", "compression_state", "last_stats",
 ]

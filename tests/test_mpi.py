@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from mpi_util import run_pytest_mpi
 
-SUITES = ["mpi_cases/cases_allreduce.py", "mpi_cases/cases_errors.py", "mpi_cases/cases_broadcast.py"]
+SUITES = ["mpi_cases/cases_allreduce.py", "mpi_cases/cases_errors.py", "mpi_cases/cases_broadcast.py",
+          "mpi_cases/cases_compression.py"]
 
 
 @pytest.mark.mpi

@@ -1,0 +1,257 @@
+"""The compressed allreduce: two-sided error feedback (int8/int4/onebit) and half-type rings.
+
+Two-sided scheme, on n ranks, for a tensor split into n block-aligned chunks
+(chunk j is owned by rank j):
+
+1. scatter: every rank compresses (its tensor + its worker residual) chunk by
+   chunk and sends chunk j to rank j as soon as it is packed (Isend), so the
+   transfers run while the next chunk is being compressed;
+2. reduce: the owner decompresses-and-accumulates the n pieces of its chunk in
+   fp32, in rank order (so the sum is the same whoever computes it), divides
+   by n for Average, and compresses the result with its own server residual;
+3. gather: each owner sends its compressed chunk to every other rank, and every
+   rank decompresses the same bytes into the output, so all ranks hold
+   bit-identical results.
+
+Exactly two quantisations stand between the input and the output, whatever n.
+Each rank sends about 2(n-1)/n of the compressed size. Chunks are whole blocks
+(the last one may be short), so the block layout, and hence the worker's
+compressed bytes, does not depend on n; stochastic rounding uses the element's
+index in the tensor as the RNG offset for the same reason.
+
+A block holding NaN/Inf decodes to NaN (the kernels' rule): it reaches the
+output on every rank, and the kernels reset that block's residual, so it
+never leaks into later calls. Such resets are counted and logged once per tensor.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .. import kernels
+from ..algorithms import select
+from ..algorithms._transfer import chunk_bounds, irecv, isend, waitall
+from ..buffers import HALF_DTYPES
+from ..errors import RingReduceError
+from ..log import logger
+from ..ops import ReduceOp
+from . import stats as _stats
+from .state import state_for
+
+__all__ = ["compressed_allreduce", "chunk_layout"]
+
+_TAG_SCATTER = 81
+_TAG_GATHER = 82
+_FLOATS = (np.dtype(np.float32),) + HALF_DTYPES
+_warned_unnamed = False
+
+
+def _label(name) -> str:
+    return f"tensor '{name}'" if name else "an unnamed tensor"
+
+
+def _validate(chan, flat: np.ndarray, op: ReduceOp, comp, name) -> None:
+    r = chan.rank
+    if op not in (ReduceOp.SUM, ReduceOp.AVERAGE):
+        raise RingReduceError(f"rank {r}: op {op!r} is not supported with compression {comp!r} "
+                              f"on {_label(name)}; use rr.Sum or rr.Average, or compression=None")
+    if flat.dtype not in _FLOATS:
+        raise RingReduceError(f"rank {r}: compression {comp!r} needs a float32, float16 or bfloat16 "
+                              f"tensor, but {_label(name)} is {flat.dtype}; use compression=None")
+    if comp.error_feedback and not name:
+        raise RingReduceError(
+            f"rank {r}: compression {comp!r} keeps error-feedback residuals per tensor, so the "
+            "allreduce needs a stable name=... (or pass error_feedback=False)")
+    if not kernels.available():
+        kernels.compress(comp.format, np.zeros(0, np.float32), np.zeros(0, np.uint8))  # raises the build hint
+
+
+def chunk_layout(count: int, n: int, block_size: int) -> np.ndarray:
+    """Element offsets (n + 1) of the n owner chunks: whole blocks, balanced to within one block."""
+    nblocks = -(-count // block_size)
+    return np.minimum(chunk_bounds(nblocks, n) * block_size, count)
+
+
+def compressed_allreduce(chan, flat: np.ndarray, op: ReduceOp, algorithm: str, comp, name) -> None:
+    """Reduce the flat float buffer in place with compression `comp` (Sum or Average).
+
+    Called by the engine after the mismatch check; every rank gets the same bits.
+
+    Example::
+
+        y = rr.allreduce(g, op=rr.Average, compression=rr.Compression.int8, name="w")
+    """
+    _validate(chan, flat, op, comp, name)
+    start = time.perf_counter()
+    ts = state_for(chan).tensor(name, flat.size) if name else None
+    calls = ts.calls if ts is not None else chan.seq
+    if ts is not None:
+        ts.calls += 1
+    exact = _exact(chan, flat, op) if comp.measure_error else None
+    if comp.two_sided:
+        bad, used = _two_sided(chan, flat, op, comp, name, ts, calls), "two-sided"
+        wire = 2 * (chan.size - 1) * comp.packed_nbytes(flat.size) / chan.size
+    else:
+        bad, used = _half_ring(chan, flat, op, algorithm, comp, name, ts)
+        wire = _traffic(used, 2 * flat.size, chan.size)
+    _after_nonfinite(chan, ts, name, bad, comp)
+    _record(chan, flat, comp, name, ts, bad, wire, used, exact, time.perf_counter() - start)
+
+
+# -- int8 / int4 / onebit ----------------------------------------------------------------
+
+def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
+    comm, n, r = chan.comm, chan.size, chan.rank
+    count = flat.size
+    bounds = chunk_layout(count, n, comp.block_size)
+    psize = [comp.packed_nbytes(int(bounds[j + 1] - bounds[j])) for j in range(n)]
+    poff = np.concatenate(([0], np.cumsum(psize))).astype(np.int64)
+    lo, hi, mine = int(bounds[r]), int(bounds[r + 1]), psize[r]
+    pool = chan.pool
+    send = pool.get("cmp-send", np.uint8, int(poff[-1]))        # worker-packed chunks, by owner
+    pieces = pool.get("cmp-pieces", np.uint8, n * mine)          # my chunk from every rank, by rank
+    gather = pool.get("cmp-gather", np.uint8, int(poff[-1]))     # server-packed chunks, by owner
+    acc = pool.get("cmp-acc", np.float32, hi - lo)
+    ef = comp.error_feedback and ts is not None
+    wres = ts.worker_residual(count) if ef else None
+    sres = ts.server_residual(lo, hi) if ef else None
+    # Distinct RNG streams per call, per rank (workers) and for the server side.
+    base = (calls % 2**32) << 32
+    wcounter, scounter = base | (r + 1), base
+
+    def piece(i: int) -> np.ndarray:
+        return pieces[i * mine:(i + 1) * mine]
+
+    def packed(buf: np.ndarray, j: int) -> np.ndarray:
+        return buf[poff[j]:poff[j + 1]]
+
+    bad = 0
+    recvs = {i: irecv(comm, piece(i), i, _TAG_SCATTER) for i in range(n) if i != r and mine}
+    sends: list = []
+    # 1. scatter: pack the other owners' chunks first, each sent as soon as it is ready.
+    for k in range(1, n + 1):
+        j = (r + k) % n
+        a, b = int(bounds[j]), int(bounds[j + 1])
+        if a == b:
+            continue
+        dst = piece(r) if j == r else packed(send, j)
+        bad += comp.compress(flat[a:b], dst, None if wres is None else wres[a:b],
+                             counter=wcounter, offset=a, name=name)
+        if j != r:
+            sends += isend(comm, dst, j, _TAG_SCATTER)
+    # 2. reduce my chunk in rank order, then re-compress it with the server residual.
+    if mine:
+        acc.fill(0.0)
+        for i in range(n):
+            if i != r:
+                waitall(recvs[i], f"compressed allreduce of {_label(name)}")
+            comp.decompress(piece(i), hi - lo, acc, accumulate=True, name=name)
+        if op == ReduceOp.AVERAGE and n > 1:
+            np.divide(acc, np.float32(n), out=acc)
+        bad += comp.compress(acc, packed(gather, r), sres, counter=scounter, offset=lo, name=name)
+    # 3. gather: everyone decompresses the same bytes.
+    grecvs = {j: irecv(comm, packed(gather, j), j, _TAG_GATHER)
+              for j in range(n) if j != r and psize[j]}
+    if mine:
+        for k in range(1, n):
+            sends += isend(comm, packed(gather, r), (r + k) % n, _TAG_GATHER)
+    for k in range(n):
+        j = (r + k) % n
+        a, b = int(bounds[j]), int(bounds[j + 1])
+        if a == b:
+            continue
+        if j != r:
+            waitall(grecvs[j], f"compressed allreduce of {_label(name)}")
+        comp.decompress(packed(gather, j), b - a, flat[a:b], name=name)
+    waitall(sends, f"compressed allreduce of {_label(name)}")
+    return bad
+
+
+# -- fp16 / bf16 ----------------------------------------------------------------------------
+
+def _half_ring(chan, flat, op, algorithm, comp, name, ts) -> tuple[int, str]:
+    """Convert to the half type, run the engine's algorithm on it, convert back."""
+    from ..collectives import run_algorithm   # late: collectives imports this package
+
+    count = flat.size
+    wire_dtype = comp.wire_dtype
+    if algorithm == "auto":
+        algorithm = select.choose(2 * count, wire_dtype, chan.size)
+    if flat.dtype == wire_dtype and not comp.error_feedback and comp.clip is None:
+        run_algorithm(chan, algorithm, flat, op, name)     # already in the wire type
+        return 0, algorithm
+    raw = chan.pool.get("cmp-half", np.uint8, 2 * count)
+    wres = ts.worker_residual(count) if comp.error_feedback and ts is not None else None
+    bad = comp.compress(flat, raw, wres, name=name)
+    run_algorithm(chan, algorithm, raw.view(wire_dtype), op, name)
+    comp.decompress(raw, count, flat, name=name)
+    return bad, algorithm
+
+
+def _traffic(algorithm: str, nbytes: int, n: int) -> float:
+    """Bytes each rank sends on average in an uncompressed allreduce of nbytes."""
+    if n == 1:
+        return 0.0
+    if algorithm == "ring":
+        return 2 * (n - 1) * nbytes / n
+    if algorithm == "allgather":
+        return (n - 1) * nbytes
+    if algorithm == "tree":
+        p = 1 << (n.bit_length() - 1)
+        return (2 * (n - p) + p * (p.bit_length() - 1)) * nbytes / n
+    return float("nan")    # shm/hierarchical/native: not counted here
+
+
+# -- bookkeeping -----------------------------------------------------------------------------
+
+def _exact(chan, flat, op) -> np.ndarray:
+    """The uncompressed result in fp32, for the relative-error statistic."""
+    from ..collectives import run_algorithm
+
+    exact = chan.pool.get("cmp-exact", np.float32, flat.size)
+    exact[...] = flat
+    run_algorithm(chan, "ring", exact, op)
+    return exact
+
+
+def _after_nonfinite(chan, ts, name, bad: int, comp) -> None:
+    global _warned_unnamed
+    if not bad:
+        return
+    if ts is not None and comp.error_feedback:
+        ts.resets += bad
+    first = (not ts.warned) if ts is not None else not _warned_unnamed
+    if first:
+        if ts is not None:
+            ts.warned = True
+        else:
+            _warned_unnamed = True
+        logger.warning("rank %d: %s held NaN/Inf in %d block(s) under %r: they propagate to the "
+                       "result as NaN%s (counted in rr.last_stats(); logged once per tensor)",
+                       chan.rank, _label(name), bad, comp,
+                       ", and their error-feedback residuals were reset" if comp.error_feedback
+                       else "")
+
+
+def _record(chan, flat, comp, name, ts, bad, wire, algorithm, exact, seconds) -> None:
+    n = chan.size
+    payload = flat.nbytes
+    uncompressed = _traffic("ring" if comp.two_sided else algorithm, payload, n)
+    if n > 1:
+        ratio = uncompressed / wire if wire else float("nan")
+    else:
+        cbytes = comp.packed_nbytes(flat.size)
+        ratio = payload / cbytes if cbytes else float("nan")
+    rel = None
+    if exact is not None:
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = flat.astype(np.float64) - exact
+            norm = float(np.linalg.norm(exact.astype(np.float64)))
+            rel = float(np.linalg.norm(diff)) / norm if norm else float(np.linalg.norm(diff))
+    _stats.record(_stats.CompressionStats(
+        name=name, compression=repr(comp), dtype=str(flat.dtype), count=int(flat.size), ranks=n,
+        algorithm=algorithm, payload_bytes=int(payload), wire_bytes=float(wire),
+        uncompressed_wire_bytes=float(uncompressed), ratio=float(ratio), rel_error=rel,
+        nonfinite_blocks=int(bad), residual_resets=ts.resets if ts is not None else 0,
+        seconds=seconds))

@@ -1,0 +1,43 @@
+"""Compression.none: no compression (the allreduce runs uncompressed)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .base import Compressor
+
+__all__ = ["NoCompression"]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class NoCompression(Compressor):
+    """The identity compressor; ``resolve`` turns it into "uncompressed".
+
+    Its two methods copy bytes, so code written against the compressor
+    interface works with it too.
+
+    Example::
+
+        y = rr.allreduce(x, compression=rr.Compression.none)   # same as compression=None
+    """
+
+    format = "none"
+
+    def options(self) -> dict:
+        return {}
+
+    def packed_nbytes(self, n: int, itemsize: int = 4) -> int:
+        return n * itemsize
+
+    def compress(self, x, packed, residual=None, counter=0, offset=0, name=None) -> int:
+        raw = x.reshape(-1).view(np.uint8)
+        packed[:raw.size] = raw
+        return 0
+
+    def decompress(self, packed, n, out, accumulate=False, name=None) -> None:
+        vals = packed[:n * out.itemsize].view(out.dtype)
+        if accumulate:
+            out += vals
+        else:
+            out[...] = vals

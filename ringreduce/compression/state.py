@@ -1,0 +1,199 @@
+"""Error-feedback state: residuals per (communicator, tensor name) on each rank.
+
+A compressed allreduce with error feedback keeps two residuals per tensor on
+every rank: the *worker* residual (what this rank's compression of its own
+gradient dropped, full length) and the *server* residual (what its compression
+of the averaged chunk it owns dropped, that chunk's length). Both are added
+back before the next compression of the same tensor, so nothing is lost in the
+long run. The state also counts the calls per tensor (the stochastic-rounding
+counter) and the residual resets caused by non-finite values.
+
+``rr.compression_state(comm=None)`` returns the state of one communicator; its
+``state_dict()`` / ``load_state_dict()`` checkpoint this rank's residuals.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+
+import numpy as np
+
+from .. import comm as _comm
+from ..errors import RingReduceError
+from ..log import logger
+
+__all__ = ["CompressionState", "compression_state", "state_for"]
+
+STATE_VERSION = 1
+
+
+class TensorState:
+    """One tensor's residuals and counters (internal)."""
+
+    __slots__ = ("count", "worker", "server", "server_lo", "calls", "resets", "warned")
+
+    def __init__(self, count: int):
+        self.count = count
+        self.worker: np.ndarray | None = None
+        self.server: np.ndarray | None = None
+        self.server_lo = 0
+        self.calls = 0
+        self.resets = 0
+        self.warned = False
+
+    def worker_residual(self, count: int) -> np.ndarray:
+        if self.worker is None or self.worker.size != count:
+            self.worker = np.zeros(count, np.float32)
+        return self.worker
+
+    def server_residual(self, lo: int, hi: int) -> np.ndarray:
+        if self.server is None or self.server_lo != lo or self.server.size != hi - lo:
+            self.server = np.zeros(hi - lo, np.float32)
+            self.server_lo = lo
+        return self.server
+
+
+class CompressionState:
+    """This rank's error-feedback residuals for one communicator, checkpointable.
+
+    A checkpoint holds one ``state_dict()`` per rank; resume each rank from its
+    own entry with the same number of ranks (a different rank count or rank is a
+    RingReduceError: the residuals belong to the chunk layout of the old job).
+
+    Example::
+
+        cs = rr.compression_state()
+        saved = cs.state_dict()            # this rank's residuals (numpy arrays)
+        ...
+        cs.load_state_dict(saved)          # same rank, same number of ranks
+    """
+
+    def __init__(self, rank: int, size: int):
+        self.rank = rank
+        self.size = size
+        self._lock = threading.Lock()
+        self._tensors: dict[str, TensorState] = {}
+
+    def tensor(self, name: str, count: int) -> TensorState:
+        """The state of tensor `name` (created on first use; reset if its size changed)."""
+        with self._lock:
+            ts = self._tensors.get(name)
+            if ts is None or ts.count != count:
+                if ts is not None:
+                    logger.warning("rank %d: tensor '%s' changed size from %d to %d elements; "
+                                   "its error-feedback residuals restart from zero",
+                                   self.rank, name, ts.count, count)
+                ts = TensorState(count)
+                self._tensors[name] = ts
+            return ts
+
+    def names(self) -> list[str]:
+        """Names of the tensors with state, sorted."""
+        with self._lock:
+            return sorted(self._tensors)
+
+    def resets(self) -> int:
+        """Residual resets caused by non-finite values, over all tensors."""
+        with self._lock:
+            return sum(t.resets for t in self._tensors.values())
+
+    def clear(self) -> None:
+        """Forget every residual (error feedback restarts from zero)."""
+        with self._lock:
+            self._tensors.clear()
+
+    def state_dict(self) -> dict:
+        """This rank's state as plain Python/numpy values (copies), for a checkpoint."""
+        with self._lock:
+            tensors = {}
+            for name, t in self._tensors.items():
+                tensors[name] = {
+                    "count": t.count, "calls": t.calls, "resets": t.resets,
+                    "worker": None if t.worker is None else t.worker.copy(),
+                    "server": None if t.server is None else t.server.copy(),
+                    "server_lo": t.server_lo,
+                }
+            return {"version": STATE_VERSION, "rank": self.rank, "size": self.size,
+                    "tensors": tensors}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace this rank's state with a saved one (same rank, same number of ranks)."""
+        if not isinstance(state, dict) or "tensors" not in state:
+            raise RingReduceError(f"rank {self.rank}: not a compression state dict "
+                                  f"(expected the output of compression_state().state_dict())")
+        if state.get("version") != STATE_VERSION:
+            raise RingReduceError(f"rank {self.rank}: compression state version "
+                                  f"{state.get('version')!r} is not supported (expected {STATE_VERSION})")
+        if state.get("size") != self.size:
+            raise RingReduceError(
+                f"rank {self.rank}: the compression state was saved with {state.get('size')} ranks "
+                f"but this communicator has {self.size}; error-feedback residuals can only be "
+                "resumed with the same number of ranks (or call clear() to start from zero)")
+        if state.get("rank") != self.rank:
+            raise RingReduceError(
+                f"rank {self.rank}: the compression state was saved by rank {state.get('rank')}; "
+                "load each rank's own entry")
+        tensors = {}
+        for name, d in state["tensors"].items():
+            t = TensorState(int(d["count"]))
+            t.calls = int(d["calls"])
+            t.resets = int(d.get("resets", 0))
+            t.server_lo = int(d.get("server_lo", 0))
+            if d.get("worker") is not None:
+                t.worker = np.array(_numpy(d["worker"]), dtype=np.float32, copy=True).reshape(-1)
+            if d.get("server") is not None:
+                t.server = np.array(_numpy(d["server"]), dtype=np.float32, copy=True).reshape(-1)
+            if t.worker is not None and t.worker.size != t.count:
+                raise RingReduceError(f"rank {self.rank}: compression state of tensor '{name}' "
+                                      f"is inconsistent (worker residual of {t.worker.size} "
+                                      f"elements for a tensor of {t.count})")
+            tensors[name] = t
+        with self._lock:
+            self._tensors = tensors
+
+    def __repr__(self) -> str:
+        return f"CompressionState(rank={self.rank}, size={self.size}, tensors={len(self.names())})"
+
+
+def _numpy(a):
+    """numpy view of a saved array (numpy, or a CPU torch tensor from torch.load)."""
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    return a
+
+
+# One state per communicator context (shared by its main and background channels).
+_states: "weakref.WeakKeyDictionary[object, CompressionState]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def _owner(chan):
+    """The context that owns a channel, so both of its threads share one state."""
+    for ctx in list(_comm._state.contexts.values()):
+        if ctx.main is chan or ctx.background is chan:
+            return ctx
+    return chan   # a channel outside any context (e.g. a leaders' channel) owns its state
+
+
+def state_for(chan) -> CompressionState:
+    """The CompressionState used by collectives running on `chan`."""
+    owner = _owner(chan)
+    with _lock:
+        st = _states.get(owner)
+        if st is None:
+            st = CompressionState(chan.rank, chan.size)
+            _states[owner] = st
+        return st
+
+
+def compression_state(comm=None) -> CompressionState:
+    """This rank's error-feedback state for `comm` (default: the init communicator).
+
+    Example::
+
+        import ringreduce as rr
+        y = rr.allreduce(g, compression=rr.Compression.int8, name="w")
+        ckpt = {"residuals": rr.compression_state().state_dict()}
+        rr.compression_state().load_state_dict(ckpt["residuals"])
+    """
+    return state_for(_comm.context(comm).main)
