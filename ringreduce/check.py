@@ -8,12 +8,15 @@ collective the others never entered with the same arguments.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import zlib
 
 import numpy as np
 from mpi4py import MPI
 
+from . import progress, stall, timeline
 from .errors import RingReduceError
 
 FIELDS = ("call number", "collective", "count", "dtype", "op", "algorithm", "name", "shape",
@@ -23,7 +26,10 @@ NFIELDS = len(FIELDS)
 # disagree about the call still make matching MPI calls (never a truncation or hang).
 # Payloads up to PIGGYBACK_BYTES travel inside it (the "allgather" algorithm).
 PIGGYBACK_BYTES = 1024
-KINDS = {"allreduce": 1, "broadcast": 2, "broadcast_object": 3, "allgather_object": 4}
+KINDS = {"allreduce": 1, "broadcast": 2, "broadcast_object": 3, "allgather_object": 4,
+         "error": 99}
+ERROR_KIND = KINDS["error"]
+_KIND_NAMES = {v: k for k, v in KINDS.items()}
 
 
 def enabled() -> bool:
@@ -43,11 +49,16 @@ def fingerprint(seq: int, kind: str, count: int = 0, dtype_code: int = 0, op: in
     return fp
 
 
-def exchange(chan, header: np.ndarray, payload: np.ndarray | None = None):
+def exchange(chan, header: np.ndarray, payload: np.ndarray | None = None, name: str | None = None):
     """Allgather the fingerprint (and a small payload) of every rank in one fixed-width call.
+
+    The allgather is non-blocking and waited through progress.wait, so a call that
+    some ranks never enter warns after RINGREDUCE_STALL_WARNING seconds, naming
+    them (ringreduce.stall), and times out after RINGREDUCE_TIMEOUT.
 
     Returns (table of shape (n, NFIELDS), payload rows of shape (n, PIGGYBACK_BYTES) uint8).
     """
+    t0 = timeline.now() if timeline.on else 0
     hbytes = header.nbytes
     width = hbytes + PIGGYBACK_BYTES
     send = chan.pool.get("check-send", np.uint8, width)
@@ -56,9 +67,60 @@ def exchange(chan, header: np.ndarray, payload: np.ndarray | None = None):
     if payload is not None:
         raw = payload.reshape(-1).view(np.uint8)
         send[hbytes:hbytes + raw.size] = raw
-    chan.comm.Allgather([send, MPI.BYTE], [recv, MPI.BYTE])
+    req = chan.comm.Iallgather([send, MPI.BYTE], [recv, MPI.BYTE])
+    seq = int(header[0])
+    if not MPI.Request.Test(req):
+        what = _call_label(int(header[1]), name)
+        progress.wait([req], lambda: f"{what} (call {seq})",
+                      stall.Inspector(chan, seq, what))
     rows = recv.reshape(chan.size, width)
+    if timeline.on:
+        timeline.complete("fingerprint check", t0, {"call": seq, "name": name})
     return rows[:, :hbytes].copy().view(np.int64), rows[:, hbytes:]
+
+
+def _call_label(kind_code: int, name: str | None) -> str:
+    kind = _KIND_NAMES.get(kind_code, "collective")
+    return f"{kind} of tensor '{name}'" if name else f"unnamed {kind}"
+
+
+def guarded(kind: str):
+    """Decorate a collective `fn(chan, ...)` so that an error raised on some ranks
+    before the exchange still reaches the others.
+
+    Without it, a rank that rejects its input (bad dtype, unknown compression...)
+    raises alone and the other ranks wait in the exchange for it forever. With it,
+    the rejecting rank takes part in the exchange with an "error" fingerprint, so
+    every rank raises: the others name the rejecting rank and its reason.
+    """
+    def deco(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(chan, *args, **kwargs):
+            before = chan.seq
+            try:
+                return fn(chan, *args, **kwargs)
+            except Exception as exc:
+                # chan.seq moved: the exchange already happened (or this is its error).
+                if chan.seq == before and chan.size > 1 and enabled():
+                    bound = sig.bind_partial(chan, *args, **kwargs).arguments
+                    _share_local_error(chan, kind, bound.get("name"), exc)
+                raise
+        return wrapper
+    return deco
+
+
+def _share_local_error(chan, kind: str, name, exc: BaseException) -> None:
+    seq = chan.next_seq()
+    table, _ = exchange(chan, fingerprint(seq, "error"), name=name)
+    if (table[:, 1] == ERROR_KIND).all():
+        return                      # every rank rejected its call: each raises its own error
+    readable = (seq, f"{kind} rejected on this rank: {exc}", "", "", "", "", name, (), "")
+    try:
+        raise_if_mismatch(table, chan.comm, chan.rank, readable, name)
+    except RingReduceError as shared:
+        raise shared from exc
 
 
 def describe(kind, count, dtype, op, algorithm, name, shape, compression, seq) -> tuple:
@@ -75,6 +137,13 @@ def raise_if_mismatch(table: np.ndarray, comm, rank: int, readable: tuple, name:
     if (table == table[0]).all():
         return
     everyone = comm.allgather(readable)
+    kinds = table[:, 1]
+    label_row = next((d for d, k in zip(everyone, kinds) if k != ERROR_KIND), everyone[rank])
+    label = f"tensor '{name}'" if name else f"unnamed {label_row[1]}"
+    rejected = [r for r, k in enumerate(kinds) if k == ERROR_KIND]
+    if rejected:
+        reasons = "; ".join(f"rank {r}: {everyone[r][1]}" for r in rejected)
+        raise RingReduceError(f"rank {rank}: {_ranks(rejected)} rejected {label} [{reasons}]")
     problems = []
     for f, field in enumerate(FIELDS):
         column = table[:, f]
@@ -85,7 +154,6 @@ def raise_if_mismatch(table: np.ndarray, comm, rank: int, readable: tuple, name:
             groups.setdefault(repr(desc[f]), []).append(r)
         parts = [f"{_ranks(rs)}: {val}" for val, rs in groups.items()]
         problems.append(f"{field} ({'; '.join(parts)})")
-    label = f"tensor '{name}'" if name else f"unnamed {everyone[rank][1]}"
     raise RingReduceError(f"rank {rank}: ranks disagree on {label}: " + ", ".join(problems))
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from . import check
+from . import check, timeline
+from . import device, gpu
 from .algorithms import RUNNERS, allgather, select
 from .algorithms import mpi as native
 from .algorithms._transfer import message_slices
@@ -35,21 +36,27 @@ def _prepare_output(chan: Channel, x, out, name, inplace: bool) -> np.ndarray:
     if inplace:
         return check_array(x, r, name, writable=True)
     x = check_array(x, r, name)
+    xp = device.array_module(x)
     if out is None:
-        return np.array(x, order="C", copy=True)
+        return xp.array(x, order="C", copy=True)
     out = check_array(out, r, name, what="out", writable=True)
+    if device.is_device_array(out) != device.is_device_array(x):
+        raise RingReduceError(f"rank {r}: out{' of tensor ' + repr(name) if name else ''} and "
+                              "the input must both be host (numpy) or both device (cupy) arrays")
     if out.shape != x.shape or out.dtype != x.dtype:
         raise RingReduceError(
             f"rank {r}: out{' of tensor ' + repr(name) if name else ''} has shape {out.shape} and "
             f"dtype {out.dtype}, but the input has shape {x.shape} and dtype {x.dtype}")
     if out is not x:
-        np.copyto(out, x)
+        xp.copyto(out, x)
     return out
 
 
+@check.guarded("allreduce")
 def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=None,
                  name=None, out=None, inplace=False) -> np.ndarray:
     """allreduce on a given channel (the engine's entry point for both threads)."""
+    t0 = timeline.now() if timeline.on else 0
     r = chan.rank
     op = _as_op(op, r)
     algorithm = select.requested(algorithm, r)
@@ -65,25 +72,45 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
         algorithm = select.choose(flat.nbytes, flat.dtype, chan.size)
     if algorithm == "mpi" and buf.dtype in HALF_DTYPES and comp is None:
         native.allreduce(chan, flat, op, name)   # raises the clear half-type error
+    on_device = device.is_device_array(flat)
+    fp_algorithm = gpu.label(algorithm) if on_device else algorithm
     seq = chan.next_seq()
     if check.enabled():
         header = check.fingerprint(seq, "allreduce", flat.size, dtype_code(buf.dtype), int(op),
-                                   algorithm, name, buf.shape, comp)
-        piggyback = algorithm == "allgather" and flat.nbytes <= check.PIGGYBACK_BYTES
-        table, rows = check.exchange(chan, header, flat if piggyback else None)
-        _raise_if_mismatch(chan, table, "allreduce", buf, op, algorithm, name, seq, comp)
+                                   fp_algorithm, name, buf.shape, comp)
+        piggyback = (algorithm == "allgather" and flat.nbytes <= check.PIGGYBACK_BYTES
+                     and not on_device)
+        table, rows = check.exchange(chan, header, flat if piggyback else None, name=name)
+        _raise_if_mismatch(chan, table, "allreduce", buf, op, fp_algorithm, name, seq, comp)
         if piggyback:
             allgather.reduce_rows(rows[:, :flat.nbytes], flat, op)
+            if timeline.on:
+                timeline.complete("allreduce", t0, {"name": name, "algorithm": "piggyback",
+                                                    "bytes": flat.nbytes, "call": seq})
             return buf
-    if comp is not None:
+    if on_device:
+        gpu.allreduce(chan, flat, op, algorithm, comp, name)
+    elif comp is not None:
         compressed_allreduce(chan, flat, op, algorithm, comp, name)
     else:
         run_algorithm(chan, algorithm, flat, op, name)
+    if timeline.on:
+        timeline.complete("allreduce", t0, {"name": name, "algorithm": algorithm, "bytes": flat.nbytes,
+                                            "compression": repr(comp) if comp else None, "call": seq})
     return buf
 
 
 def run_algorithm(chan: Channel, algorithm: str, flat: np.ndarray, op: ReduceOp, name=None) -> None:
     """Reduce the flat buffer in place with a resolved algorithm name."""
+    if timeline.on:
+        t0 = timeline.now()
+        _run_algorithm(chan, algorithm, flat, op, name)
+        timeline.complete(f"algorithm {algorithm}", t0, {"name": name, "bytes": flat.nbytes})
+    else:
+        _run_algorithm(chan, algorithm, flat, op, name)
+
+
+def _run_algorithm(chan: Channel, algorithm: str, flat: np.ndarray, op: ReduceOp, name=None) -> None:
     if algorithm == "mpi":
         native.allreduce(chan, flat, op, name)
     elif algorithm == "allgather":
@@ -95,7 +122,7 @@ def run_algorithm(chan: Channel, algorithm: str, flat: np.ndarray, op: ReduceOp,
 
 
 def _agree(chan: Channel, header: np.ndarray, kind, buf, op, algorithm, name, seq) -> None:
-    table, _ = check.exchange(chan, header)
+    table, _ = check.exchange(chan, header, name=name)
     _raise_if_mismatch(chan, table, kind, buf, op, algorithm, name, seq)
 
 
@@ -153,20 +180,30 @@ def allreduce_(x: np.ndarray, op=Average, algorithm: str = "auto", compression=N
     return allreduce_on(context(comm).main, x, op, algorithm, compression, name, inplace=True)
 
 
+@check.guarded("broadcast")
 def broadcast_on(chan: Channel, x: np.ndarray, root_rank: int = 0, name=None) -> np.ndarray:
     r = chan.rank
     if not 0 <= root_rank < chan.size:
         raise RingReduceError(f"rank {r}: root_rank {root_rank} is out of range for {chan.size} ranks")
     x = check_array(x, r, name, writable=True)
+    on_device = device.is_device_array(x)
+    fp_algorithm = gpu.label("bcast") if on_device else "bcast"
     seq = chan.next_seq()
     if check.enabled():
         header = check.fingerprint(seq, "broadcast", x.size, dtype_code(x.dtype), root_rank,
-                                   "bcast", name, x.shape, None)
-        _agree(chan, header, "broadcast", x, f"root {root_rank}", "bcast", name, seq)
+                                   fp_algorithm, name, x.shape, None)
+        _agree(chan, header, "broadcast", x, f"root {root_rank}", fp_algorithm, name, seq)
+    if on_device:
+        gpu.broadcast(chan, x, root_rank, _bcast_bytes)
+    else:
+        _bcast_bytes(chan, x, root_rank)
+    return x
+
+
+def _bcast_bytes(chan: Channel, x, root_rank: int) -> None:
     raw = x.reshape(-1).view(np.uint8)
     for lo, hi in message_slices(raw.size):
         chan.comm.Bcast([raw[lo:hi], MPI.BYTE], root=root_rank)
-    return x
 
 
 def broadcast_(x: np.ndarray, root_rank: int = 0, comm=None, name: str | None = None) -> np.ndarray:

@@ -140,6 +140,8 @@ def init(comm: MPI.Comm | None = None) -> None:
         _state.thread_level = MPI.Query_thread()
         world = CommContext(comm)
         _configure_logging(world.rank)
+        from . import faults
+        faults.install(world.rank)       # excepthooks, stall/timeout settings, timeline
         _state.world = world
         _state.contexts[_key(comm)] = world
         if _state.thread_level < MPI.THREAD_MULTIPLE:

@@ -5,15 +5,25 @@ each communicator context's "background" channel (its own duplicated
 communicator), so they never interleave with collectives made on the user's
 thread. Ranks must submit in the same order, as with any collective.
 Without MPI_THREAD_MULTIPLE the work runs on the calling thread instead.
+
+Errors in a collective are delivered to the caller's Handle.wait(). An error in
+the thread itself (outside any collective) reaches threading.excepthook, which
+ringreduce.faults turns into an abort of the job naming the rank. Shutdown
+drains the queue and stops the thread; if it cannot (a collective still waits
+for peers past RINGREDUCE_TIMEOUT) the job is aborted rather than left to hang
+in MPI_Finalize.
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 
 import numpy as np
 
 from . import comm as _comm
+from . import device as _device
+from . import progress
 from .collectives import allreduce_on
 from .errors import RingReduceError
 from .ops import Average
@@ -43,8 +53,15 @@ class Handle:
 
     def wait(self, timeout: float | None = None):
         """Block until finished and return the result; re-raises an error from the engine thread."""
-        if not self._event.wait(timeout):
-            raise RingReduceError(f"{self.description} did not finish within {timeout} s")
+        waited = 0.0
+        while not self._event.wait(1.0 if timeout is None else min(1.0, max(0.0, timeout - waited))):
+            waited += 1.0
+            if timeout is not None and waited >= timeout:
+                raise RingReduceError(f"{self.description} did not finish within {timeout} s")
+            worker = _worker
+            if worker is None or not worker.alive():
+                raise RingReduceError(f"{self.description} will never finish: the engine thread "
+                                      "has stopped")
         if self._error is not None:
             raise self._error
         return self._result
@@ -75,9 +92,14 @@ class _Worker:
             handle, fn = item
             handle._run(fn)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float | None) -> bool:
+        """Finish the queued work and end the thread; False if it is still running after `timeout`."""
         self._queue.put(None)
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 _worker: _Worker | None = None
@@ -91,16 +113,23 @@ def _get_worker() -> _Worker | None:
     with _worker_lock:
         if _worker is None:
             _worker = _Worker()
-            _comm.add_shutdown_hook(_stop_worker)
+            _comm.add_shutdown_hook(stop_worker)
     return _worker
 
 
-def _stop_worker() -> None:
+def stop_worker() -> None:
+    """Stop the engine thread (at shutdown); abort the job if a collective keeps it from stopping."""
     global _worker
     with _worker_lock:
-        if _worker is not None:
-            _worker.stop()
-            _worker = None
+        worker, _worker = _worker, None
+    if worker is None:
+        return
+    # Its waits time out on their own after RINGREDUCE_TIMEOUT; allow that and a margin.
+    limit = progress._timeout + 10 if math.isfinite(progress._timeout) else None
+    if not worker.stop(limit):
+        from . import faults
+        faults.abort(f"the engine thread did not stop within {limit:.0f} s: a collective is still "
+                     "waiting for other ranks")
 
 
 def submit(description: str, fn) -> Handle:
@@ -128,5 +157,6 @@ def allreduce_async(x, op=Average, algorithm: str = "auto", compression=None,
     """
     chan = _comm.context(comm).background
     label = f"allreduce of tensor '{name}'" if name else "allreduce"
+    _device.synchronize(x)   # the caller's stream wrote x; the engine thread has its own stream
     return submit(f"rank {chan.rank}: {label}",
                   lambda: allreduce_on(chan, x, op, algorithm, compression, name, out))
