@@ -33,6 +33,7 @@ from .. import kernels
 from ..algorithms import select
 from ..algorithms._transfer import chunk_bounds, irecv, isend, waitall
 from ..buffers import HALF_DTYPES
+from ..device import array_module
 from ..errors import RingReduceError
 from ..log import logger
 from ..ops import ReduceOp
@@ -114,8 +115,9 @@ def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
     gather = pool.get("cmp-gather", np.uint8, int(poff[-1]))     # server-packed chunks, by owner
     acc = pool.get("cmp-acc", np.float32, hi - lo)
     ef = comp.error_feedback and ts is not None
-    wres = ts.worker_residual(count) if ef else None
-    sres = ts.server_residual(lo, hi) if ef else None
+    xp = array_module(flat)
+    wres = ts.worker_residual(count, xp) if ef else None
+    sres = ts.server_residual(lo, hi, xp) if ef else None
     # Distinct RNG streams per call, per rank (workers) and for the server side.
     base = (calls % 2**32) << 32
     wcounter, scounter = base | (r + 1), base
@@ -148,7 +150,7 @@ def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
                 waitall(recvs[i], f"compressed allreduce of {_label(name)}")
             comp.decompress(piece(i), hi - lo, acc, accumulate=True, name=name)
         if op == ReduceOp.AVERAGE and n > 1:
-            np.divide(acc, np.float32(n), out=acc)
+            acc /= np.float32(n)
         bad += comp.compress(acc, packed(gather, r), sres, counter=scounter, offset=lo, name=name)
     # 3. gather: everyone decompresses the same bytes.
     grecvs = {j: irecv(comm, packed(gather, j), j, _TAG_GATHER)
@@ -182,7 +184,8 @@ def _half_ring(chan, flat, op, algorithm, comp, name, ts) -> tuple[int, str]:
         run_algorithm(chan, algorithm, flat, op, name)     # already in the wire type
         return 0, algorithm
     raw = chan.pool.get("cmp-half", np.uint8, 2 * count)
-    wres = ts.worker_residual(count) if comp.error_feedback and ts is not None else None
+    wres = ts.worker_residual(count, array_module(flat)) \
+        if comp.error_feedback and ts is not None else None
     bad = comp.compress(flat, raw, wres, name=name)
     run_algorithm(chan, algorithm, raw.view(wire_dtype), op, name)
     comp.decompress(raw, count, flat, name=name)

@@ -19,6 +19,7 @@ import weakref
 import numpy as np
 
 from .. import comm as _comm
+from .. import device
 from ..errors import RingReduceError
 from ..log import logger
 
@@ -41,15 +42,21 @@ class TensorState:
         self.resets = 0
         self.warned = False
 
-    def worker_residual(self, count: int) -> np.ndarray:
+    def worker_residual(self, count: int, xp=np):
+        """The worker residual (fp32, full length) as an array of module xp (numpy or cupy)."""
         if self.worker is None or self.worker.size != count:
-            self.worker = np.zeros(count, np.float32)
+            self.worker = xp.zeros(count, np.float32)
+        elif _module(self.worker) is not xp:     # restored from a checkpoint, used on a device
+            self.worker = xp.asarray(self.worker)
         return self.worker
 
-    def server_residual(self, lo: int, hi: int) -> np.ndarray:
+    def server_residual(self, lo: int, hi: int, xp=np):
+        """The server residual of the owned chunk [lo, hi)."""
         if self.server is None or self.server_lo != lo or self.server.size != hi - lo:
-            self.server = np.zeros(hi - lo, np.float32)
+            self.server = xp.zeros(hi - lo, np.float32)
             self.server_lo = lo
+        elif _module(self.server) is not xp:
+            self.server = xp.asarray(self.server)
         return self.server
 
 
@@ -109,8 +116,8 @@ class CompressionState:
             for name, t in self._tensors.items():
                 tensors[name] = {
                     "count": t.count, "calls": t.calls, "resets": t.resets,
-                    "worker": None if t.worker is None else t.worker.copy(),
-                    "server": None if t.server is None else t.server.copy(),
+                    "worker": _host_copy(t.worker),
+                    "server": _host_copy(t.server),
                     "server_lo": t.server_lo,
                 }
             return {"version": STATE_VERSION, "rank": self.rank, "size": self.size,
@@ -153,6 +160,17 @@ class CompressionState:
 
     def __repr__(self) -> str:
         return f"CompressionState(rank={self.rank}, size={self.size}, tensors={len(self.names())})"
+
+
+def _module(a):
+    return np if isinstance(a, np.ndarray) else device.array_module(a)
+
+
+def _host_copy(a):
+    """A numpy copy of a residual (numpy or cupy), or None."""
+    if a is None:
+        return None
+    return a.copy() if isinstance(a, np.ndarray) else a.get()
 
 
 def _numpy(a):
