@@ -1,11 +1,13 @@
-"""Host array handling: supported dtypes, input validation, byte views, scratch pools."""
+"""Array handling: supported dtypes, input validation (numpy, or cupy on the GPU path), scratch pools."""
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import ml_dtypes
 import numpy as np
 
+from . import device
 from .errors import RingReduceError
 
 __all__ = ["SUPPORTED_DTYPES", "dtype_code", "dtype_name", "check_array", "as_bytes", "ScratchPool"]
@@ -39,20 +41,22 @@ def is_integer(dtype: np.dtype) -> bool:
 
 
 def check_array(x, rank: int, name: str | None, what: str = "input", writable: bool = False):
-    """Validate a host array for a collective and return it as an ndarray.
+    """Validate a numpy (host) or cupy (device) array for a collective and return it.
 
     Raises RingReduceError naming the rank, the tensor and the problem.
     """
     label = f"rank {rank}: {what}" + (f" of tensor '{name}'" if name else "")
-    if not isinstance(x, np.ndarray):
-        if hasattr(x, "__cuda_array_interface__"):
-            raise RingReduceError(f"{label} is a device array; device buffers need the GPU path (cupy)")
-        raise RingReduceError(f"{label} must be a numpy array, got {type(x).__name__}")
+    if not isinstance(x, np.ndarray) and not device.is_device_array(x):
+        if hasattr(x, "__cuda_array_interface__") or hasattr(x, "__dlpack__"):
+            raise RingReduceError(
+                f"{label} is a {type(x).__name__}; device buffers must be cupy arrays "
+                "(cupy.from_dlpack(x) is zero-copy; torch tensors go through ringreduce.torch)")
+        raise RingReduceError(f"{label} must be a numpy array (or a cupy array), got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
         supported = ", ".join(str(d) for d in SUPPORTED_DTYPES)
         raise RingReduceError(f"{label} has unsupported dtype {x.dtype} (supported: {supported})")
     if writable:
-        if not x.flags.writeable:
+        if not getattr(x.flags, "writeable", True):   # cupy arrays are always writable
             raise RingReduceError(f"{label} is read-only; in-place collectives need a writable array")
         if not x.flags.c_contiguous:
             raise RingReduceError(
@@ -69,23 +73,45 @@ def as_bytes(a: np.ndarray) -> np.ndarray:
 class ScratchPool:
     """Reusable flat scratch buffers, so steady-state calls allocate nothing.
 
-    Buffers are keyed by (slot, dtype) and grown geometrically; a slot is owned by
-    one algorithm phase at a time (the engine runs one collective per communicator
-    at a time, so no two users share a slot).
+    Buffers are keyed by (slot, dtype, array module) and grown geometrically; a
+    slot is owned by one algorithm phase at a time (the engine runs one collective
+    per communicator at a time, so no two users share a slot).
+
+    Buffers come from numpy unless `xp` names another array module (cupy), or
+    the call happens inside ``with pool.using(cupy):``, which is how the
+    engine runs the unchanged algorithms on device buffers with device scratch.
+
+    Example::
+
+        pool = ScratchPool()
+        a = pool.get("ring", np.float32, 100)        # numpy
+        with pool.using(cupy):
+            d = pool.get("ring", np.float32, 100)    # cupy, a different buffer
     """
 
     def __init__(self):
-        self._bufs: dict[tuple[str, np.dtype], np.ndarray] = {}
+        self._bufs: dict[tuple, np.ndarray] = {}
         self._lock = threading.Lock()
+        self._xp = np
 
-    def get(self, slot: str, dtype, count: int) -> np.ndarray:
+    @contextlib.contextmanager
+    def using(self, xp):
+        """Within the block, get() without `xp` allocates from array module `xp`."""
+        prev, self._xp = self._xp, xp
+        try:
+            yield self
+        finally:
+            self._xp = prev
+
+    def get(self, slot: str, dtype, count: int, xp=None):
+        xp = self._xp if xp is None else xp
         dtype = np.dtype(dtype)
-        key = (slot, dtype)
+        key = (slot, dtype, xp.__name__)
         with self._lock:
             buf = self._bufs.get(key)
             if buf is None or buf.size < count:
                 size = max(count, 2 * buf.size if buf is not None else 0)
-                buf = np.empty(size, dtype=dtype)
+                buf = xp.empty(size, dtype=dtype)
                 self._bufs[key] = buf
         return buf[:count]
 

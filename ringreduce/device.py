@@ -215,3 +215,27 @@ def reset_mode() -> None:
     global _mode
     with _mode_lock:
         _mode = None
+
+
+def describe() -> dict:
+    """The GPU path's entry for rr.info(): mode, why, and which cupy is installed (not imported).
+
+    Example
+    -------
+    >>> sorted(describe())                      # doctest: +SKIP
+    ['cupy', 'mode', 'reason', 'staging_segment_bytes']
+    """
+    from importlib import metadata
+
+    installed = None
+    for dist in ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy"):
+        try:
+            installed = f"{dist} {metadata.version(dist)}"
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    m = mode()
+    from .staging import DEFAULT_SEGMENT_BYTES
+    seg = int(os.environ.get("RINGREDUCE_STAGING_BYTES", DEFAULT_SEGMENT_BYTES))
+    return {"mode": m.name, "reason": m.reason, "cupy": installed,
+            "staging_segment_bytes": None if m.aware else seg}

@@ -6,6 +6,7 @@ import os
 from mpi4py import MPI
 
 from . import comm as _comm
+from . import device as _device
 from .algorithms import select
 
 
@@ -45,6 +46,7 @@ def info() -> dict:
         "nodes": ctx.num_nodes,
         "node_id_source": "RINGREDUCE_NODE_ID" if os.environ.get("RINGREDUCE_NODE_ID") else "MPI COMM_TYPE_SHARED",
         "extensions": extensions,
+        "cuda": _device.describe(),   # device buffers: cuda-aware or staged, and why
         "mismatch_check": os.environ.get("RINGREDUCE_CHECK", "1") not in ("0", "false", "off"),
         "algorithm_override": os.environ.get("RINGREDUCE_ALGORITHM"),
         "algorithm_table": select.table(),

@@ -5,6 +5,8 @@ import enum
 
 import numpy as np
 
+from . import device as _device
+
 __all__ = ["ReduceOp", "Sum", "Average", "Min", "Max", "reduce_into"]
 
 
@@ -44,9 +46,17 @@ def reduce_into(op: ReduceOp, dst: np.ndarray, src: np.ndarray, src_first: bool 
         _UFUNC[op](src, dst, out=dst)
     else:
         _UFUNC[op](dst, src, out=dst)
+    _settle(dst)
 
 
 def finish_average(op: ReduceOp, buf: np.ndarray, n: int) -> None:
     """Turn a sum into an average in place (no-op for other ops)."""
     if op == ReduceOp.AVERAGE and n > 1 and buf.size:
         np.divide(buf, buf.dtype.type(n), out=buf)
+    _settle(buf)
+
+
+def _settle(dst) -> None:
+    """Finish a device reduction before returning: MPI may read dst next (device.py's stream rule)."""
+    if type(dst) is not np.ndarray:
+        _device.synchronize(dst)
