@@ -65,7 +65,11 @@ def _validate(chan, flat: np.ndarray, op: ReduceOp, comp, name) -> None:
             f"rank {r}: compression {comp!r} keeps error-feedback residuals per tensor, so the "
             "allreduce needs a stable name=... (or pass error_feedback=False)")
     if not kernels.available():
-        kernels.compress(comp.format, np.zeros(0, np.float32), np.zeros(0, np.uint8))  # raises the build hint
+        try:   # the kernels module words the build hint
+            kernels.compress(comp.format, np.zeros(0, np.float32), np.zeros(0, np.uint8))
+        except RingReduceError as exc:
+            raise RingReduceError(f"rank {r}: compression {comp!r} of {_label(name)} needs the "
+                                  f"C++ kernels: {exc}") from None
 
 
 def chunk_layout(count: int, n: int, block_size: int) -> np.ndarray:
