@@ -11,9 +11,12 @@ import numpy as np
 
 import ringreduce as rr
 
+from mpi4py import MPI
+
 rr.init()
 R, N = rr.rank(), rr.size()
 LAST = N - 1
+MPI.COMM_WORLD.Barrier()   # start the clock together: a loaded machine starts ranks seconds apart
 
 
 def warm():
@@ -99,8 +102,11 @@ def sigkill():
 def timeline():
     """A few calls of each kind, for the timeline file."""
     warm()
-    for algo in ("ring", "tree", "allgather" if False else "auto"):
+    for algo in ("ring", "tree", "auto"):
         rr.allreduce(np.ones(5000, np.float32), name=f"t.{algo}", algorithm=algo)
+    if R == 0:
+        time.sleep(0.05)          # the others wait: a "wait" event
+    rr.allreduce(np.ones(10, np.float32), name="t.late")
     rr.allreduce_async(np.ones(300, np.float32), name="t.async").wait()
     rr.broadcast_(np.ones(8), name="t.bcast")
     print(f"RESULT rank {R} done", flush=True)
