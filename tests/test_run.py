@@ -106,3 +106,60 @@ def test_check_reports_the_mpi():
     for key in ("launcher:", "MPI:", "thread level:", "CUDA-aware MPI:", "extensions built:",
                 "tuning file:", "mismatch check:"):
         assert key in out, out
+
+
+# The job scripts' bodies, run here with the scheduler's variables faked and a tiny program.
+TINY = ("import os, numpy as np, ringreduce as rr; rr.init(); "
+        "y = rr.allreduce(np.ones(3, np.float32), op=rr.Sum, name='t'); "
+        "print(f'TINY rank {rr.rank()}/{rr.size()} sum {y[0]:.0f} omp {os.environ[\"OMP_NUM_THREADS\"]} "
+        "timeline {os.environ.get(\"RINGREDUCE_TIMELINE\")}', flush=True)")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _job(script, tmp_path, env):
+    tiny = tmp_path / "tiny.py"
+    tiny.write_text(TINY.replace("; ", "\n"))
+    full = {**os.environ, "RR_TRAIN": f"{sys.executable} {tiny}", "RR_OUT_DIR": str(tmp_path / "out"),
+            "PYTHONPATH": ROOT, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+            **env}
+    full.pop("OMP_NUM_THREADS", None)
+    return subprocess.run(["bash", os.path.join(ROOT, script)], env=full, capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+
+
+@pytest.mark.mpi
+def test_slurm_script_with_mpirun(tmp_path):
+    p = _job("scripts/slurm/train.sbatch", tmp_path, {
+        "SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_NODELIST": "localhost", "SLURM_CPUS_PER_TASK": "1", "SLURM_SUBMIT_DIR": str(tmp_path),
+        "RR_LAUNCH": "mpirun", "RR_TIMELINE": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    for r in (0, 1):
+        assert f"TINY rank {r}/2 sum 2 omp 1 timeline {tmp_path}/out/timeline.{{rank}}.json" in p.stdout
+    assert (tmp_path / "out" / "timeline.0.json").exists()
+
+
+def test_slurm_script_with_srun(tmp_path):
+    """srun is the default launcher: a stand-in srun records its options and runs one rank."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "srun").write_text("#!/bin/sh\necho SRUN \"$@\"\nwhile [ \"${1#-}\" != \"$1\" ]; do shift; done\n"
+                                 "exec \"$@\"\n")
+    (bindir / "srun").chmod(0o755)
+    p = _job("scripts/slurm/train.sbatch", tmp_path, {
+        "SLURM_JOB_ID": "78", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "n1", "SLURM_CPUS_PER_TASK": "2",
+        "PATH": f"{bindir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "SRUN --mpi=pmix --kill-on-bad-exit=1 --cpu-bind=none" in p.stdout
+    assert "TINY rank 0/1 sum 1 omp 2" in p.stdout
+
+
+@pytest.mark.mpi
+def test_pbs_script(tmp_path):
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("localhost\nlocalhost\n")
+    p = _job("scripts/pbs/train.pbs", tmp_path, {"PBS_NODEFILE": str(nodefile), "PBS_JOBID": "99.server",
+                                                 "PBS_O_WORKDIR": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "TINY rank 0/2 sum 2" in p.stdout and "TINY rank 1/2 sum 2" in p.stdout
+    assert (tmp_path / "out" / "hosts").read_text() == "localhost slots=2\n"
