@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-/tmp/rr-ci-mpich}
+[ $# -gt 0 ] && shift
 py=${PYTHON:-python3}
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
@@ -16,5 +17,5 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset OMPI_ALLOW_RUN_AS_ROOT OMPI_ALLOW_RUN_AS_ROOT_CONFIRM
 # np 1, 2, 4 of the core suites, the fault/stall/timeline cases and the launcher tests.
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_mpi.py -k "1 or 2 or 4" \
-  tests/test_faults.py tests/test_run.py "$@"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_mpi.py -k "core_suites[1] or core_suites[2] or core_suites[4]" "$@"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_faults.py tests/test_run.py "$@"
