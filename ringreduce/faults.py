@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 from mpi4py import MPI
 
@@ -70,8 +71,11 @@ def abort(message: str, code: int = 1) -> None:
     try:
         sys.stderr.write(text)
         sys.stderr.flush()
+        sys.stdout.flush()
     except Exception:   # stderr may be closed; abort regardless
         pass
+    # Give the launcher's output forwarding a moment: hydra tears it down on abort.
+    time.sleep(0.3)
     try:
         timeline.flush(None)
     except Exception:
