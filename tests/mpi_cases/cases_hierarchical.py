@@ -1,0 +1,133 @@
+"""Hierarchical allreduce on faked node layouts: vs numpy, bit-identical across ranks.
+
+Under the test launcher every rank runs on one machine. Each layout gets its own
+communicator (a Dup of COMM_WORLD) whose engine context is created while
+RINGREDUCE_NODE_ID says which "node" this rank is on, so the node split, the
+leaders' ring and the node-local shared-memory steps all run as on a cluster
+(the ranks really share memory, so the shm path is used inside each fake node).
+"""
+from __future__ import annotations
+
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+from _common import FLOATS, RTOL, all_ranks_identical, everyone, make_input, max_error
+from mpi4py import MPI
+
+import ringreduce as rr
+from ringreduce.algorithms import hierarchical, shm
+from ringreduce.comm import context
+
+rr.init()
+N = rr.size()
+R = rr.rank()
+
+# name -> node of each rank; covers one node, a node per rank, blocks, interleaved
+# (a node's ranks are not contiguous) and uneven nodes (1 + 3 + 1 ranks at np=5).
+LAYOUTS = {
+    "single": lambda r: 0,
+    "each": lambda r: r,
+    "blocks2": lambda r: r // 2,
+    "interleaved": lambda r: r % 2,
+    "uneven": lambda r: 0 if r == 0 else 1 + (r - 1) // 3,
+}
+
+
+def _faked(node_of):
+    """A Dup of COMM_WORLD whose ringreduce context sees the given node layout."""
+    comm = MPI.COMM_WORLD.Dup()
+    saved = os.environ.get("RINGREDUCE_NODE_ID")
+    os.environ["RINGREDUCE_NODE_ID"] = f"fake-node-{node_of(R)}"
+    try:
+        context(comm)           # the node split happens here, collectively
+    finally:
+        if saved is None:
+            del os.environ["RINGREDUCE_NODE_ID"]
+        else:
+            os.environ["RINGREDUCE_NODE_ID"] = saved
+    return comm
+
+
+COMMS = {name: _faked(f) for name, f in LAYOUTS.items()}
+# (dtype, op) pairs: every op on float32, the others on the ops their users need.
+CASES = [(np.float32, rr.Sum), (np.float32, rr.Average), (np.float32, rr.Min),
+         (np.float32, rr.Max), (np.float64, rr.Average), (np.float16, rr.Sum),
+         (ml_dtypes.bfloat16, rr.Average), (np.int32, rr.Sum), (np.int32, rr.Max),
+         (np.uint8, rr.Sum)]
+# 0, 1, fewer than ranks, odd, above shm's replicated limit (chunked path)
+SIZES = [0, 1, max(N - 1, 1), 7, shm.REPLICATED_MAX_BYTES // 4 + 13]
+
+
+def check(comm, dtype, op, count, tag="hier", **kwargs):
+    x = make_input(R, count, dtype, tag)
+    y = rr.allreduce(x, op=op, algorithm="hierarchical", comm=comm, **kwargs)
+    inputs = [make_input(r, count, dtype, tag) for r in range(N)]
+    err = max_error(op, y, inputs)
+    tol = RTOL.get(np.dtype(dtype), 0.0) * (N + 1) if op in (rr.Sum, rr.Average) else 0.0
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert everyone(err <= tol), f"error {err} > {tol} on some rank"
+    assert all_ranks_identical(y), "ranks hold different bits"
+    return y
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_seen(name):
+    ctx = context(COMMS[name])
+    expected = len({LAYOUTS[name](r) for r in range(N)})
+    assert ctx.num_nodes == expected
+    lay = hierarchical.layout(ctx.main)
+    assert lay.num_nodes == expected
+    assert lay.node.size == sum(LAYOUTS[name](r) == LAYOUTS[name](R) for r in range(N))
+    assert (lay.leaders is not None) == (lay.node.rank == 0)
+    assert lay.shared        # one machine: every fake node can share memory
+
+
+@pytest.mark.parametrize("count", SIZES)
+@pytest.mark.parametrize("dtype,op", CASES,
+                         ids=[f"{np.dtype(d).name}-{o.name}" for d, o in CASES])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_matrix(name, dtype, op, count):
+    check(COMMS[name], dtype, op, count)
+
+
+@pytest.mark.parametrize("op", [rr.Sum, rr.Average], ids=lambda o: o.name)
+@pytest.mark.parametrize("name", ["blocks2", "interleaved", "uneven"])
+def test_large(name, op):
+    # Several ring segments between the leaders, chunked shared-memory steps.
+    check(COMMS[name], np.float32, op, 2**20 + 3)
+
+
+@pytest.mark.parametrize("name", ["blocks2", "uneven"])
+def test_repeated_calls_alternate_slots(name):
+    # Back-to-back calls of both sizes reuse the window's two halves; results stay exact.
+    for i in range(6):
+        count = 7 if i % 2 else shm.REPLICATED_MAX_BYTES // 4 + 13
+        check(COMMS[name], np.int32, rr.Sum, count, tag=f"rep{i}")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "onebit"])
+@pytest.mark.parametrize("name", ["blocks2", "uneven", "each", "single"])
+def test_compressed_between_leaders(name, fmt):
+    comp = getattr(rr.Compression, fmt)
+    count = 5000
+    x = make_input(R, count, np.float32, "hcomp")
+    y = rr.allreduce(x, op=rr.Average, algorithm="hierarchical", compression=comp,
+                     name=f"h-{name}-{fmt}", comm=COMMS[name])
+    ref = np.mean([make_input(r, count, np.float32, "hcomp") for r in range(N)], axis=0)
+    rel = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+    # Node-local sums are exact; only the leaders' step quantises (twice at most).
+    bound = {"int8": 0.05, "onebit": 1.5}[fmt]
+    assert everyone(rel <= bound), f"relative error {rel} > {bound}"
+    assert all_ranks_identical(y)
+    if context(COMMS[name]).num_nodes == 1 or N == 1:
+        assert everyone(rel <= 1e-6), "a single node needs no compression"
+
+
+def test_compressed_needs_name_on_every_rank():
+    # Every rank raises (not only the leaders that compress), so nobody is left waiting.
+    x = np.ones(100, np.float32)
+    with pytest.raises(rr.RingReduceError, match="name"):
+        rr.allreduce(x, algorithm="hierarchical", compression=rr.Compression.int8,
+                     comm=COMMS["blocks2"])
