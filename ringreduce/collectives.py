@@ -69,7 +69,7 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
     comp = resolve(compression, r)
     flat = buf.reshape(-1)
     if algorithm == "auto" and comp is None:
-        algorithm = select.choose(flat.nbytes, flat.dtype, chan.size)
+        algorithm = select.choose(flat.nbytes, flat.dtype, chan.size, chan)
     if algorithm == "mpi" and buf.dtype in HALF_DTYPES and comp is None:
         native.allreduce(chan, flat, op, name)   # raises the clear half-type error
     on_device = device.is_device_array(flat)

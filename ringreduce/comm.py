@@ -17,6 +17,8 @@ import mpi4py
 # Ask for MPI_THREAD_MULTIPLE, unless the user already initialised MPI themselves.
 if "mpi4py.MPI" not in sys.modules:
     mpi4py.rc.thread_level = "multiple"
+    from ._mpi_env import quiet_one_sided_warnings
+    quiet_one_sided_warnings()
 from mpi4py import MPI  # noqa: E402
 
 from .buffers import ScratchPool  # noqa: E402
@@ -73,6 +75,8 @@ class CommContext:
         self.node_comm, self.node_index, self.num_nodes = _split_by_node(self.main.comm)
         self.local_rank = self.node_comm.Get_rank()
         self.local_size = self.node_comm.Get_size()
+        from .algorithms import select   # the decision table, broadcast from rank 0
+        select.attach(self)
 
     def free(self) -> None:
         self.main.free()

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import device as _device
 
-__all__ = ["ReduceOp", "Sum", "Average", "Min", "Max", "reduce_into"]
+__all__ = ["ReduceOp", "Sum", "Average", "Min", "Max", "reduce_into", "combine"]
 
 
 class ReduceOp(enum.IntEnum):
@@ -47,6 +47,12 @@ def reduce_into(op: ReduceOp, dst: np.ndarray, src: np.ndarray, src_first: bool 
     else:
         _UFUNC[op](dst, src, out=dst)
     _settle(dst)
+
+
+def combine(op: ReduceOp, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out = op(a, b), operands in this order (out may alias either)."""
+    _UFUNC[op](a, b, out=out)
+    _settle(out)
 
 
 def finish_average(op: ReduceOp, buf: np.ndarray, n: int) -> None:

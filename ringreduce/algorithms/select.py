@@ -1,24 +1,39 @@
 """Choosing an algorithm for a call ("auto"), the same way on every rank.
 
-For now a size rule; the fast-engine work replaces it with a measured
-alpha-beta-gamma cost model. The choice depends only on values every rank
-shares (message size, dtype, rank count, environment), so ranks agree.
+An alpha-beta-gamma cost model (parameters in ringreduce.tuning) prices each
+candidate for a message of m bytes on n ranks:
+
+    T_a = alpha_a * L_a(n) + beta_a * B_a(m, n) + gamma * G_a(m, n)
+
+(L: sequential steps, B: bytes moved per rank, G: bytes reduced per rank) and
+auto takes the cheapest. To keep every rank's choice identical, rank 0 loads the
+parameters once per communicator context and broadcasts a decision table: a
+list of (largest message size, algorithm) thresholds, looked up by bisection
+on every call. "mpi" is never chosen for half types, "shm" only when every rank
+of the communicator shares one node's memory.
 """
 from __future__ import annotations
 
+import bisect
+import logging
+import math
 import os
 
 import numpy as np
 
+from ..buffers import HALF_DTYPES
 from ..errors import RingReduceError
-from . import mpi as _mpi
+
+logger = logging.getLogger("ringreduce")
 
 PUBLIC = ("auto", "ring", "tree", "mpi", "shm", "hierarchical")
 INTERNAL = ("allgather",)
+CANDIDATES = ("allgather", "tree", "ring", "shm", "mpi")
 
-# Below this many bytes gathered in total, one allgather beats any multi-round exchange.
-ALLGATHER_MAX_TOTAL_BYTES = 1 << 15
-TREE_MAX_BYTES = 1 << 16
+# The allgather candidate gathers n copies: only worth pricing for small totals.
+ALLGATHER_MAX_TOTAL_BYTES = 1 << 16
+# Message sizes the decision table is evaluated at (bytes): 0 and powers of two up to 64 GiB.
+_GRID = [0] + [1 << k for k in range(37)]
 
 
 def validate(algorithm: str, rank: int) -> str:
@@ -30,23 +45,176 @@ def validate(algorithm: str, rank: int) -> str:
 
 def requested(algorithm: str | None, rank: int) -> str:
     """The algorithm asked for: the argument, with RINGREDUCE_ALGORITHM overriding 'auto'."""
-    algorithm = algorithm or "auto"
-    if algorithm == "auto":
-        algorithm = os.environ.get("RINGREDUCE_ALGORITHM", "auto") or "auto"
+    if algorithm and algorithm != "auto":
+        return algorithm if algorithm in PUBLIC else validate(algorithm, rank)
+    algorithm = os.environ.get("RINGREDUCE_ALGORITHM") or "auto"
     return validate(algorithm, rank)
 
 
-def choose(nbytes: int, dtype: np.dtype, n: int) -> str:
-    """The algorithm 'auto' uses for a message of nbytes on n ranks (never 'mpi' for half types)."""
-    if n * nbytes <= ALLGATHER_MAX_TOTAL_BYTES:
-        return "allgather"
-    if nbytes <= TREE_MAX_BYTES:
-        return "tree"
-    return "ring"
+def terms(algorithm: str, m: float, n: int) -> tuple[float, float, float]:
+    """(L, B, G) of the cost model for m bytes on n ranks."""
+    if n <= 1:
+        return 0.0, 0.0, 0.0
+    if algorithm == "ring":
+        return 2.0 * (n - 1), 2.0 * (n - 1) / n * m, (n - 1) / n * m
+    if algorithm == "tree":
+        p = 1 << (n.bit_length() - 1)
+        fold = 1 if n > p else 0
+        rounds = math.log2(p) + 2 * fold
+        return rounds, rounds * m, (math.log2(p) + fold) * m
+    if algorithm == "allgather":
+        return 1.0, (n - 1) * m, (n - 1) * m
+    if algorithm == "shm":
+        from .shm import REPLICATED_MAX_BYTES
+        if m <= REPLICATED_MAX_BYTES:
+            return 1.0, m, (n - 1) * m
+        return 2.0, 2.0 * m, (n - 1) / n * m
+    if algorithm == "mpi":
+        return 1.0, m, 0.0
+    raise ValueError(algorithm)
+
+
+def predict(params: dict, algorithm: str, m: float, n: int) -> float:
+    """Predicted seconds for one allreduce of m bytes on n ranks."""
+    L, B, G = terms(algorithm, m, n)
+    p = params["algorithms"][algorithm]
+    return p["alpha"] * L + p["beta"] * B + params["gamma"] * G
+
+
+def build_table(params: dict, n: int, node_local: bool, half: bool) -> list:
+    """Thresholds [(max_bytes, algorithm), ...] for auto, ascending, the last one open-ended."""
+    names = [a for a in CANDIDATES if (a != "shm" or node_local) and not (a == "mpi" and half)]
+    picks = []
+    for m in _GRID:
+        options = [a for a in names if a != "allgather" or n * m <= ALLGATHER_MAX_TOTAL_BYTES]
+        picks.append(min(options, key=lambda a: (predict(params, a, m, n), CANDIDATES.index(a))))
+    table = []
+    for m, a in zip(_GRID, picks):
+        if table and table[-1][1] == a:
+            table[-1] = (m, a)
+        else:
+            table.append((m, a))
+    table[-1] = (None, table[-1][1])
+    # Sizes between two grid points go with the upper point's pick.
+    return table
+
+
+class Plan:
+    """The decision tables of one communicator context (identical on every rank)."""
+
+    def __init__(self, tables: dict, node_local: bool, source: str):
+        self.tables = tables            # "full" / "half" -> [(max_bytes or None, algorithm)]
+        self.node_local = node_local
+        self.source = source
+        self._bounds = {k: [b for b, _ in t[:-1]] for k, t in tables.items()}
+
+    def choose(self, nbytes: int, half: bool) -> str:
+        key = "half" if half else "full"
+        t = self.tables[key]
+        return t[bisect.bisect_left(self._bounds[key], nbytes)][1]
+
+    def describe(self) -> dict:
+        out = {"source": self.source, "shm_eligible": self.node_local}
+        for key, t in self.tables.items():
+            out[key] = ", ".join(f"{a} <= {_fmt(b)}" if b is not None else f"{a} above"
+                                 for b, a in t)
+        return out
+
+
+def _fmt(b: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if b >= 1 << shift and b % (1 << shift) == 0:
+            return f"{b >> shift} {unit}"
+    return f"{b} B"
+
+
+def make_plan(params: dict, n: int, node_local: bool) -> Plan:
+    tables = {"full": build_table(params, n, node_local, False),
+              "half": build_table(params, n, node_local, True)}
+    return Plan(tables, node_local, params.get("path", params.get("source", "defaults")))
+
+
+def _shares_memory(ctx) -> bool:
+    """True iff every rank of the context can map every other rank's memory."""
+    if ctx.num_nodes != 1:
+        return False
+    if not os.environ.get("RINGREDUCE_NODE_ID"):
+        return True          # the node split was MPI's shared-memory split itself
+    from mpi4py import MPI
+    sub = ctx.main.comm.Split_type(MPI.COMM_TYPE_SHARED, key=ctx.rank)
+    whole = ctx.main.comm.allreduce(int(sub.Get_size() == ctx.size), op=MPI.MIN)
+    sub.Free()
+    return bool(whole)
+
+
+def attach(ctx) -> Plan:
+    """Give a new communicator context its plan (collective: call where every rank does).
+
+    Rank 0 reads the tuning file and broadcasts the plan, so ranks never disagree
+    even if their files or environments differ.
+    """
+    from .. import tuning
+    node_local = _shares_memory(ctx)
+    plan = None
+    if ctx.rank == 0:
+        try:
+            plan = make_plan(tuning.load(), ctx.size, node_local)
+        except Exception:   # a broken file must not leave the other ranks waiting
+            logger.exception("cost model failed; using the shipped defaults")
+            plan = make_plan(tuning.DEFAULTS, ctx.size, node_local)
+    plan = ctx.main.comm.bcast(plan, root=0)
+    for chan in (ctx.main, ctx.background):
+        chan.resources["plan"] = plan
+    from .. import comm as _comm
+    if _comm._state.world is None:      # the init context is being built
+        _last[0] = plan
+    return plan
+
+
+_last: list = [None]   # the init context's plan, for table()
+
+
+def _fallback_plan(n: int) -> Plan:
+    from .. import tuning
+    return make_plan(tuning.DEFAULTS, n, False)
+
+
+def choose(nbytes: int, dtype: np.dtype, n: int, chan=None) -> str:
+    """The algorithm 'auto' uses for nbytes on n ranks (never 'mpi' for half types).
+
+    With a channel, its context's broadcast plan decides (shm is a candidate when
+    the ranks share memory); without one, a plan from the shipped defaults.
+    """
+    plan = chan.resources.get("plan") if chan is not None else None
+    if plan is None:
+        plan = _FALLBACK.get(n)
+        if plan is None:
+            plan = _FALLBACK[n] = _fallback_plan(n)
+    return plan.choose(nbytes, dtype in HALF_DTYPES)
+
+
+_FALLBACK: dict = {}
+
+
+def resolve(chan, algorithm: str) -> str:
+    """An explicit algorithm the channel cannot run, replaced by one it can ('shm' off-node)."""
+    if algorithm == "shm":
+        plan = chan.resources.get("plan")
+        if plan is None or not plan.node_local:
+            if not _warned.get(id(chan)):
+                _warned[id(chan)] = True
+                logger.warning("rank %d: 'shm' needs every rank on one node; using 'ring' instead",
+                               chan.rank)
+            return "ring"
+    return algorithm
+
+
+_warned: dict = {}
 
 
 def table() -> dict:
-    """The rule in use, for rr.info()."""
-    return {"allgather": f"n * bytes <= {ALLGATHER_MAX_TOTAL_BYTES}",
-            "tree": f"bytes <= {TREE_MAX_BYTES}", "ring": "otherwise",
-            "native mpi eligible": "never chosen by auto for half types" if _mpi else ""}
+    """The decision table in use on the init communicator, for rr.info()."""
+    plan = _last[0]
+    if plan is None:
+        return {"source": "not initialised"}
+    return plan.describe()

@@ -11,7 +11,7 @@ from ringreduce.algorithms import _transfer, ring
 rr.init()
 N = rr.size()
 OPS = [rr.Sum, rr.Average, rr.Min, rr.Max]
-ALGORITHMS = ["auto", "ring", "tree", "mpi"]
+ALGORITHMS = ["auto", "ring", "tree", "mpi", "shm"]
 # 0, 1, fewer than ranks, odd, crossing a ring segment boundary, large odd
 SIZES = [0, 1, max(N - 1, 1) + 0, 7, N * (ring.SEGMENT_BYTES // 4) + 5, 2**20 + 3]
 
@@ -57,7 +57,7 @@ def test_messages_split_above_limit(algorithm, monkeypatch):
     check_allreduce(algorithm, np.float64, rr.Max, 999, tag="split")
 
 
-@pytest.mark.parametrize("algorithm", ["ring", "tree", "auto"])
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "shm", "auto"])
 def test_out_and_inplace(algorithm):
     x = make_input(rr.rank(), 1001, np.float32, "out")
     out = np.empty_like(x)

@@ -1,0 +1,175 @@
+"""Shared-memory allreduce: node-local ranks reduce straight from each other's buffers.
+
+All ranks of the channel share one MPI-3 shared window (MPI_Win_allocate_shared).
+Each rank owns a slot in it. A call runs in at most three phases separated by
+barriers:
+
+1. every rank copies its input into its slot;
+2. rank r reduces chunk r of the buffer by reading chunk r of every peer's slot
+   directly (no messages), and leaves the finished chunk in its own slot;
+3. every rank copies the finished chunks out of the peers' slots.
+
+Small messages skip phase 3: after phase 1 every rank reduces the whole buffer
+itself, in rank order, so all ranks still compute identical bits with one
+barrier instead of two.
+
+Each slot has two halves used by alternate calls, so a rank may start the next
+call (and overwrite its slot) while a slower peer is still reading the previous
+one: a barrier of call k+1 always separates call k's reads from call k+2's
+writes. The window lives in chan.resources, is reused across calls and grows
+(collectively, as every rank sees the same sizes) when a bigger message comes.
+
+Only valid when every rank of the channel shares memory with the others
+(`node_local`); select.py falls back elsewhere.
+"""
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+from ..ops import ReduceOp, combine, finish_average, reduce_into
+from ._transfer import chunk_bounds
+
+# Up to this many bytes, every rank reduces the whole message itself (one barrier).
+REPLICATED_MAX_BYTES = 1 << 16
+_MIN_SLOT_BYTES = 1 << 16
+_ALIGN = 64
+
+
+class SharedWindow:
+    """A growable shared window with one double slot per rank, for one channel.
+
+    Example::
+
+        win = SharedWindow(chan.comm)
+        views = win.views(np.float32, 1000)   # views[parity][rank] -> float32[1000]
+        win.close()
+    """
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.win = None
+        self.half = 0          # bytes in one half-slot
+        self.calls = 0         # parity source: every rank makes the same calls
+        self._cache: dict = {}
+
+    def _allocate(self, half: int) -> None:
+        self.close()
+        self.half = half
+        self.win = MPI.Win.Allocate_shared(2 * half, 1, comm=self.comm)
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+        self._raw = []
+        for peer in range(self.comm.Get_size()):
+            mem, _ = self.win.Shared_query(peer)
+            self._raw.append(np.frombuffer(mem, dtype=np.uint8, count=2 * half))
+
+    def views(self, dtype, count: int):
+        """Per-parity, per-rank typed views of `count` elements, growing the window if needed."""
+        dtype = np.dtype(dtype)
+        nbytes = count * dtype.itemsize
+        if nbytes > self.half:
+            need = max(_MIN_SLOT_BYTES, 1 << (nbytes - 1).bit_length())
+            self._allocate(need)
+            self._cache.clear()
+        key = (dtype, count)
+        v = self._cache.get(key)
+        if v is None:
+            v = [[raw[p * self.half:p * self.half + nbytes].view(dtype) for raw in self._raw]
+                 for p in (0, 1)]
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[key] = v
+        return v
+
+    def next_parity(self) -> int:
+        self.calls += 1
+        return self.calls & 1
+
+    def sync(self) -> None:
+        """Make this rank's stores visible, wait for every rank, see theirs."""
+        self.win.Sync()
+        self.comm.Barrier()
+        self.win.Sync()
+
+    def close(self) -> None:
+        if self.win is not None:
+            self.win.Unlock_all()
+            self.win.Free()
+            self.win = None
+            self._raw = []
+            self._cache.clear()
+
+
+def window(chan) -> SharedWindow:
+    """The channel's shared window (created on first use; freed by chan.free())."""
+    win = chan.resources.get("shm")
+    if win is None:
+        win = SharedWindow(chan.comm)
+        chan.resources["shm"] = win
+    return win
+
+
+def allreduce(chan, buf: np.ndarray, op: ReduceOp, src: np.ndarray | None = None) -> None:
+    """Shared-memory allreduce of flat `buf` in place (or of `src` into `buf`).
+
+    Every rank of chan.comm must share memory (one node).
+    """
+    n, r = chan.size, chan.rank
+    src = buf if src is None else src
+    count = buf.size
+    if n == 1 or count == 0:
+        if src is not buf:
+            np.copyto(buf, src)
+        finish_average(op, buf, n)
+        return
+    win = window(chan)
+    slots = win.views(buf.dtype, count)[win.next_parity()]
+    mine = slots[r]
+    if buf.nbytes <= REPLICATED_MAX_BYTES:
+        np.copyto(mine, src)
+        win.sync()
+        # Rank order on every rank: identical bits everywhere.
+        if n == 2:
+            combine(op, slots[0], slots[1], buf)
+        else:
+            np.copyto(buf, slots[0])
+            for j in range(1, n):
+                reduce_into(op, buf, slots[j])
+        finish_average(op, buf, n)
+        return
+    bounds = chunk_bounds(count, n)
+    lo, hi = int(bounds[r]), int(bounds[r + 1])
+    # Phase 1: peers only need the chunks they reduce; ours stays in src.
+    if lo > 0:
+        np.copyto(mine[:lo], src[:lo])
+    if hi < count:
+        np.copyto(mine[hi:], src[hi:])
+    win.sync()
+    # Phase 2: reduce our chunk from everyone's slot into our own slot.
+    acc = mine[lo:hi]
+    first = True
+    for j in range(n):
+        if j == r:
+            continue
+        if first:
+            combine(op, src[lo:hi], slots[j][lo:hi], acc)
+            first = False
+        else:
+            reduce_into(op, acc, slots[j][lo:hi])
+    finish_average(op, acc, n)
+    win.sync()
+    # Phase 3: collect every finished chunk.
+    for j in range(n):
+        a, b = int(bounds[j]), int(bounds[j + 1])
+        if b > a:
+            np.copyto(buf[a:b], slots[j][a:b])
+
+
+def run(chan, buf: np.ndarray, op: ReduceOp) -> None:
+    """The "shm" runner: shared memory when the ranks share a node, else the ring."""
+    from . import ring, select
+    # Device arrays (CUDA-aware path) cannot be copied into a host window.
+    if isinstance(buf, np.ndarray) and select.resolve(chan, "shm") == "shm":
+        allreduce(chan, buf, op)
+    else:
+        ring.allreduce(chan, buf, op)
