@@ -9,8 +9,9 @@ device arrays here:
   ``__array_ufunc__``), their scratch comes from the channel's pool on the
   device (``ScratchPool.using(cupy)``), and mpi4py gives MPI the device
   pointers (``__cuda_array_interface__``).
-* otherwise: ``staging.Stager`` pipes the buffer through pinned host slots and
-  each segment is reduced by the host engine.
+* otherwise, and for the shared-memory algorithms ("shm", "hierarchical",
+  which reduce in host windows): ``staging.Stager`` pipes the buffer through
+  pinned host slots and each segment is reduced by the host engine.
 
 Stream rule (``device`` module docstring): the caller's current stream is
 synchronized before MPI first reads the buffer and again before returning, so
@@ -28,6 +29,9 @@ from . import device, staging
 
 __all__ = ["label", "allreduce", "broadcast"]
 
+# Algorithms that reduce in host shared memory (MPI windows): always staged.
+HOST_ONLY = ("shm", "hierarchical")
+
 
 def label(algorithm: str) -> str:
     """The algorithm field of a device call's fingerprint, e.g. 'ring on device (staged)'."""
@@ -41,7 +45,7 @@ def allreduce(chan, flat, op, algorithm: str, comp, name) -> None:
 
     device.synchronize(flat)
     try:
-        if device.mode().aware:
+        if device.mode().aware and algorithm not in HOST_ONLY:
             with chan.pool.using(device.array_module(flat)):
                 if comp is not None:
                     compressed_allreduce(chan, flat, op, algorithm, comp, name)
