@@ -30,15 +30,19 @@ def _as_op(op, rank: int) -> ReduceOp:
                               "(use rr.Sum, rr.Average, rr.Min or rr.Max)") from None
 
 
-def _prepare_output(chan: Channel, x, out, name, inplace: bool) -> np.ndarray:
-    """The buffer the algorithm reduces in place: x itself, `out` filled from x, or a copy."""
+def _prepare_output(chan: Channel, x, out, name, inplace: bool, defer: bool = False) -> np.ndarray:
+    """The buffer the algorithm reduces in place: x itself, `out` filled from x, or a copy.
+
+    With defer (host arrays only), `out` or a new array is returned unfilled: the
+    caller copies x in, or hands x to an algorithm that reads it directly (shm).
+    """
     r = chan.rank
     if inplace:
         return check_array(x, r, name, writable=True)
     x = check_array(x, r, name)
     xp = device.array_module(x)
     if out is None:
-        return xp.array(x, order="C", copy=True)
+        return np.empty(x.shape, x.dtype) if defer else xp.array(x, order="C", copy=True)
     out = check_array(out, r, name, what="out", writable=True)
     if device.is_device_array(out) != device.is_device_array(x):
         raise RingReduceError(f"rank {r}: out{' of tensor ' + repr(name) if name else ''} and "
@@ -47,7 +51,7 @@ def _prepare_output(chan: Channel, x, out, name, inplace: bool) -> np.ndarray:
         raise RingReduceError(
             f"rank {r}: out{' of tensor ' + repr(name) if name else ''} has shape {out.shape} and "
             f"dtype {out.dtype}, but the input has shape {x.shape} and dtype {x.dtype}")
-    if out is not x:
+    if out is not x and not defer:
         xp.copyto(out, x)
     return out
 
@@ -60,7 +64,10 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
     r = chan.rank
     op = _as_op(op, r)
     algorithm = select.requested(algorithm, r)
-    buf = _prepare_output(chan, x, out, name, inplace)
+    # Out of place on the host: the copy of x into the result waits until the algorithm
+    # is known, because shm reads x directly and saves that pass over memory.
+    pending = x if not inplace and type(x) is np.ndarray and x is not out else None
+    buf = _prepare_output(chan, x, out, name, inplace, defer=pending is not None)
     if is_integer(buf.dtype) and op == Average:
         raise RingReduceError(
             f"rank {r}: op Average on integer tensor{' ' + repr(name) if name else ''} "
@@ -72,6 +79,12 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
         algorithm = select.choose(flat.nbytes, flat.dtype, chan.size, chan)
     if algorithm == "mpi" and buf.dtype in HALF_DTYPES and comp is None:
         native.allreduce(chan, flat, op, name)   # raises the clear half-type error
+    src = None
+    if pending is not None:
+        if algorithm == "shm" and comp is None and pending.flags.c_contiguous:
+            src = pending.reshape(-1)
+        else:
+            np.copyto(buf, pending)
     on_device = device.is_device_array(flat)
     fp_algorithm = gpu.label(algorithm) if on_device else algorithm
     seq = chan.next_seq()
@@ -92,6 +105,8 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
         gpu.allreduce(chan, flat, op, algorithm, comp, name)
     elif comp is not None:
         compressed_allreduce(chan, flat, op, algorithm, comp, name)
+    elif src is not None:
+        RUNNERS["shm"](chan, flat, op, src=src)
     else:
         run_algorithm(chan, algorithm, flat, op, name)
     if timeline.on:

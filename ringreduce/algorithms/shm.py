@@ -28,10 +28,12 @@ import numpy as np
 from mpi4py import MPI
 
 from ..ops import ReduceOp, combine, finish_average, reduce_into
-from ._transfer import chunk_bounds
+from . import ring, select
 
 # Up to this many bytes, every rank reduces the whole message itself (one barrier).
 REPLICATED_MAX_BYTES = 1 << 16
+# Larger messages go through the window in blocks of this many bytes (cache-sized).
+BLOCK_BYTES = 1 << 19
 _MIN_SLOT_BYTES = 1 << 16
 _ALIGN = 64
 
@@ -137,39 +139,59 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, src: np.ndarray | None = None
                 reduce_into(op, buf, slots[j])
         finish_average(op, buf, n)
         return
-    bounds = chunk_bounds(count, n)
-    lo, hi = int(bounds[r]), int(bounds[r + 1])
+    # Block by block, so one block's copies are still in cache when the peers read them
+    # and the window stays small; the parity alternates per block.
+    step = max(n, BLOCK_BYTES // buf.itemsize)
+    views = win.views(buf.dtype, min(step, count))
+    for start in range(0, count, step):
+        stop = min(count, start + step)
+        _block(win, views[win.next_parity()], buf[start:stop], src[start:stop], op, n, r)
+
+
+def _block(win, slots, buf, src, op, n: int, r: int) -> None:
+    """Reduce-scatter then allgather one block through the window (two barriers)."""
+    count = buf.size
+    base, extra = divmod(count, n)
+    lo = r * base + min(r, extra)
+    hi = lo + base + (r < extra)
+    mine = slots[r]
     # Phase 1: peers only need the chunks they reduce; ours stays in src.
     if lo > 0:
         np.copyto(mine[:lo], src[:lo])
     if hi < count:
-        np.copyto(mine[hi:], src[hi:])
+        np.copyto(mine[hi:count], src[hi:])
     win.sync()
     # Phase 2: reduce our chunk from everyone's slot into our own slot.
-    acc = mine[lo:hi]
-    first = True
-    for j in range(n):
-        if j == r:
-            continue
-        if first:
-            combine(op, src[lo:hi], slots[j][lo:hi], acc)
-            first = False
-        else:
-            reduce_into(op, acc, slots[j][lo:hi])
-    finish_average(op, acc, n)
+    if hi > lo:
+        acc = mine[lo:hi]
+        first = True
+        for j in range(n):
+            if j == r:
+                continue
+            if first:
+                combine(op, src[lo:hi], slots[j][lo:hi], acc)
+                first = False
+            else:
+                reduce_into(op, acc, slots[j][lo:hi])
+        finish_average(op, acc, n)
     win.sync()
-    # Phase 3: collect every finished chunk.
+    # Phase 3: collect every finished chunk (ours included).
     for j in range(n):
-        a, b = int(bounds[j]), int(bounds[j + 1])
+        a = j * base + min(j, extra)
+        b = a + base + (j < extra)
         if b > a:
             np.copyto(buf[a:b], slots[j][a:b])
 
 
-def run(chan, buf: np.ndarray, op: ReduceOp) -> None:
-    """The "shm" runner: shared memory when the ranks share a node, else the ring."""
-    from . import ring, select
+def run(chan, buf: np.ndarray, op: ReduceOp, src: np.ndarray | None = None) -> None:
+    """The "shm" runner: shared memory when the ranks share a node, else the ring.
+
+    `src` (optional, host, flat, same size): reduce it into `buf` instead of `buf` itself.
+    """
     # Device arrays (CUDA-aware path) cannot be copied into a host window.
-    if isinstance(buf, np.ndarray) and select.resolve(chan, "shm") == "shm":
-        allreduce(chan, buf, op)
-    else:
-        ring.allreduce(chan, buf, op)
+    if type(buf) is np.ndarray and select.resolve(chan, "shm") == "shm":
+        allreduce(chan, buf, op, src)
+        return
+    if src is not None:
+        np.copyto(buf, src)
+    ring.allreduce(chan, buf, op)

@@ -1,0 +1,163 @@
+"""The fast engine: shm blocks and window reuse, auto's decisions, the broadcast tuning table."""
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+from _common import all_ranks_identical, everyone, make_input, max_error
+from cases_allreduce import check_allreduce
+from mpi4py import MPI
+
+import ringreduce as rr
+from ringreduce import tuning
+from ringreduce.algorithms import select, shm
+from ringreduce.comm import context
+
+rr.init()
+N = rr.size()
+R = rr.rank()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.int64])
+@pytest.mark.parametrize("op", [rr.Sum, rr.Average, rr.Max])
+def test_shm_many_blocks(dtype, op, monkeypatch):
+    # Small blocks: a message crosses many blocks, with ragged last block and chunks.
+    if np.dtype(dtype).kind in "iu" and op == rr.Average:
+        pytest.skip("Average on integers is an error")
+    monkeypatch.setattr(shm, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(shm, "REPLICATED_MAX_BYTES", 256)
+    for count in (65, 1000, 12345):
+        check_allreduce("shm", dtype, op, count, tag=f"blocks{count}")
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_shm_window_reused_and_grown(inplace):
+    chan = context().main
+    sizes = [10, 100000, 3, 300000, 100000]
+    for i, count in enumerate(sizes):
+        x = make_input(R, count, np.float32, f"grow{i}")
+        keep = x.copy()
+        y = rr.allreduce_(x, op=rr.Sum, algorithm="shm") if inplace else \
+            rr.allreduce(x, op=rr.Sum, algorithm="shm")
+        inputs = [make_input(r, count, np.float32, f"grow{i}") for r in range(N)]
+        assert everyone(max_error(rr.Sum, y, inputs) <= 1e-5 * (N + 1))
+        assert all_ranks_identical(y)
+        if not inplace:
+            assert np.array_equal(x, keep), "input modified"
+    win = chan.resources.get("shm")
+    if N > 1:
+        assert win is not None and win.win is not None
+        assert win.half >= min(shm.BLOCK_BYTES, 4 * 300000)
+
+
+def test_shm_out_of_place_reads_input_directly():
+    x = make_input(R, 200003, np.float64, "direct")
+    out = np.full_like(x, np.nan)
+    y = rr.allreduce(x, op=rr.Average, algorithm="shm", out=out)
+    assert y is out
+    inputs = [make_input(r, 200003, np.float64, "direct") for r in range(N)]
+    assert everyone(max_error(rr.Average, y, inputs) <= 1e-12 * (N + 1))
+    assert all_ranks_identical(y)
+    strided = make_input(R, 2000, np.float32, "strided")[::2]
+    z = rr.allreduce(strided, op=rr.Sum, algorithm="shm")
+    ref = np.sum([make_input(r, 2000, np.float32, "strided")[::2] for r in range(N)], axis=0)
+    assert everyone(np.allclose(z, ref, rtol=1e-5, atol=1e-5))
+
+
+@pytest.mark.skipif(N < 2, reason="needs two ranks to disagree")
+def test_shm_count_mismatch_raises():
+    x = np.ones(70000 + (R == N - 1), dtype=np.float32)
+    try:
+        rr.allreduce(x, algorithm="shm", name="s")
+        msg = ""
+    except rr.RingReduceError as exc:
+        msg = str(exc)
+    assert everyone("count" in msg and "tensor 's'" in msg)
+
+
+def test_auto_decisions_identical_and_valid():
+    chan = context().main
+    plan = chan.resources["plan"]
+    picks = []
+    for dtype in (np.float32, np.float16, ml_dtypes.bfloat16, np.int32):
+        for k in range(0, 31):
+            for nbytes in (1 << k, (1 << k) + 3):
+                a = select.choose(nbytes, np.dtype(dtype), N, chan)
+                assert a in select.CANDIDATES
+                if np.dtype(dtype).itemsize == 2 and np.dtype(dtype).kind in "fV":
+                    assert a != "mpi", "auto must never pick mpi for half types"
+                if not plan.node_local:
+                    assert a != "shm"
+                picks.append(a)
+    everyone_picks = MPI.COMM_WORLD.allgather(picks)
+    assert all(p == everyone_picks[0] for p in everyone_picks)
+    assert rr.info()["algorithm_table"]["full"]
+
+
+def test_tuning_file_broadcast_from_rank0(tmp_path_factory, monkeypatch):
+    # Each rank points at its own file; only rank 0's may count, on every rank.
+    path = tmp_path_factory.mktemp(f"tune{R}") / "tuning.json"
+    params = tuning.load(path)            # absent: the defaults
+    assert params["algorithms"]["ring"] == tuning.DEFAULTS["algorithms"]["ring"]
+    fav = "tree" if R == 0 else "ring"
+    for algo, p in params["algorithms"].items():
+        p["alpha"] = 1e-9 if algo == fav else 1.0
+        p["beta"] = 1e-15 if algo == fav else 1.0
+    tuning.save(params, path)
+    assert json.loads(path.read_text())["algorithms"][fav]["alpha"] == 1e-9
+    assert tuning.load(path)["algorithms"][fav]["beta"] == 1e-15
+    monkeypatch.setenv("RINGREDUCE_TUNING", str(path))
+    sub = MPI.COMM_WORLD.Dup()
+    try:
+        ctx = context(sub)
+        plan = ctx.main.resources["plan"]
+        if N > 1:
+            assert plan.choose(1 << 20, False) == "tree"
+        assert plan is ctx.background.resources["plan"]
+        desc = MPI.COMM_WORLD.allgather(plan.describe())
+        assert all(d == desc[0] for d in desc)
+        y = rr.allreduce(make_input(R, 5000, np.float32, "tuned"), op=rr.Sum, comm=sub)
+        assert all_ranks_identical(y)
+    finally:
+        from ringreduce import comm as _comm
+        _comm._state.contexts.pop(_comm._key(sub)).free()
+        sub.Free()
+
+
+def test_broken_tuning_file_falls_back(tmp_path_factory, monkeypatch):
+    path = tmp_path_factory.mktemp(f"broken{R}") / "tuning.json"
+    path.write_text("{not json")
+    assert tuning.load(path)["algorithms"] == tuning.DEFAULTS["algorithms"]
+
+
+@pytest.mark.skipif(N < 2, reason="needs two ranks for two fake nodes")
+def test_shm_falls_back_across_nodes(monkeypatch):
+    # Declared nodes: auto never picks shm; an explicit "shm" runs the ring and is still right.
+    monkeypatch.setenv("RINGREDUCE_NODE_ID", f"node{R % 2}")
+    sub = MPI.COMM_WORLD.Dup()
+    try:
+        ctx = context(sub)
+        assert not ctx.main.resources["plan"].node_local
+        for nbytes in (4, 1 << 12, 1 << 20, 1 << 26):
+            assert select.choose(nbytes, np.dtype(np.float32), N, ctx.main) != "shm"
+        x = make_input(R, 30001, np.float32, "fallback")
+        y = rr.allreduce(x, op=rr.Sum, algorithm="shm", comm=sub)
+        inputs = [make_input(r, 30001, np.float32, "fallback") for r in range(N)]
+        assert everyone(max_error(rr.Sum, y, inputs) <= 1e-5 * (N + 1))
+        assert all_ranks_identical(y)
+    finally:
+        from ringreduce import comm as _comm
+        _comm._state.contexts.pop(_comm._key(sub)).free()
+        sub.Free()
+
+
+def test_cost_model_prefers_cheap_algorithms():
+    # Pure functions: the model's shape, the same on every rank.
+    p = tuning.DEFAULTS
+    assert select.predict(p, "ring", 0, 1) == 0.0
+    for algo in select.CANDIDATES:
+        assert select.predict(p, algo, 1 << 20, 4) > select.predict(p, algo, 1 << 10, 4)
+    t = select.build_table(p, 4, node_local=False, half=True)
+    assert t[-1][0] is None and all(a not in ("mpi", "shm") for _, a in t)
