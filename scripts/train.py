@@ -318,7 +318,6 @@ def resume(args, model, opt, sched, rank, size):
 # ---------------------------------------------------------------- DDP peer
 def train_ddp(args, shard, valid, rank, size):
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     port = None
     if rank == 0:
@@ -329,46 +328,59 @@ def train_ddp(args, shard, valid, rank, size):
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=size)
     try:
-        preset = PRESETS[args.model_size]
-        model = DDP(make_model(args))
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-        sched = make_schedule(opt, args.steps)
-        rng = np.random.default_rng([args.seed, rank])
-        k = args.backward_passes_per_step
-        per_step = args.batch_size * k * size
-        losses, timed_from, t0 = [], min(2, max(args.steps - 1, 0)), None
-        pb = bar(args, rank, args.steps)
-        for step in range(args.steps):
-            if step == timed_from:
-                t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss_val = 0.0
-            for micro in range(k):
-                x, y = get_batch(shard, rng, args.batch_size, preset["block"])
-                ctx = model.no_sync() if micro < k - 1 else _null()
-                with ctx:
-                    loss = model(x, y) / k
-                    loss.backward()
-                loss_val += loss.item()
-            opt.step()
-            sched.step()
-            losses.append((step + 1, loss_val))
-            if pb is not None:
-                pb.set_postfix(loss=f"{loss_val:.3f}", ddp=True)
-                pb.update(1)
-        elapsed = time.perf_counter() - t0
-        if pb is not None:
-            pb.close()
-        sps = per_step * (args.steps - timed_from) / elapsed
-
-        def reduce_sum(vals):
-            t = torch.tensor(vals, dtype=torch.float64)
-            dist.all_reduce(t)
-            return t.tolist()
-
-        final = evaluate(model.module, valid, args, rank, size, reduce_sum)
+        res = _ddp_loop(args, shard, valid, rank, size)
+        dist.barrier()
     finally:
+        # The DDP model is gone by now: destroying the group under a live Reducer can deadlock.
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
+    return res
+
+
+def _ddp_loop(args, shard, valid, rank, size):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    preset = PRESETS[args.model_size]
+    model = DDP(make_model(args))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    sched = make_schedule(opt, args.steps)
+    rng = np.random.default_rng([args.seed, rank])
+    k = args.backward_passes_per_step
+    per_step = args.batch_size * k * size
+    losses, timed_from, t0 = [], min(2, max(args.steps - 1, 0)), None
+    pb = bar(args, rank, args.steps)
+    for step in range(args.steps):
+        if step == timed_from:
+            t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_val = 0.0
+        for micro in range(k):
+            x, y = get_batch(shard, rng, args.batch_size, preset["block"])
+            ctx = model.no_sync() if micro < k - 1 else _null()
+            with ctx:
+                loss = model(x, y) / k
+                loss.backward()
+            loss_val += loss.item()
+        opt.step()
+        sched.step()
+        losses.append((step + 1, loss_val))
+        if pb is not None:
+            pb.set_postfix(loss=f"{loss_val:.3f}", ddp=True)
+            pb.update(1)
+    elapsed = time.perf_counter() - t0
+    if pb is not None:
+        pb.close()
+    sps = per_step * (args.steps - timed_from) / elapsed
+
+    def reduce_sum(vals):
+        t = torch.tensor(vals, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    final = evaluate(model.module, valid, args, rank, size, reduce_sum)
     return dict(final=final, sps=sps, losses=losses)
 
 
