@@ -1,10 +1,12 @@
-"""Tree allreduce: recursive doubling, latency-optimal for small messages.
+"""Tree allreduce: recursive doubling, latency-optimal for small messages, pipelined for large.
 
 log2(p) exchange rounds between partners whose ranks differ in one bit. For a
 rank count that is not a power of two, the first 2*(n-p) ranks fold in pairs
 first (the even one hands its data to its odd neighbour and gets the result back
 at the end). In every exchange both partners compute op(lower rank's data,
-higher rank's data), so all ranks hold identical bits.
+higher rank's data), so all ranks hold identical bits. Large messages are
+exchanged in segments, each reduced as soon as it arrives while the later ones
+are still moving.
 """
 from __future__ import annotations
 
@@ -14,6 +16,28 @@ from ..ops import ReduceOp, finish_average, reduce_into
 from ._transfer import irecv, isend, sendrecv, waitall
 
 _TAG = 72
+# Large messages are exchanged in segments of this many bytes, so reducing one
+# segment overlaps the transfer of the next ones (a pipelined recursive doubling).
+SEGMENT_BYTES = 1 << 18
+
+
+def _exchange_reduce(comm, buf: np.ndarray, tmp: np.ndarray, peer: int, op: ReduceOp,
+                     src_first: bool) -> None:
+    """buf = op(buf, peer's buf) segment by segment, each reduced as soon as it has arrived.
+
+    A segment of buf is overwritten only once our own send of it has completed.
+    """
+    step = max(1, SEGMENT_BYTES // buf.itemsize)
+    if buf.size <= step:
+        sendrecv(comm, buf, peer, tmp, peer, _TAG)
+        reduce_into(op, buf, tmp, src_first=src_first)
+        return
+    spans = [(lo, min(lo + step, buf.size)) for lo in range(0, buf.size, step)]
+    recvs = [irecv(comm, tmp[lo:hi], peer, _TAG) for lo, hi in spans]
+    sends = [isend(comm, buf[lo:hi], peer, _TAG) for lo, hi in spans]
+    for (lo, hi), rq, sq in zip(spans, recvs, sends):
+        waitall(rq + sq)
+        reduce_into(op, buf[lo:hi], tmp[lo:hi], src_first=src_first)
 
 
 def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
@@ -43,8 +67,7 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
     mask = 1
     while mask < p:
         peer = real(vrank ^ mask)
-        sendrecv(comm, buf, peer, tmp, peer, _TAG)
-        reduce_into(op, buf, tmp, src_first=peer < r)
+        _exchange_reduce(comm, buf, tmp, peer, op, src_first=peer < r)
         mask <<= 1
     finish_average(op, buf, n)
     if r < 2 * extra:
