@@ -147,3 +147,43 @@ def test_parse_rate_and_names():
         cluster.parse_rate("fast")
     with pytest.raises(cluster.ClusterError):
         cluster.up(2, run_id="Bad-ID")
+
+
+@pytest.mark.netns
+@pytest.mark.mpi
+@needs_netns
+def test_hierarchical_two_by_two_halves_link_bytes(tmp_path):
+    """2 nodes x 2 ranks, 1 MiB: hierarchical is exact and sends S per link (ring: 1.5 S)."""
+    run_id = f"w{os.getpid() % 4096:x}"
+    records, _, _ = _run(run_id, 2, 2, 1, "ring,hierarchical", tmp_path)
+    rec = records["hierarchical"]
+    assert rec["ok"] and rec["max_err"] == 0.0 and rec["rr_nodes"] == 2, rec
+    # One leader per node: 2 * (2-1)/2 * S = S each way; the node-local steps stay in memory.
+    for node, (sent, received) in rec["node_bytes"].items():
+        for moved in (sent, received):
+            assert 1.0 * MIB <= moved <= 1.15 * MIB, rec["node_bytes"]
+
+
+@pytest.mark.netns
+@pytest.mark.mpi
+@needs_netns
+def test_link_down_ends_job_with_timeout_error():
+    """A link cut mid-run: RINGREDUCE_TIMEOUT turns it into a clear error, the job ends, no hang."""
+    run_id = f"x{os.getpid() % 4096:x}"
+    cmd = [sys.executable, str(CLUSTER_DIR / "cluster.py"), "run", "--nodes", "2",
+           "--ranks-per-node", "2", "--rate", "1gbit", "--timeout", "90", "--run-id", run_id,
+           "--linkdown", "1@3", "--", sys.executable, str(CLUSTER_DIR / "loop_allreduce.py"),
+           "--seconds", "60", "--algorithm", "hierarchical"]
+    env = dict(os.environ, RINGREDUCE_TIMEOUT="5", PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    import time
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=ROOT)
+    took = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode not in (0, 124), out[-6000:]        # failed, not killed by the backstop
+    assert "link of" in out and "down at 3.0 s" in out, out[-6000:]
+    assert "timed out after 5 s (RINGREDUCE_TIMEOUT=5)" in out, out[-6000:]
+    assert "1.0 s:" in out                                     # it was running before the cut
+    assert took < 60, f"took {took:.0f} s"                      # far below the job's 60 s loop
+    assert _leftovers(run_id) == [], f"run {run_id} left {_leftovers(run_id)}"

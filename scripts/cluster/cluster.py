@@ -420,12 +420,51 @@ def mpirun_command(c: Cluster, ranks_per_node: int, argv: list[str],
     return cmd + list(extra or []) + list(argv), env
 
 
-def _run_job(cmd: list[str], env: dict, timeout: float, pidfile: Path | None = None) -> int:
-    """Run mpirun in its own process group; kill the group when the timeout passes."""
+_LAUNCHER_COMMS = {"prted", "bash", "unshare", "sh", "netns_ssh.sh", "timeout"}
+
+
+def _ranks_alive(c: "Cluster", skip: str | None = None) -> int:
+    """Processes in the nodes' namespaces (but `skip`) other than Open MPI's daemons and the ssh stand-in."""
+    alive = 0
+    for n in c.nodes:
+        if n.ns == skip:
+            continue
+        out = subprocess.run(["ip", "netns", "pids", n.ns], capture_output=True, text=True).stdout
+        for pid in out.split():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() not in _LAUNCHER_COMMS:
+                    alive += 1
+    return alive
+
+
+def _run_job(cmd: list[str], env: dict, timeout: float, pidfile: Path | None = None,
+             cluster: "Cluster | None" = None, cut: str | None = None) -> int:
+    """Run mpirun in its own process group; kill the group when the timeout passes.
+
+    With `cluster` (a link-down run), also stop mpirun a few seconds after every rank
+    on the nodes that can still be reached (all but `cut`) has exited: with a node cut
+    off, mpirun waits for that node's daemon, and its ranks for their peers, for as
+    long as TCP retries (many minutes), although the job is over.
+    """
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
     if pidfile:
         pidfile.write_text(str(proc.pid))     # lets `down` stop it if we are killed
     try:
+        if cluster is not None:
+            end, seen, gone_at = time.monotonic() + timeout, False, None
+            while time.monotonic() < end:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    return proc.wait(timeout=0.5)
+                alive = _ranks_alive(cluster, cut)
+                seen = seen or alive > 0
+                if seen and alive == 0:
+                    gone_at = gone_at or time.monotonic()
+                    if time.monotonic() - gone_at > 3:
+                        print("# cluster: every reachable rank has exited but mpirun still waits "
+                              "for the cut-off node; stopping it (exit 1)", file=sys.stderr,
+                              flush=True)
+                        return 1
+            raise subprocess.TimeoutExpired(cmd, timeout)
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"# cluster: job exceeded {timeout:.0f} s, killing it", file=sys.stderr, flush=True)
@@ -472,7 +511,9 @@ def run(nodes: int, ranks_per_node: int, argv: list[str], rate: str = "1gbit",
             timer.daemon = True
             timer.start()
         try:
-            code = _run_job(cmd, env, timeout, c.state_dir / "mpirun.pid")
+            code = _run_job(cmd, env, timeout, c.state_dir / "mpirun.pid",
+                            cluster=c if linkdown else None,
+                            cut=c.node(linkdown[0]).ns if linkdown else None)
         finally:
             if timer:
                 timer.cancel()
