@@ -106,7 +106,9 @@ class ScratchPool:
     def get(self, slot: str, dtype, count: int, xp=None):
         xp = self._xp if xp is None else xp
         dtype = np.dtype(dtype)
-        key = (slot, dtype, xp.__name__)
+        # Device buffers belong to one GPU: key them by the current device too.
+        where = xp.__name__ if xp is np else (xp.__name__, xp.cuda.Device().id)
+        key = (slot, dtype, where)
         with self._lock:
             buf = self._bufs.get(key)
             if buf is None or buf.size < count:

@@ -40,6 +40,11 @@ def label(algorithm: str) -> str:
 
 def allreduce(chan, flat, op, algorithm: str, comp, name) -> None:
     """Reduce the flat cupy array in place, every rank with the same bits."""
+    with flat.device:   # the engine thread's current device may be another one
+        _allreduce(chan, flat, op, algorithm, comp, name)
+
+
+def _allreduce(chan, flat, op, algorithm: str, comp, name) -> None:
     from .collectives import run_algorithm
     from .compression import compressed_allreduce
 
@@ -66,6 +71,11 @@ def allreduce(chan, flat, op, algorithm: str, comp, name) -> None:
 
 def broadcast(chan, x, root_rank: int, bcast_bytes) -> None:
     """Broadcast cupy array x in place; bcast_bytes(chan, arr, root) moves one buffer's bytes."""
+    with x.device:
+        _broadcast(chan, x, root_rank, bcast_bytes)
+
+
+def _broadcast(chan, x, root_rank: int, bcast_bytes) -> None:
     device.synchronize(x)
     try:
         if device.mode().aware:

@@ -206,14 +206,20 @@ class Stager:
         self.copier = copier
         self.segment_bytes = segment_bytes
         self.nslots = slots
-        self._slots: list[np.ndarray] = []
+        self._slots: list[np.ndarray | None] = [None] * slots
         self.allocations = 0    # pinned buffers allocated so far (tests check reuse)
 
-    def _slot_buffers(self, nbytes: int) -> list[np.ndarray]:
-        if not self._slots or self._slots[0].size < nbytes:
-            self._slots = [self.copier.host_buffer(nbytes) for _ in range(self.nslots)]
-            self.allocations += self.nslots
-        return self._slots
+    def _slot(self, s: int, nbytes: int) -> np.ndarray:
+        """Slot s with room for nbytes, allocated on first use and grown (never shrunk) after.
+
+        At least segment_bytes, so small calls do not make later ones reallocate;
+        a one-segment call (a whole tensor) touches slot 0 only.
+        """
+        buf = self._slots[s]
+        if buf is None or buf.size < nbytes:
+            buf = self._slots[s] = self.copier.host_buffer(max(nbytes, self.segment_bytes))
+            self.allocations += 1
+        return buf
 
     def run(self, dev, fn, *, download: bool = True, upload: bool = True,
             segment_bytes: int | None = None) -> None:
@@ -230,7 +236,7 @@ class Stager:
         if not bounds:
             return
         width = max(hi - lo for lo, hi in bounds) * itemsize
-        slots = self._slot_buffers(width)
+        slots = [self._slot(s, width) for s in range(min(self.nslots, len(bounds)))]
         raw = self.copier.byte_view(dev)
         cp = self.copier
         freed = [None] * self.nslots      # event: the last upload out of this slot has read it
