@@ -383,22 +383,36 @@ def measure_gamma(seconds: float = 0.2) -> float:
 
 
 def fit(rows: list[dict], gamma: float, n: int) -> dict:
-    """Least-squares alpha, beta per algorithm from measured rows (relative error weighted)."""
+    """alpha and beta per algorithm from measured rows.
+
+    alpha comes from the latency regime (messages <= 4 KiB), beta from the bandwidth
+    regime (>= 4 MiB, where the caches no longer hold the data), each by least squares
+    on relative error; one straight line through every size would fit neither end.
+    Sweeps without both regimes fall back to one joint fit.
+    """
     from .algorithms import select
     params = {"gamma": gamma, "algorithms": {}}
     for algo in _TUNE_ALGORITHMS:
         pts = [w for w in rows if w["algorithm"] == algo]
         if not pts:
             continue
-        A, y = [], []
+        data = []
         for w in pts:
             L, B, G = select.terms(algo, w["size"], n)
             t = w["time_us"] * 1e-6
-            A.append([L / t, B / t])
-            y.append((t - gamma * G) / t)
-        A, y = np.asarray(A), np.asarray(y)
-        sol = _nnls2(A, y)
-        params["algorithms"][algo] = {"alpha": float(sol[0]), "beta": float(sol[1])}
+            data.append((w["size"], L, B, t - gamma * G, t))
+        small = [d for d in data if d[0] <= 4096]
+        large = [d for d in data if d[0] >= 4 << 20]
+        if small and large:
+            alpha = max(0.0, float(np.median([d[3] / d[1] for d in small if d[1] > 0] or [0.0])))
+            A = np.array([d[2] / d[4] for d in large])
+            y = np.array([(d[3] - alpha * d[1]) / d[4] for d in large])
+            beta = max(0.0, float(A @ y) / float(A @ A)) if float(A @ A) > 0 else 0.0
+        else:
+            A = np.array([[d[1] / d[4], d[2] / d[4]] for d in data])
+            y = np.array([d[3] / d[4] for d in data])
+            alpha, beta = (float(v) for v in _nnls2(A, y))
+        params["algorithms"][algo] = {"alpha": alpha, "beta": beta}
     return params
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from .. import progress
 from ..ops import ReduceOp, combine, finish_average, reduce_into
 from . import ring, select
 
@@ -90,7 +91,8 @@ class SharedWindow:
     def sync(self) -> None:
         """Make this rank's stores visible, wait for every rank, see theirs."""
         self.win.Sync()
-        self.comm.Barrier()
+        # A non-blocking barrier, so the wait gets progress.py's stall warning and timeout.
+        progress.wait([self.comm.Ibarrier()], "shared-memory allreduce barrier")
         self.win.Sync()
 
     def close(self) -> None:
