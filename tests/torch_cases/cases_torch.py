@@ -402,6 +402,31 @@ def test_join_uneven_batches():
     assert_identical_across_ranks(dist)
 
 
+@pytest.mark.parametrize("comp", ["fp16", "int8"])
+def test_compression_passthrough_and_residuals(comp):
+    if not hasattr(rr, "Compression"):
+        pytest.skip("compression not in this build")
+    ref, dist = make_model(), make_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    opt = wrap(torch.optim.SGD(dist.parameters(), lr=0.05, momentum=0.9), dist,
+               compression=getattr(rr.Compression, comp))   # bare attribute, as Horovod scripts pass
+    for step in range(5):
+        x, y = batch(step)
+        ref_opt.zero_grad()
+        loss_of(ref, x, y).backward()
+        ref_opt.step()
+        opt.zero_grad()
+        loss_of(dist, shard(x), shard(y)).backward()
+        opt.step()
+    assert_close(ref, dist, tol=2e-2)
+    assert_identical_across_ranks(dist)
+    sd = opt.state_dict()
+    if comp == "int8" and hasattr(rr, "compression_state"):
+        mine = sd["ringreduce"]["compression_state"]
+        assert list(mine) == [R] and sd["ringreduce"]["size"] == N
+        opt.load_state_dict(sd)   # own residuals load back
+
+
 def test_zz_error_in_communication_surfaces():
     # Runs last: a mismatched bucket makes the engine thread raise; it must reach step().
     if N == 1:
@@ -414,3 +439,4 @@ def test_zz_error_in_communication_surfaces():
     m(torch.randn(2, 4)).sum().backward()
     with pytest.raises(rr.RingReduceError, match="disagree"):
         opt.step()
+
