@@ -227,7 +227,7 @@ def build_columns(names, comps, comm, state) -> list[Column]:
         comp = rr.Compression.by_name(cname)
 
         def call(comp=comp, cname=cname):
-            rr.allreduce(state["x"], op=rr_op, compression=comp, name=f"bench-{cname}",
+            rr.allreduce(state["x"], op=rr_op, compression=comp, name=f"bench-{cname}-{state['x'].size}",
                          out=state["y"])
         cols.append(Column(cname, call, True, compression=comp))
     return cols
@@ -235,6 +235,7 @@ def build_columns(names, comps, comm, state) -> list[Column]:
 
 def _time(comm, fn, iters: int) -> float:
     """Seconds per call, the slowest rank's (every rank returns the same value)."""
+    fn()                   # untimed: absorbs the switch from the previous column
     comm.Barrier()
     t0 = time.perf_counter()
     for _ in range(iters):
@@ -280,9 +281,12 @@ def run_sweep(args, comm, sizes, names, comps, progress=True) -> list[dict]:
                 import ringreduce as rr
                 stats = rr.last_stats()
                 ratios[col.name] = getattr(stats, "ratio", float("nan"))
-            once = _time(comm, col.call, 1)
-            budget = args.sample_seconds
-            iters[col.name] = int(min(args.iters, max(1, budget // max(once, 1e-9))))
+            iters[col.name] = _time(comm, col.call, 1)
+        # One iteration count for every column of a size (as nccl-tests), from the median
+        # column, so fixed per-sample costs weigh the same everywhere.
+        once = float(np.median(list(iters.values())))
+        count_iters = int(min(args.iters, max(1, args.sample_seconds // max(once, 1e-9))))
+        iters = {name: count_iters for name in iters}
         samples = {col.name: [] for col in cols}
         for _ in range(args.repetitions):
             for col in cols:            # interleaved: A B C A B C ...
@@ -360,7 +364,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax2.set_yscale("log")
     ax2.set_ylabel("time per allreduce (us)")
     ax1.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("".join(c for c in title if c.isprintable()), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -556,8 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         if comm.Get_rank() == 0:
             n = comm.Get_size()
             info = rr.info()
+            library = "".join(c for c in info["mpi_library"] if c.isprintable()).split(",")[0]
             header = (f"# ringreduce-bench  np={n}  dtype={args.dtype}  op={args.op}  "
-                      f"reps={args.repetitions}  {info['mpi_library']}  host={socket.gethostname()}  "
+                      f"reps={args.repetitions}  {library}  host={socket.gethostname()}  "
                       f"check={'on' if info['mismatch_check'] else 'off'}  "
                       f"{time.strftime('%Y-%m-%d %H:%M')}")
             print(format_table(rows, n, header), flush=True)
