@@ -11,7 +11,7 @@ from mpi4py import MPI
 
 from . import check, timeline
 from . import device, gpu
-from .algorithms import RUNNERS, allgather, select
+from .algorithms import RUNNERS, SOURCE_RUNNERS, allgather, select
 from .algorithms import mpi as native
 from .algorithms._transfer import message_slices
 from .buffers import HALF_DTYPES, check_array, dtype_code, is_integer
@@ -81,7 +81,7 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
         native.allreduce(chan, flat, op, name)   # raises the clear half-type error
     src = None
     if pending is not None:
-        if algorithm == "shm" and comp is None and pending.flags.c_contiguous:
+        if algorithm in SOURCE_RUNNERS and comp is None and pending.flags.c_contiguous:
             src = pending.reshape(-1)
         else:
             np.copyto(buf, pending)
@@ -106,7 +106,7 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
     elif comp is not None:
         compressed_allreduce(chan, flat, op, algorithm, comp, name)
     elif src is not None:
-        RUNNERS["shm"](chan, flat, op, src=src)
+        SOURCE_RUNNERS[algorithm](chan, flat, op, src=src)
     else:
         run_algorithm(chan, algorithm, flat, op, name)
     if timeline.on:

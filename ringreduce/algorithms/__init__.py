@@ -8,3 +8,10 @@ RUNNERS = {
     "shm": shm.run,
     "hierarchical": hierarchical.allreduce,
 }
+
+# Algorithms that can read the input from a separate array (out-of-place calls
+# skip copying the input into the result first): function(chan, flat_out, op, src=flat_in)
+SOURCE_RUNNERS = {
+    "shm": shm.run,
+    "mpi": lambda chan, buf, op, src: mpi.allreduce(chan, buf, op, src=src),
+}

@@ -23,17 +23,30 @@ def supports(dtype) -> bool:
     return np.dtype(dtype) in _MPI_TYPES
 
 
-def allreduce(chan, buf: np.ndarray, op: ReduceOp, name: str | None = None) -> None:
-    """MPI_Allreduce in place, split so no count exceeds the MPI limit."""
-    if buf.dtype in HALF_DTYPES or buf.dtype == np.dtype(ml_dtypes.bfloat16):
+_HALF = frozenset(HALF_DTYPES) | {np.dtype(ml_dtypes.bfloat16)}
+
+
+def allreduce(chan, buf: np.ndarray, op: ReduceOp, name: str | None = None,
+              src: np.ndarray | None = None) -> None:
+    """MPI_Allreduce in place (or from `src` into `buf`), split so no count exceeds the MPI limit."""
+    dtype = buf.dtype
+    if dtype in _HALF:
         label = f" of tensor '{name}'" if name else ""
         raise RingReduceError(
-            f"rank {chan.rank}: algorithm 'mpi' cannot reduce {buf.dtype}{label}: MPI has no "
+            f"rank {chan.rank}: algorithm 'mpi' cannot reduce {dtype}{label}: MPI has no "
             "reduction for half types; use 'ring', 'tree' or 'auto'")
-    mpitype = _MPI_TYPES[buf.dtype]
+    mpitype = _MPI_TYPES[dtype]
+    mpiop = _MPI_OPS[op]
     flat = buf.reshape(-1)
-    step = max(1, _transfer.MAX_MESSAGE_BYTES // buf.itemsize)
-    for lo in range(0, max(flat.size, 1), step):
-        piece = flat[lo:lo + step]
-        chan.comm.Allreduce(MPI.IN_PLACE, [piece, mpitype], _MPI_OPS[op])
+    if flat.nbytes <= _transfer.MAX_MESSAGE_BYTES:     # the common case: one call
+        if src is None:
+            chan.comm.Allreduce(MPI.IN_PLACE, [flat, mpitype], mpiop)
+        else:
+            chan.comm.Allreduce([src, mpitype], [flat, mpitype], mpiop)
+    else:
+        if src is not None:
+            np.copyto(flat, src)
+        step = max(1, _transfer.MAX_MESSAGE_BYTES // buf.itemsize)
+        for lo in range(0, max(flat.size, 1), step):
+            chan.comm.Allreduce(MPI.IN_PLACE, [flat[lo:lo + step], mpitype], mpiop)
     finish_average(op, buf, chan.size)

@@ -34,7 +34,7 @@ from . import ring, select
 # Up to this many bytes, every rank reduces the whole message itself (one barrier).
 REPLICATED_MAX_BYTES = 1 << 16
 # Larger messages go through the window in blocks of this many bytes (cache-sized).
-BLOCK_BYTES = 1 << 19
+BLOCK_BYTES = 1 << 20
 _MIN_SLOT_BYTES = 1 << 16
 _ALIGN = 64
 
