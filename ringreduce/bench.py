@@ -420,6 +420,16 @@ def fit(rows: list[dict], gamma: float, n: int) -> dict:
     return params
 
 
+def measured_best(rows: list[dict]) -> list:
+    """[[size, fastest algorithm], ...] from a sweep: what auto uses where it was measured."""
+    best = {}
+    for w in rows:
+        cur = best.get(w["size"])
+        if cur is None or w["time_us"] < cur[1]:
+            best[w["size"]] = (w["algorithm"], w["time_us"])
+    return [[size, best[size][0]] for size in sorted(best)]
+
+
 def _nnls2(A: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Non-negative least squares for two unknowns (try both, then each alone)."""
     best, best_res = np.zeros(2), float(np.sum(y ** 2))
@@ -490,6 +500,7 @@ def tune(args, comm) -> int:
             params["algorithms"][algo] = p
         params.update(source="ringreduce-bench --tune", ranks=n, host=socket.gethostname(),
                       date=time.strftime("%Y-%m-%d %H:%M:%S"))
+        params["measured"] = {"ranks": n, "node_local": one_node, "points": measured_best(rows)}
         path = tuning.save(params, args.tuning_file)
         plan = select.make_plan(params, n, node_local=one_node)
         print(f"wrote {path}")

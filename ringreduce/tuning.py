@@ -9,6 +9,12 @@ where L is the number of sequential steps (latencies), B the bytes each rank
 moves and G the bytes each rank reduces. alpha and beta are per algorithm,
 gamma (local reduction speed) is per machine.
 
+`--tune` also records the fastest algorithm it measured at each size
+("measured"); for the same rank count and node layout, auto follows those
+measurements within the measured size range and the model outside it (a
+straight line per algorithm cannot follow the cache effects between 64 KiB and
+a few MiB).
+
 The file is JSON; RINGREDUCE_TUNING names it, else ~/.cache/ringreduce/tuning.json
 (XDG_CACHE_HOME is honoured). Only rank 0 reads it; select.py broadcasts the
 resulting decision table, so every rank chooses alike.
@@ -68,6 +74,12 @@ def _merged(found: dict) -> dict:
             for key in ("alpha", "beta"):
                 if isinstance(p.get(key), (int, float)) and p[key] >= 0:
                     params["algorithms"][name][key] = float(p[key])
+    m = found.get("measured")
+    if (isinstance(m, dict) and isinstance(m.get("ranks"), int) and isinstance(m.get("points"), list)
+            and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int)
+                    and p[1] in params["algorithms"] for p in m["points"])):
+        params["measured"] = {"ranks": m["ranks"], "node_local": bool(m.get("node_local")),
+                              "points": [list(p) for p in m["points"]]}
     for key in ("source", "date", "ranks", "host"):
         if key in found:
             params[key] = found[key]

@@ -97,10 +97,18 @@ def predict(params: dict, algorithm: str, m: float, n: int) -> float:
 def build_table(params: dict, n: int, node_local: bool, half: bool) -> list:
     """Thresholds [(max_bytes, algorithm), ...] for auto, ascending, the last one open-ended."""
     names = [a for a in CANDIDATES if (a != "shm" or node_local) and not (a == "mpi" and half)]
+    measured = params.get("measured")
+    points = []
+    if measured and measured.get("ranks") == n and bool(measured.get("node_local")) == node_local:
+        points = [(int(sz), a) for sz, a in measured["points"] if sz > 0]
     picks = []
     for m in _GRID:
         options = [a for a in names if a != "allgather" or n * m <= ALLGATHER_MAX_TOTAL_BYTES]
-        picks.append(min(options, key=lambda a: (predict(params, a, m, n), CANDIDATES.index(a))))
+        seen = _nearest_measured(points, m)
+        if seen in options:
+            picks.append(seen)
+        else:
+            picks.append(min(options, key=lambda a: (predict(params, a, m, n), CANDIDATES.index(a))))
     table = []
     for m, a in zip(_GRID, picks):
         if table and table[-1][1] == a:
@@ -110,6 +118,13 @@ def build_table(params: dict, n: int, node_local: bool, half: bool) -> list:
     table[-1] = (None, table[-1][1])
     # Sizes between two grid points go with the upper point's pick.
     return table
+
+
+def _nearest_measured(points: list, m: int) -> str | None:
+    """The measured winner nearest to m (log scale), if m lies within the measured range."""
+    if not points or m <= 0 or not points[0][0] / 2 <= m <= points[-1][0] * 2:
+        return None
+    return min(points, key=lambda p: abs(math.log2(p[0]) - math.log2(m)))[1]
 
 
 class Plan:

@@ -161,3 +161,15 @@ def test_cost_model_prefers_cheap_algorithms():
         assert select.predict(p, algo, 1 << 20, 4) > select.predict(p, algo, 1 << 10, 4)
     t = select.build_table(p, 4, node_local=False, half=True)
     assert t[-1][0] is None and all(a not in ("mpi", "shm") for _, a in t)
+
+
+def test_measured_points_override_model_in_range():
+    params = dict(tuning.DEFAULTS)
+    params["measured"] = {"ranks": 4, "node_local": True,
+                          "points": [[1024, "tree"], [1 << 20, "ring"], [1 << 24, "mpi"]]}
+    t = select.make_plan(params, 4, node_local=True)
+    assert t.choose(1024, False) == "tree" and t.choose(1 << 20, False) == "ring"
+    assert t.choose(1 << 24, False) == "mpi"
+    assert t.choose(1 << 24, True) != "mpi"            # never for half types
+    other = select.make_plan(params, 3, node_local=True)   # measured on 4 ranks: model only
+    assert other.tables == select.make_plan(tuning.DEFAULTS, 3, node_local=True).tables
