@@ -46,10 +46,16 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=400, help="optimizer steps (total, when resuming)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per rank per backward pass")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 3e-3 for adamw, 0.3 for sgd)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-size", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--compression", choices=COMPRESSIONS, default="none")
+    p.add_argument("--compression-warmup", type=int, default=0, metavar="STEPS",
+                   help="train this many steps uncompressed, then switch to --compression "
+                        "(the 1-bit Adam recipe; every rank switches at the same step)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="AdamW (weight decay 0.01) or SGD with Nesterov momentum 0.9")
     p.add_argument("--algorithm", default="auto",
                    help="auto, ring, tree, mpi, shm or hierarchical")
     p.add_argument("--backward-passes-per-step", type=int, default=1)
@@ -58,6 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--compare-ddp", action="store_true",
                    help="also train with torch DDP (gloo) and print the throughput ratio")
     p.add_argument("--plot", metavar="PATH", help="write loss curves (PNG)")
+    p.add_argument("--save-losses", metavar="PATH",
+                   help="write this run's loss curve as JSON (for --plot-with)")
+    p.add_argument("--plot-with", metavar="JSON", nargs="*", default=[],
+                   help="earlier --save-losses files to draw in the --plot too")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches (all ranks)")
     p.add_argument("--data-bytes", type=int, default=4_000_000,
                    help="bytes of stdlib source to read (train, over all ranks)")
@@ -150,6 +160,12 @@ def make_model(args):
     return GPT(**PRESETS[args.model_size])
 
 
+def make_optimizer(model, args):
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+
+
 def make_schedule(opt, steps):
     warm = max(1, steps // 10)
 
@@ -206,9 +222,11 @@ def train_ringreduce(args, shard, valid, rank, size):
     preset = PRESETS[args.model_size]
     model = make_model(args)
     nparams = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    opt = make_optimizer(model, args)
+    target = compression_of(args.compression)
+    warm = args.compression_warmup if target is not None else 0
     opt = rrt.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
-                                   compression=compression_of(args.compression),
+                                   compression=None if warm > 0 else target,
                                    algorithm=args.algorithm,
                                    backward_passes_per_step=args.backward_passes_per_step)
     sched = make_schedule(opt, args.steps)
@@ -225,19 +243,23 @@ def train_ringreduce(args, shard, valid, rank, size):
         return t.tolist()
 
     if rank == 0:
+        after = f" after {warm} uncompressed steps" if warm else ""
         print(f"ringreduce: {size} rank(s), model {args.model_size} ({nparams / 1e6:.2f} M params), "
-              f"compression {args.compression}, algorithm {args.algorithm}, "
+              f"compression {args.compression}{after}, "
+              f"optimizer {args.optimizer}, algorithm {args.algorithm}, "
               f"{len(shard)} train bytes on rank 0, {len(valid)} validation bytes", flush=True)
     init_loss = evaluate(model, valid, args, rank, size, reduce_sum)
     if rank == 0:
         print(f"initial loss {init_loss:.4f}", flush=True)
     k = args.backward_passes_per_step
     per_step = args.batch_size * k * size
-    losses, timed_from, t0 = [], min(2, max(args.steps - start - 1, 0)), None
+    losses, timed_from, busy = [], min(2, max(args.steps - start - 1, 0)), 0.0
     pb = bar(args, rank, args.steps, start)
     for step in range(start, args.steps):
-        if step - start == timed_from:
-            t0 = time.perf_counter()
+        yield  # --compare-ddp interleaves the two frameworks step by step
+        t_step = time.perf_counter()
+        if warm > 0:  # same step on every rank: the buckets' collectives must agree
+            opt.set_compression(None if step < warm else target)
         opt.zero_grad(set_to_none=True)
         loss_val = 0.0
         for _ in range(k):
@@ -248,12 +270,14 @@ def train_ringreduce(args, shard, valid, rank, size):
         opt.step()
         sched.step()
         losses.append((step + 1, loss_val))
+        done = step - start + 1 - timed_from
+        if done > 0:  # the first steps (allocation, layouts) are not timed
+            busy += time.perf_counter() - t_step
         if pb is not None:
-            done = step - start + 1 - timed_from
-            sps = per_step * done / (time.perf_counter() - t0) if t0 and done > 0 else 0.0
+            sps = per_step * done / busy if done > 0 else 0.0
             pb.set_postfix(loss=f"{loss_val:.3f}", samples_s=f"{sps:.0f}")
             pb.update(1)
-    elapsed = time.perf_counter() - t0 if t0 else float("nan")
+    elapsed = busy
     if pb is not None:
         pb.close()
     timed_steps = args.steps - start - timed_from
@@ -328,7 +352,7 @@ def train_ddp(args, shard, valid, rank, size):
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=size)
     try:
-        res = _ddp_loop(args, shard, valid, rank, size)
+        res = yield from _ddp_loop(args, shard, valid, rank, size)
         dist.barrier()
     finally:
         # The DDP model is gone by now: destroying the group under a live Reducer can deadlock.
@@ -345,16 +369,16 @@ def _ddp_loop(args, shard, valid, rank, size):
 
     preset = PRESETS[args.model_size]
     model = DDP(make_model(args))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    opt = make_optimizer(model, args)
     sched = make_schedule(opt, args.steps)
     rng = np.random.default_rng([args.seed, rank])
     k = args.backward_passes_per_step
     per_step = args.batch_size * k * size
-    losses, timed_from, t0 = [], min(2, max(args.steps - 1, 0)), None
-    pb = bar(args, rank, args.steps)
+    losses, timed_from, busy = [], min(2, max(args.steps - 1, 0)), 0.0
+    pb = None if args.compare_ddp else bar(args, rank, args.steps)
     for step in range(args.steps):
-        if step == timed_from:
-            t0 = time.perf_counter()
+        yield
+        t_step = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss_val = 0.0
         for micro in range(k):
@@ -367,13 +391,14 @@ def _ddp_loop(args, shard, valid, rank, size):
         opt.step()
         sched.step()
         losses.append((step + 1, loss_val))
+        if step >= timed_from:
+            busy += time.perf_counter() - t_step
         if pb is not None:
             pb.set_postfix(loss=f"{loss_val:.3f}", ddp=True)
             pb.update(1)
-    elapsed = time.perf_counter() - t0
     if pb is not None:
         pb.close()
-    sps = per_step * (args.steps - timed_from) / elapsed
+    sps = per_step * (args.steps - timed_from) / busy
 
     def reduce_sum(vals):
         t = torch.tensor(vals, dtype=torch.float64)
@@ -392,6 +417,32 @@ class _null:
         return False
 
 
+def run_to_end(gen):
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
+
+
+def interleave(a, b):
+    """Run two step-by-step trainings alternately (A B, B A, ...): both see the same machine load.
+
+    Each times only its own steps, so the throughput ratio compares like with like.
+    """
+    gens, results, i = [a, b], [None, None], 0
+    while any(r is None for r in results):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for j in order:
+            if results[j] is None:
+                try:
+                    next(gens[j])
+                except StopIteration as stop:
+                    results[j] = stop.value
+        i += 1
+    return results
+
+
 def plot(path, runs):
     import matplotlib
 
@@ -401,9 +452,12 @@ def plot(path, runs):
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, res in runs.items():
         steps, vals = zip(*res["losses"])
+        w = max(1, len(vals) // 40)  # moving average: per-step train loss is noisy
+        vals = np.convolve(vals, np.ones(w) / w, mode="valid")
+        steps = steps[w - 1:]
         ax.plot(steps, vals, label=f"{label} (final val {res['final']:.3f})", lw=1)
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss (rank 0)")
+    ax.set_ylabel("train loss (rank 0, moving average)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -412,6 +466,8 @@ def plot(path, runs):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.lr is None:
+        args.lr = 0.3 if args.optimizer == "sgd" else 3e-3
     rr.init()
     rank, size = rr.rank(), rr.size()
     if "OMP_NUM_THREADS" in os.environ:
@@ -420,20 +476,37 @@ def main(argv=None):
         # Ranks sharing a node would oversubscribe its cores with torch's default threads.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // rr.local_size()))
     shard, valid = load_data(args, rank, size)
-    res = train_ringreduce(args, shard, valid, rank, size)
+    if args.compare_ddp and args.resume:
+        raise SystemExit("--compare-ddp trains both from step 0; leave out --resume")
+    ours = train_ringreduce(args, shard, valid, rank, size)
+    if args.compare_ddp:
+        res, ddp = interleave(ours, train_ddp(args, shard, valid, rank, size))
+    else:
+        res = run_to_end(ours)
     if rank == 0:
         print(f"final loss {res['final']:.4f}")
         print(f"samples/s {res['sps']:.1f}")
         print(f"checksum {res['checksum']} (identical on all ranks)", flush=True)
-    runs = {f"ringreduce ({args.compression})": res}
+    label = args.compression + (f" (warm-up {args.compression_warmup})"
+                                if args.compression_warmup and args.compression != "none" else "")
+    runs = {f"{args.optimizer}, {label}": res}
     if args.compare_ddp:
-        ddp = train_ddp(args, shard, valid, rank, size)
         runs["torch DDP (gloo)"] = ddp
         if rank == 0:
             print(f"ddp final loss {ddp['final']:.4f}")
             print(f"ddp samples/s {ddp['sps']:.1f}")
             print(f"throughput ratio ringreduce/ddp {res['sps'] / ddp['sps']:.3f}", flush=True)
+    if args.save_losses and rank == 0:
+        import json
+
+        Path(args.save_losses).write_text(json.dumps(
+            {"label": next(iter(runs)), "final": res["final"], "losses": res["losses"]}))
     if args.plot and rank == 0:
+        import json
+
+        for f in args.plot_with:
+            d = json.loads(Path(f).read_text())
+            runs.setdefault(d["label"], d)
         plot(args.plot, runs)
     return 0
 

@@ -347,6 +347,33 @@ class _DistributedOptimizerMixin:
         self._rr_status = rr.allreduce_async(flags, op=rr.Sum, algorithm=self._rr_algorithm,
                                              name=f"{self._rr_prefix}.join", comm=self._rr_comm)
 
+    # ------------------------------------------------------- compression
+    @property
+    def compression(self):
+        """The compression the gradient buckets use (None: uncompressed)."""
+        return self._rr_compression
+
+    def set_compression(self, compression):
+        """Switch the gradient compression from the next backward pass on.
+
+        Every rank must switch at the same step (the buckets' collectives must
+        agree). The usual use is an uncompressed warm-up before a coarse
+        compression such as onebit (as 1-bit Adam does): error-feedback
+        residuals start from zero at the switch.
+
+        Example
+        -------
+        >>> opt = rrt.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+        >>> for step in range(steps):
+        ...     if step == warmup:
+        ...         opt.set_compression(rr.Compression.onebit)
+        ...     train_one_step()
+        """
+        if self._rr_launched or self._rr_in_pass:
+            raise _error("set_compression() called while gradient allreduces are in flight; "
+                         "call step() or synchronize() first")
+        self._rr_compression = compression
+
     # ------------------------------------------------------- synchronize
     def synchronize(self):
         """Finish the gradient allreduce and write the averages into ``.grad``.
