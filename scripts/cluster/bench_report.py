@@ -12,6 +12,7 @@ ring measured in both runs (marked "via ring").
 Example::
 
     python scripts/cluster/bench_report.py /tmp/rrc-bench > /tmp/rrc-bench/report.md
+    python scripts/cluster/bench_report.py --targets /tmp/run1 /tmp/run2   # both runs
 """
 from __future__ import annotations
 
@@ -109,6 +110,60 @@ def report(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+TARGETS = {  # issue 10: 64 MiB fp32 at 1 Gbit/s, vs the better of native default/best forced
+    "2x1_1gbit": {"ring": 1.5, "int8": 5.0, "onebit": 12.0},
+    "4x1_1gbit": {"ring": 1.5, "int8": 3.0, "onebit": 6.0},
+}
+
+
+def speedups(by_label: dict) -> tuple[str, dict]:
+    """(better native's name, {column: speed-up vs it}) at the largest size of one run."""
+    sweep = by_label["native=default"]
+    big = max(r["bytes"] for r in sweep["rows"])
+    at = rows_at(sweep, big)
+    natives = {"default": at["mpi"]["median_s"]}
+    for label, run in by_label.items():
+        r = rows_at(run, big).get("mpi") if label.startswith("native=forced") else None
+        if r:
+            natives[label.split("=")[1]] = r["median_s"]
+    best = min(natives, key=natives.get)
+    out = {}
+    for c, r in at.items():
+        if c == "mpi":
+            continue
+        if best == "default":
+            out[c] = natives["default"] / r["median_s"]
+            continue
+        forced = rows_at(by_label[f"native={best}"], big)
+        out[c] = (forced["mpi"]["median_s"] / forced[c]["median_s"] if c in forced else
+                  forced["mpi"]["median_s"] / forced["ring"]["median_s"]
+                  * at["ring"]["median_s"] / r["median_s"])
+    return best, out
+
+
+def targets(dirs: list[Path]) -> str:
+    """Markdown: each target's speed-up in every run (a target is met when all runs meet it)."""
+    runs = [load(d) for d in dirs]
+    lines = ["| layout | column | target | " + " | ".join(f"run {i + 1}" for i in
+                                                          range(len(dirs))) + " | met |",
+             "|---|---|---|" + "---|" * len(dirs) + "---|"]
+    layouts = sorted({lay for r in runs for lay in r})
+    for lay in layouts:
+        per_run = [speedups(r[lay]) if "native=default" in r.get(lay, {}) else None
+                   for r in runs]
+        cols = list(dict.fromkeys(c for pr in per_run if pr for c in pr[1]))
+        for c in cols:
+            want = TARGETS.get(lay, {}).get(c)
+            got = [pr[1].get(c) if pr else None for pr in per_run]
+            cells = [f"{g:.2f}x (vs {pr[0]})" if g else "-" for g, pr in zip(got, per_run)]
+            met = "-" if want is None else (
+                "yes" if all(g is not None and g >= want for g in got) else "no")
+            lines.append(f"| {lay.replace('_', ' @ ')} | {c} | "
+                         f"{f'>= {want:g}x' if want else '-'} | " + " | ".join(cells)
+                         + f" | {met} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -132,13 +187,16 @@ def plot(out: Path) -> list[Path]:
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         path = out / f"{layout}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=80)
         plt.close(fig)
         made.append(path)
     return made
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--targets":        # bench_report.py --targets RUN1_DIR RUN2_DIR ...
+        print(targets([Path(a) for a in sys.argv[2:]]))
+        sys.exit(0)
     d = Path(sys.argv[1])
     text = report(d)
     (d / "report.md").write_text(text)
