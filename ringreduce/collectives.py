@@ -103,6 +103,8 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
             return buf
     if on_device:
         gpu.allreduce(chan, flat, op, algorithm, comp, name)
+    elif comp is not None and comp.two_sided and algorithm == "hierarchical":
+        RUNNERS["hierarchical"](chan, flat, op, comp, name)   # compressed between node leaders
     elif comp is not None:
         compressed_allreduce(chan, flat, op, algorithm, comp, name)
     elif src is not None:
