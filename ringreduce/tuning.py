@@ -40,17 +40,18 @@ __all__ = ["DEFAULTS", "default_path", "load", "save"]
 
 FORMAT_VERSION = 1
 
-# Measured on a 2-core VM with np=2 (Open MPI 5 shared memory); seconds and seconds per byte.
+# Fitted by `ringreduce-bench --tune` on a 2-core VM, np=2, Open MPI 5 shared memory
+# (2026-11-28); seconds and seconds per byte. No "measured" table: that one is per machine.
 DEFAULTS = {
     "version": FORMAT_VERSION,
     "source": "shipped defaults",
-    "gamma": 1.5e-10,
+    "gamma": 2.6e-11,
     "algorithms": {
-        "allgather": {"alpha": 6.0e-6, "beta": 2.0e-10},
-        "tree": {"alpha": 2.5e-5, "beta": 2.5e-10},
-        "ring": {"alpha": 2.0e-5, "beta": 3.0e-10},
-        "shm": {"alpha": 4.0e-6, "beta": 1.2e-10},
-        "mpi": {"alpha": 4.0e-6, "beta": 5.0e-10},
+        "allgather": {"alpha": 7.5e-6, "beta": 2.9e-10},
+        "tree": {"alpha": 1.0e-5, "beta": 2.1e-10},
+        "ring": {"alpha": 1.6e-5, "beta": 1.6e-10},
+        "shm": {"alpha": 6.6e-6, "beta": 4.9e-11},
+        "mpi": {"alpha": 1.2e-6, "beta": 1.4e-10},
     },
 }
 
