@@ -173,3 +173,16 @@ def test_measured_points_override_model_in_range():
     assert t.choose(1 << 24, True) != "mpi"            # never for half types
     other = select.make_plan(params, 3, node_local=True)   # measured on 4 ranks: model only
     assert other.tables == select.make_plan(tuning.DEFAULTS, 3, node_local=True).tables
+
+
+def test_shm_on_the_background_thread(monkeypatch):
+    # The engine thread has its own channel, hence its own window.
+    monkeypatch.setattr(shm, "BLOCK_BYTES", 8192)
+    counts = [100, 5000, 70001]
+    handles = [rr.allreduce_async(make_input(R, c, np.float32, f"bg{c}"), op=rr.Sum,
+                                  algorithm="shm", name=f"bg{c}") for c in counts]
+    for c, h in zip(counts, handles):
+        y = h.wait()
+        inputs = [make_input(r, c, np.float32, f"bg{c}") for r in range(N)]
+        assert everyone(max_error(rr.Sum, y, inputs) <= 1e-5 * (N + 1))
+        assert all_ranks_identical(y)
