@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import weakref
 import zlib
 
@@ -142,7 +143,7 @@ class _DistributedOptimizerMixin:
     # ------------------------------------------------------------------ setup
     def _rr_setup(self, named_parameters, compression, op, backward_passes_per_step, algorithm,
                   fusion_threshold, gradient_predivide_factor, sparse_as_dense, comm,
-                  first_bucket_bytes):
+                  first_bucket_bytes, overlap):
         if backward_passes_per_step < 1:
             raise ValueError("backward_passes_per_step must be >= 1")
         if gradient_predivide_factor != 1.0 and op is not rr.Average:
@@ -157,6 +158,10 @@ class _DistributedOptimizerMixin:
         self._rr_sparse_as_dense = bool(sparse_as_dense)
         self._rr_comm = comm
         self._rr_serial = next(_created)
+        if overlap not in ("auto", True, False):
+            raise ValueError("overlap must be 'auto', True or False")
+        self._rr_overlap_opt = overlap
+        self._rr_overlap = None  # resolved at the first pass (needs the gradients' device)
 
         group_params = [p for g in self.param_groups for p in g["params"]]
         if named_parameters is not None:
@@ -278,8 +283,15 @@ class _DistributedOptimizerMixin:
         b, off, n = where
         self._rr_pack(p, b, off, n)
         b.missing -= 1
-        if b.missing == 0:
+        if b.missing == 0 and self._rr_overlapping(b):
             self._rr_launch_ready()
+
+    def _rr_overlapping(self, b):
+        if self._rr_overlap is None:
+            self._rr_overlap = _resolve_overlap(self._rr_overlap_opt, b.device)
+            log.debug("rank %d: %s launches buckets %s", rr.rank(), self._rr_prefix,
+                      "during backward" if self._rr_overlap else "when backward ends")
+        return self._rr_overlap
 
     def _rr_end_pass(self):
         self._rr_in_pass = False
@@ -521,11 +533,31 @@ class _DistributedOptimizerMixin:
         cs().load_state_dict(mine)
 
 
+def _resolve_overlap(option, device) -> bool:
+    """overlap="auto": launch during backward unless CPU ranks already fill every core.
+
+    With as many CPU ranks on a node as cores, the engine thread has no core of
+    its own: a bucket's allreduce then only takes CPU from backward, and the
+    rank that arrives first spins while its peer is still computing. Launching
+    the buckets when backward ends costs one wait instead of one per bucket.
+    """
+    if option != "auto":
+        return bool(option)
+    if device.type != "cpu":
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    # Every rank on the node competes for its cores, whatever communicator this optimizer uses.
+    return rr.local_size() * max(1, torch.get_num_threads()) < cores
+
+
 def DistributedOptimizer(optimizer, named_parameters=None, compression=None, op=None,
                          backward_passes_per_step=1, algorithm="auto",
                          fusion_threshold=25 * 2**20, gradient_predivide_factor=1.0,
                          sparse_as_dense=False, comm=None,
-                         first_bucket_bytes=_FIRST_BUCKET_BYTES):
+                         first_bucket_bytes=_FIRST_BUCKET_BYTES, overlap="auto"):
     """Wrap ``optimizer`` so that ``step()`` uses gradients averaged over all ranks.
 
     The result is still an instance of ``type(optimizer)`` (a subclass built at
@@ -554,6 +586,14 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, op=
         Densify sparse gradients (else they are an error).
     comm : mpi4py communicator, optional
         A sub-communicator (e.g. the data-parallel group).
+    first_bucket_bytes : int
+        Size of the first (small) bucket, so communication starts early.
+    overlap : "auto", True or False
+        True launches each bucket as soon as its gradients are in (overlapping
+        the rest of backward); False launches them all when backward ends.
+        "auto" overlaps unless the tensors are on CPU and this node's ranks
+        times torch's threads already use every core (then there is nothing
+        to overlap with, only a core to share).
 
     Example
     -------
@@ -574,5 +614,5 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, op=
     obj.__dict__.update(optimizer.__dict__)  # same state, groups, defaults, hooks
     obj._rr_setup(named_parameters, compression, op, backward_passes_per_step, algorithm,
                   fusion_threshold, gradient_predivide_factor, sparse_as_dense, comm,
-                  first_bucket_bytes)
+                  first_bucket_bytes, overlap)
     return obj

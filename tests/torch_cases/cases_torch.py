@@ -70,11 +70,12 @@ OPTIMIZERS = {
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-@pytest.mark.parametrize("fusion", [600, 25 * 2**20])
-def test_equivalence_full_batch(opt_name, fusion):
+@pytest.mark.parametrize("fusion,overlap", [(600, True), (600, False), (25 * 2**20, "auto")])
+def test_equivalence_full_batch(opt_name, fusion, overlap):
     ref, dist = make_model(), make_model()
     ref_opt = OPTIMIZERS[opt_name](ref.parameters())
-    opt = wrap(OPTIMIZERS[opt_name](dist.parameters()), dist, fusion_threshold=fusion)
+    opt = wrap(OPTIMIZERS[opt_name](dist.parameters()), dist, fusion_threshold=fusion,
+               overlap=overlap)
     assert isinstance(opt, type(ref_opt))
     for step in range(12):
         x, y = batch(step)
@@ -440,3 +441,23 @@ def test_zz_error_in_communication_surfaces():
     with pytest.raises(rr.RingReduceError, match="disagree"):
         opt.step()
 
+
+
+def test_set_compression_switches_at_a_step():
+    model = make_model()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)
+    assert opt.compression is None
+    for step in range(4):
+        if step == 2:
+            opt.set_compression(rr.Compression.int8)
+        opt.zero_grad()
+        x, y = batch(step)
+        loss_of(model, shard(x), shard(y)).backward()
+        if step == 2:
+            with pytest.raises(rr.RingReduceError, match="in flight"):
+                opt.set_compression(None)
+        opt.step()
+        if step >= 2:
+            assert "int8" in rr.last_stats().compression
+    assert opt.compression is rr.Compression.int8
+    assert_identical_across_ranks(model)
