@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--algorithm", default="auto",
                    help="auto, ring, tree, mpi, shm or hierarchical")
     p.add_argument("--backward-passes-per-step", type=int, default=1)
+    p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                   help="launch gradient buckets during backward (on) or when it ends (off); "
+                        "auto: off when the ranks already fill every CPU core")
     p.add_argument("--checkpoint", metavar="PATH", help="save model+optimizer+residuals at the end")
     p.add_argument("--resume", metavar="PATH", help="resume from a --checkpoint file (same ranks)")
     p.add_argument("--compare-ddp", action="store_true",
@@ -228,6 +231,7 @@ def train_ringreduce(args, shard, valid, rank, size):
     opt = rrt.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                    compression=None if warm > 0 else target,
                                    algorithm=args.algorithm,
+                                   overlap={"on": True, "off": False}.get(args.overlap, "auto"),
                                    backward_passes_per_step=args.backward_passes_per_step)
     sched = make_schedule(opt, args.steps)
     rng = np.random.default_rng([args.seed, rank])
