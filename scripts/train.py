@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--compression-warmup", type=int, default=0, metavar="STEPS",
                    help="train this many steps uncompressed, then switch to --compression "
                         "(the 1-bit Adam recipe; every rank switches at the same step)")
+    p.add_argument("--freeze-variance", action="store_true",
+                   help="adamw: keep Adam's second moment fixed once compression starts "
+                        "(as 1-bit Adam does), so compressed gradients do not distort it")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
                    help="AdamW (weight decay 0.01) or SGD with Nesterov momentum 0.9")
     p.add_argument("--algorithm", default="auto",
@@ -169,6 +172,30 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
 
 
+class FrozenVariance:
+    """Hold Adam's second moment (exp_avg_sq) at its value from the step compression starts.
+
+    Sign (onebit) compression keeps a block's mean magnitude but not each
+    element's, so Adam's per-element variance estimate drifts; 1-bit Adam
+    freezes it after an uncompressed warm-up. Restored after every step, so a
+    step sees the frozen value plus one step's (1 - beta2) share of the new one.
+    """
+
+    def __init__(self, opt, start):
+        self.opt, self.start, self.saved = opt, start, None
+
+    def after_step(self, step):
+        if step + 1 < self.start:
+            return
+        states = [self.opt.state[p] for g in self.opt.param_groups for p in g["params"]
+                  if "exp_avg_sq" in self.opt.state.get(p, {})]
+        if self.saved is None:
+            self.saved = [st["exp_avg_sq"].clone() for st in states]
+            return
+        for st, v in zip(states, self.saved):
+            st["exp_avg_sq"].copy_(v)
+
+
 def make_schedule(opt, steps):
     warm = max(1, steps // 10)
 
@@ -258,6 +285,7 @@ def train_ringreduce(args, shard, valid, rank, size):
     k = args.backward_passes_per_step
     per_step = args.batch_size * k * size
     losses, timed_from, busy = [], min(2, max(args.steps - start - 1, 0)), 0.0
+    frozen = FrozenVariance(opt, warm) if args.freeze_variance and target is not None else None
     pb = bar(args, rank, args.steps, start)
     for step in range(start, args.steps):
         yield  # --compare-ddp interleaves the two frameworks step by step
@@ -272,6 +300,8 @@ def train_ringreduce(args, shard, valid, rank, size):
             loss.backward()
             loss_val += loss.item()
         opt.step()
+        if frozen is not None:
+            frozen.after_step(step)
         sched.step()
         losses.append((step + 1, loss_val))
         done = step - start + 1 - timed_from
