@@ -25,8 +25,13 @@ def test_train_script_smoke(tmp_path):
     argv = [sys.executable, str(ROOT / "scripts" / "train.py"), "--steps", "6", "--batch-size", "4",
             "--eval-batches", "2", "--data-bytes", "400000", "--checkpoint", str(ckpt),
             "--no-progress"]
-    code, out = run_mpi(2, argv, timeout=240)
+    # Compressed after a 3-step warm-up with frozen Adam variance, DDP interleaved.
+    extra = ["--compression", "int8", "--compression-warmup", "3", "--freeze-variance",
+             "--compare-ddp"]
+    code, out = run_mpi(2, argv + extra, timeout=240)
     assert code == 0, out[-10000:]
+    assert "compression int8 after 3 uncompressed steps" in out, out[-3000:]
+    assert re.search(r"^throughput ratio ringreduce/ddp \d+\.\d+", out, re.M), out[-3000:]
     assert re.search(r"^final loss \d+\.\d+", out, re.M), out[-3000:]
     assert re.search(r"^samples/s \d+(\.\d+)?", out, re.M), out[-3000:]
     sums = re.findall(r"^rank (\d+) checksum ([0-9a-f]+)", out, re.M)
