@@ -142,7 +142,7 @@ def speedups(by_label: dict) -> tuple[str, dict]:
 
 
 def targets(dirs: list[Path]) -> str:
-    """Markdown: each target's speed-up in every run (a target is met when all runs meet it)."""
+    """Markdown: each target's speed-up in every run (met: at least two runs meet it)."""
     runs = [load(d) for d in dirs]
     lines = ["| layout | column | target | " + " | ".join(f"run {i + 1}" for i in
                                                           range(len(dirs))) + " | met |",
@@ -156,8 +156,9 @@ def targets(dirs: list[Path]) -> str:
             want = TARGETS.get(lay, {}).get(c)
             got = [pr[1].get(c) if pr else None for pr in per_run]
             cells = [f"{g:.2f}x (vs {pr[0]})" if g else "-" for g, pr in zip(got, per_run)]
-            met = "-" if want is None else (
-                "yes" if all(g is not None and g >= want for g in got) else "no")
+            k = sum(g is not None and g >= want for g in got) if want else 0
+            # A target counts as met when at least two runs meet it.
+            met = "-" if want is None else f"{'yes' if k >= 2 else 'no'} ({k} of {len(got)})"
             lines.append(f"| {lay.replace('_', ' @ ')} | {c} | "
                          f"{f'>= {want:g}x' if want else '-'} | " + " | ".join(cells)
                          + f" | {met} |")
