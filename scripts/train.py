@@ -494,7 +494,7 @@ def plot(path, runs):
     ax.set_ylabel("train loss (rank 0, moving average)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     print(f"plot written to {path}", flush=True)
 
 
@@ -521,8 +521,11 @@ def main(argv=None):
         print(f"final loss {res['final']:.4f}")
         print(f"samples/s {res['sps']:.1f}")
         print(f"checksum {res['checksum']} (identical on all ranks)", flush=True)
-    label = args.compression + (f" (warm-up {args.compression_warmup})"
-                                if args.compression_warmup and args.compression != "none" else "")
+    label = args.compression
+    if args.compression != "none" and (args.compression_warmup or args.freeze_variance):
+        label += " (" + ", ".join(
+            ([f"warm-up {args.compression_warmup}"] if args.compression_warmup else [])
+            + (["frozen variance"] if args.freeze_variance else [])) + ")"
     runs = {f"{args.optimizer}, {label}": res}
     if args.compare_ddp:
         runs["torch DDP (gloo)"] = ddp
