@@ -90,16 +90,20 @@ def exchange(chan, header: np.ndarray, payload: np.ndarray | None = None, name: 
     if payload is not None:
         raw = payload.reshape(-1).view(np.uint8)
         send[hbytes:hbytes + raw.size] = raw
-    req = chan.comm.Iallgather([send, MPI.BYTE], [recv, MPI.BYTE])
     seq = int(header[0])
-    if not MPI.Request.Test(req):
-        what = _call_label(int(header[1]), name)
-        progress.wait([req], lambda: f"{what} (call {seq})",
-                      stall.Inspector(chan, seq, what))
+    finish(chan, chan.comm.Iallgather([send, MPI.BYTE], [recv, MPI.BYTE]), seq,
+           int(header[1]), name)
     rows = recv.reshape(chan.size, width)
     if timeline.on:
         timeline.complete("fingerprint check", t0, {"call": seq, "name": name})
     return rows[:, :hbytes].copy().view(np.int64), rows[:, hbytes:]
+
+
+def finish(chan, req, seq: int, kind_code: int, name: str | None) -> None:
+    """Complete a posted fingerprint allgather: at once if it is done, else through progress.wait."""
+    if not req.Test():
+        what = _call_label(kind_code, name)
+        progress.wait([req], lambda: f"{what} (call {seq})", stall.Inspector(chan, seq, what))
 
 
 def _call_label(kind_code: int, name: str | None) -> str:

@@ -79,6 +79,10 @@ class CommContext:
         select.attach(self)
 
     def free(self) -> None:
+        """Free the duplicates and windows (idempotent: shutdown and the user's Comm.Free both call it)."""
+        if getattr(self, "_freed", False):
+            return
+        self._freed = True
         self.main.free()
         self.background.free()
         self.node_comm.Free()
@@ -147,6 +151,7 @@ def init(comm: MPI.Comm | None = None) -> None:
         from . import faults
         faults.install(world.rank)       # excepthooks, stall/timeout settings, timeline
         _state.world = world
+        _attach(comm, world)
         _state.contexts[_key(comm)] = world
         if _state.thread_level < MPI.THREAD_MULTIPLE:
             logger.warning("MPI thread level is %s, not multiple: asynchronous collectives run on the "
@@ -161,11 +166,38 @@ def _key(comm: MPI.Comm) -> int:
     return comm.py2f()
 
 
+_keyval = None
+
+
+def _on_user_comm_free(comm, keyval, ctx) -> None:
+    """MPI calls this when the user frees a communicator we hold a context for.
+
+    Handles of freed communicators are reused, so the context must go with it, or a
+    later communicator with the same handle would inherit a stale one. The user's
+    Comm.Free is collective, so freeing our duplicates here happens on every rank.
+    """
+    with _state.lock:
+        key = getattr(ctx, "key", None)
+        if key is not None and _state.contexts.get(key) is ctx:
+            del _state.contexts[key]
+    if not MPI.Is_finalized():
+        ctx.free()
+
+
+def _attach(comm: MPI.Comm, ctx: CommContext) -> None:
+    global _keyval
+    if _keyval is None:
+        _keyval = MPI.Comm.Create_keyval(delete_fn=_on_user_comm_free)
+    ctx.key = _key(comm)
+    comm.Set_attr(_keyval, ctx)
+
+
 def context(comm: MPI.Comm | None = None) -> CommContext:
     """The engine context for `comm` (default: the init communicator); initialises on first use.
 
     A sub-communicator gets its own context the first time it is used; every rank
-    of it reaches that first use in the same collective, so the Dup is safe.
+    of it reaches that first use in the same collective, so the Dup is safe. The
+    context lives as an attribute of the communicator and is freed with it.
     """
     if _state.world is None:
         init()
@@ -173,12 +205,11 @@ def context(comm: MPI.Comm | None = None) -> CommContext:
         return _state.world
     key = _key(comm)
     ctx = _state.contexts.get(key)
-    if ctx is None:
+    if ctx is None or (comm is not ctx.user_comm and comm.Get_attr(_keyval) is not ctx):
         with _state.lock:
-            ctx = _state.contexts.get(key)
-            if ctx is None:
-                ctx = CommContext(comm)
-                _state.contexts[key] = ctx
+            ctx = CommContext(comm)
+            _attach(comm, ctx)
+            _state.contexts[key] = ctx
     return ctx
 
 

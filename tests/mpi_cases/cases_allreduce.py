@@ -118,3 +118,32 @@ def test_async_error_surfaces_on_wait():
     h = rr.allreduce_async(np.ones(4, dtype=np.int32), op=rr.Average, name="ints")
     with pytest.raises(rr.RingReduceError, match="Average on integer"):
         h.wait()
+
+
+def test_freed_sub_communicator_takes_its_context_along():
+    # MPI reuses freed handles: a new communicator must never inherit a freed one's context.
+    from mpi4py import MPI
+
+    from ringreduce import comm as _comm
+    for color in (0, 1, 0):
+        sub = MPI.COMM_WORLD.Split((rr.rank() + color) % 2, rr.rank())
+        ctx = _comm.context(sub)
+        assert ctx.user_comm is sub
+        y = rr.allreduce(np.ones(10, np.float32), op=rr.Sum, comm=sub, algorithm="ring")
+        assert everyone(np.all(y == sub.Get_size()))
+        sub.Free()
+        assert all(c is not ctx for c in _comm._state.contexts.values())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_small_path_matches_general_path(dtype):
+    # The latency path for tiny payloads and the general one (out=) give the same bits.
+    for count in (1, 3, 200):
+        for op in OPS:
+            if np.dtype(dtype).kind in "iu" and op == rr.Average:
+                continue
+            x = make_input(rr.rank(), count, dtype, "small")
+            fast = rr.allreduce(x, op=op)
+            slow = rr.allreduce(x, op=op, out=np.empty_like(x))
+            assert everyone(np.array_equal(fast.view(np.uint8), slow.view(np.uint8)))
+            assert all_ranks_identical(fast)
