@@ -67,3 +67,18 @@ def all_ranks_identical(result: np.ndarray) -> bool:
 def everyone(flag: bool) -> bool:
     """True iff flag is true on every rank (so all ranks reach the same verdict)."""
     return bool(MPI.COMM_WORLD.allreduce(int(bool(flag)), op=MPI.MIN))
+
+
+def expect_everywhere(fn, *patterns) -> str:
+    """fn() must raise RingReduceError on every rank, naming this rank, with every pattern in it."""
+    try:
+        fn()
+    except rr.RingReduceError as exc:
+        msg = str(exc)
+    else:
+        msg = ""
+    assert everyone(bool(msg)), f"some rank did not raise (this rank: {msg!r})"
+    assert msg.startswith(f"rank {rr.rank()}:"), msg
+    for p in patterns:
+        assert p in msg, f"{p!r} not in {msg!r}"
+    return msg

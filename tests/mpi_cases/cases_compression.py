@@ -12,7 +12,7 @@ import sys
 import ml_dtypes
 import numpy as np
 import pytest
-from _common import all_ranks_identical, everyone, make_input
+from _common import all_ranks_identical, everyone, make_input, expect_everywhere
 
 import ringreduce as rr
 from ringreduce.compression import measure_error
@@ -334,36 +334,24 @@ def test_stats(fmt):
 
 # ---------------------------------------------------------------- bad input
 
-def _raises_everywhere(fn, *patterns):
-    try:
-        fn()
-    except rr.RingReduceError as exc:
-        msg = str(exc)
-    else:
-        msg = ""
-    assert everyone(bool(msg)), "some rank did not raise"
-    assert msg.startswith(f"rank {R}:"), msg
-    for p in patterns:
-        assert p in msg, f"{p!r} not in {msg!r}"
-
 
 @pytest.mark.parametrize("fmt", QUANT)
 def test_missing_name(fmt):
-    _raises_everywhere(lambda: rr.allreduce(np.ones(10, F32), compression=getattr(rr.Compression, fmt)),
+    expect_everywhere(lambda: rr.allreduce(np.ones(10, F32), compression=getattr(rr.Compression, fmt)),
                        "name", "error_feedback")
 
 
 @pytest.mark.parametrize("op", [rr.Min, rr.Max], ids=["Min", "Max"])
 @pytest.mark.parametrize("fmt", ["fp16", "int8"])
 def test_unsupported_op(fmt, op):
-    _raises_everywhere(lambda: rr.allreduce(np.ones(10, F32), op=op, name="mm",
+    expect_everywhere(lambda: rr.allreduce(np.ones(10, F32), op=op, name="mm",
                                             compression=getattr(rr.Compression, fmt)),
                        "rr.Sum or rr.Average", "tensor 'mm'")
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.float64])
 def test_unsupported_dtype(dtype):
-    _raises_everywhere(lambda: rr.allreduce(np.ones(10, dtype), op=rr.Sum, name="ints",
+    expect_everywhere(lambda: rr.allreduce(np.ones(10, dtype), op=rr.Sum, name="ints",
                                             compression=rr.Compression.int8),
                        "float32, float16 or bfloat16", str(np.dtype(dtype)))
 
@@ -371,5 +359,5 @@ def test_unsupported_dtype(dtype):
 @pytest.mark.skipif(N < 2, reason="needs two ranks to disagree")
 def test_config_mismatch_is_caught():
     comp = rr.Compression.int8 if R == 0 else rr.Compression.int8(block_size=128)
-    _raises_everywhere(lambda: rr.allreduce(np.ones(1000, F32), compression=comp, name="cfg"),
+    expect_everywhere(lambda: rr.allreduce(np.ones(1000, F32), compression=comp, name="cfg"),
                        "compression", "block_size=128")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from _common import everyone
+from _common import everyone, expect_everywhere
 
 import ringreduce as rr
 
@@ -14,63 +14,49 @@ R = rr.rank()
 multi = pytest.mark.skipif(N < 2, reason="needs two or more ranks to disagree")
 
 
-def _expect_everywhere(fn, *patterns):
-    """fn() must raise RingReduceError on every rank, with every pattern in the message."""
-    try:
-        fn()
-    except rr.RingReduceError as exc:
-        msg = str(exc)
-    else:
-        msg = ""
-    assert everyone(bool(msg)), "some rank did not raise"
-    assert msg.startswith(f"rank {R}:"), msg
-    for p in patterns:
-        assert p in msg, f"{p!r} not in {msg!r}"
-    return msg
-
 
 @multi
 @pytest.mark.parametrize("algorithm", ["auto", "ring", "tree", "mpi"])
 def test_count_mismatch(algorithm):
     x = np.ones(100 + (R == N - 1), dtype=np.float32)
-    _expect_everywhere(lambda: rr.allreduce(x, algorithm=algorithm, name="w"),
+    expect_everywhere(lambda: rr.allreduce(x, algorithm=algorithm, name="w"),
                        "count", "tensor 'w'", f"rank {N - 1}: 101")
 
 
 @multi
 def test_shape_mismatch_same_count():
     x = np.ones((4, 6) if R == 0 else (6, 4), dtype=np.float32)
-    _expect_everywhere(lambda: rr.allreduce(x, name="grid"), "shape", "(4, 6)", "(6, 4)")
+    expect_everywhere(lambda: rr.allreduce(x, name="grid"), "shape", "(4, 6)", "(6, 4)")
 
 
 @multi
 @pytest.mark.parametrize("count", [3, 100000])
 def test_dtype_mismatch(count):
     x = np.ones(count, dtype=np.float32 if R == 0 else np.float64)
-    _expect_everywhere(lambda: rr.allreduce(x, op=rr.Sum, name="d"), "dtype", "float32", "float64")
+    expect_everywhere(lambda: rr.allreduce(x, op=rr.Sum, name="d"), "dtype", "float32", "float64")
 
 
 @multi
 def test_op_mismatch():
     op = rr.Sum if R == 0 else rr.Max
-    _expect_everywhere(lambda: rr.allreduce(np.ones(10, np.float32), op=op, name="o"), "op",
+    expect_everywhere(lambda: rr.allreduce(np.ones(10, np.float32), op=op, name="o"), "op",
                        "rr.Sum", "rr.Max")
 
 
 @multi
 def test_name_mismatch():
-    _expect_everywhere(lambda: rr.allreduce(np.ones(10, np.float32), name=f"layer{R % 2}"), "name")
+    expect_everywhere(lambda: rr.allreduce(np.ones(10, np.float32), name=f"layer{R % 2}"), "name")
 
 
 @multi
 def test_algorithm_mismatch():
     algo = "ring" if R == 0 else "tree"
-    _expect_everywhere(lambda: rr.allreduce(np.ones(1000, np.float32), algorithm=algo), "algorithm")
+    expect_everywhere(lambda: rr.allreduce(np.ones(1000, np.float32), algorithm=algo), "algorithm")
 
 
 @multi
 def test_broadcast_root_mismatch():
-    _expect_everywhere(lambda: rr.broadcast_(np.ones(8), root_rank=R % 2, name="b"), "op")
+    expect_everywhere(lambda: rr.broadcast_(np.ones(8), root_rank=R % 2, name="b"), "op")
 
 
 @multi
@@ -80,7 +66,7 @@ def test_collective_kind_mismatch():
             rr.broadcast_(np.ones(8, np.float32), name="k")
         else:
             rr.allreduce(np.ones(8, np.float32), name="k")
-    _expect_everywhere(call, "collective")
+    expect_everywhere(call, "collective")
 
 
 def test_engine_usable_after_mismatch():
@@ -94,31 +80,31 @@ def test_engine_usable_after_mismatch():
     ([1.0, 2.0], "must be a numpy"),
 ])
 def test_bad_input(bad, pattern):
-    _expect_everywhere(lambda: rr.allreduce(bad, name="bad"), pattern, "tensor 'bad'")
+    expect_everywhere(lambda: rr.allreduce(bad, name="bad"), pattern, "tensor 'bad'")
 
 
 def test_inplace_needs_writable_contiguous():
     ro = np.ones(10, np.float32)
     ro.flags.writeable = False
-    _expect_everywhere(lambda: rr.allreduce_(ro), "read-only")
+    expect_everywhere(lambda: rr.allreduce_(ro), "read-only")
     strided = np.ones(20, np.float32)[::2]
-    _expect_everywhere(lambda: rr.allreduce_(strided), "not C-contiguous")
+    expect_everywhere(lambda: rr.allreduce_(strided), "not C-contiguous")
 
 
 def test_out_must_match():
     x = np.ones(10, np.float32)
-    _expect_everywhere(lambda: rr.allreduce(x, out=np.empty(11, np.float32)), "shape (11,)")
-    _expect_everywhere(lambda: rr.allreduce(x, out=np.empty(10, np.float64)), "dtype float64")
+    expect_everywhere(lambda: rr.allreduce(x, out=np.empty(11, np.float32)), "shape (11,)")
+    expect_everywhere(lambda: rr.allreduce(x, out=np.empty(10, np.float64)), "dtype float64")
 
 
 def test_average_on_integers():
-    _expect_everywhere(lambda: rr.allreduce(np.ones(3, np.int32), op=rr.Average, name="i"),
+    expect_everywhere(lambda: rr.allreduce(np.ones(3, np.int32), op=rr.Average, name="i"),
                        "Average on integer", "int32")
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
 def test_native_mpi_rejects_half(dtype):
-    _expect_everywhere(lambda: rr.allreduce(np.ones(3, dtype), algorithm="mpi"), "half types")
+    expect_everywhere(lambda: rr.allreduce(np.ones(3, dtype), algorithm="mpi"), "half types")
 
 
 def test_auto_never_picks_native_for_half():
@@ -128,12 +114,12 @@ def test_auto_never_picks_native_for_half():
 
 
 def test_unknown_algorithm_and_op():
-    _expect_everywhere(lambda: rr.allreduce(np.ones(3), algorithm="butterfly"), "unknown algorithm")
-    _expect_everywhere(lambda: rr.allreduce(np.ones(3), op=17), "unknown reduction op")
+    expect_everywhere(lambda: rr.allreduce(np.ones(3), algorithm="butterfly"), "unknown algorithm")
+    expect_everywhere(lambda: rr.allreduce(np.ones(3), op=17), "unknown reduction op")
 
 
 def test_bad_root():
-    _expect_everywhere(lambda: rr.broadcast_(np.ones(3), root_rank=N), "out of range")
+    expect_everywhere(lambda: rr.broadcast_(np.ones(3), root_rank=N), "out of range")
 
 
 def test_init_is_idempotent_and_rejects_other_comm():
@@ -142,5 +128,5 @@ def test_init_is_idempotent_and_rejects_other_comm():
     rr.init(MPI.COMM_WORLD)
     other = MPI.COMM_WORLD.Split(0 if R == 0 else 1, R) if N > 1 else MPI.COMM_SELF.Dup()
     if N > 1:
-        _expect_everywhere(lambda: rr.init(other), "already initialised")
+        expect_everywhere(lambda: rr.init(other), "already initialised")
     other.Free()

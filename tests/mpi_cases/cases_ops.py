@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _common import everyone
+from _common import everyone, expect_everywhere
 
 import ringreduce as rr
 
@@ -14,20 +14,6 @@ R = rr.rank()
 LAST = N - 1
 multi = pytest.mark.skipif(N < 2, reason="needs two or more ranks to disagree")
 
-
-def _expect_everywhere(fn, *patterns):
-    """fn() must raise RingReduceError on every rank, with every pattern in the message."""
-    try:
-        fn()
-    except rr.RingReduceError as exc:
-        msg = str(exc)
-    else:
-        msg = ""
-    assert everyone(bool(msg)), f"some rank did not raise (this rank: {msg!r})"
-    assert msg.startswith(f"rank {R}:"), msg
-    for p in patterns:
-        assert p in msg, f"{p!r} not in {msg!r}"
-    return msg
 
 
 def _still_works():
@@ -41,7 +27,7 @@ def test_call_order():
         order = ["a", "b"] if R == 0 else ["b", "a"]
         for name in order:
             rr.allreduce(np.ones(16, np.float32), name=name)
-    _expect_everywhere(calls, "name", "rank 0: 'a'", "'b'")
+    expect_everywhere(calls, "name", "rank 0: 'a'", "'b'")
     _still_works()
 
 
@@ -52,7 +38,7 @@ def test_rank_skips_a_call():
             if R == LAST and name == "step.1":
                 continue
             rr.allreduce(np.ones(16, np.float32), name=name)
-    _expect_everywhere(calls, "name", f"rank {LAST}: 'step.2'")
+    expect_everywhere(calls, "name", f"rank {LAST}: 'step.2'")
     _still_works()
 
 
@@ -60,7 +46,7 @@ def test_rank_skips_a_call():
 @pytest.mark.parametrize("count", [5, 300000])
 def test_async_count_mismatch(count):
     x = np.ones(count + (R == LAST), np.float32)
-    _expect_everywhere(lambda: rr.allreduce_async(x, name="g.async").wait(), "count",
+    expect_everywhere(lambda: rr.allreduce_async(x, name="g.async").wait(), "count",
                        "tensor 'g.async'", f"rank {LAST}: {count + 1}")
     h = rr.allreduce_async(np.ones(5, np.float32), op=rr.Sum, name="async.after")
     assert everyone(np.all(h.wait() == N))
@@ -68,13 +54,13 @@ def test_async_count_mismatch(count):
 
 @multi
 def test_async_name_mismatch():
-    _expect_everywhere(lambda: rr.allreduce_async(np.ones(64, np.float32), name=f"n{R % 2}").wait(), "name")
+    expect_everywhere(lambda: rr.allreduce_async(np.ones(64, np.float32), name=f"n{R % 2}").wait(), "name")
 
 
 @multi
 def test_compression_mismatch():
     comp = rr.Compression.int8 if R == 0 else rr.Compression.fp16
-    _expect_everywhere(lambda: rr.allreduce(np.ones(4096, np.float32), compression=comp, name="c"),
+    expect_everywhere(lambda: rr.allreduce(np.ones(4096, np.float32), compression=comp, name="c"),
                        "compression", "tensor 'c'")
     _still_works()
 
@@ -82,14 +68,14 @@ def test_compression_mismatch():
 @multi
 def test_compressed_count_mismatch():
     x = np.ones(4096 + (R == LAST), np.float32)
-    _expect_everywhere(lambda: rr.allreduce(x, compression=rr.Compression.int8, name="cc"),
+    expect_everywhere(lambda: rr.allreduce(x, compression=rr.Compression.int8, name="cc"),
                        "count", f"rank {LAST}: 4097")
 
 
 @multi
 def test_compressed_vs_uncompressed_async():
     comp = rr.Compression.fp16 if R == LAST else None
-    _expect_everywhere(lambda: rr.allreduce_async(np.ones(1000, np.float32), compression=comp,
+    expect_everywhere(lambda: rr.allreduce_async(np.ones(1000, np.float32), compression=comp,
                                                   name="ca").wait(), "compression")
 
 
@@ -97,7 +83,7 @@ def test_compressed_vs_uncompressed_async():
 def test_input_rejected_on_one_rank():
     """A rank that rejects its own input still reaches the others: nobody waits for it."""
     x = np.ones(8, np.complex64) if R == LAST else np.ones(8, np.float32)
-    msg = _expect_everywhere(lambda: rr.allreduce(x, name="bad.one"), "tensor 'bad.one'")
+    msg = expect_everywhere(lambda: rr.allreduce(x, name="bad.one"), "tensor 'bad.one'")
     if R == LAST:
         assert "complex64" in msg
     else:
@@ -108,7 +94,7 @@ def test_input_rejected_on_one_rank():
 @multi
 def test_unknown_algorithm_on_one_rank_async():
     algo = "butterfly" if R == 0 else "ring"
-    msg = _expect_everywhere(lambda: rr.allreduce_async(np.ones(8, np.float32), algorithm=algo,
+    msg = expect_everywhere(lambda: rr.allreduce_async(np.ones(8, np.float32), algorithm=algo,
                                                         name="algo.one").wait(), "butterfly")
     if R != 0:
         assert "rank 0 rejected" in msg, msg
@@ -117,11 +103,11 @@ def test_unknown_algorithm_on_one_rank_async():
 @multi
 def test_broadcast_rejected_on_one_rank():
     root = N if R == LAST else 0
-    _expect_everywhere(lambda: rr.broadcast_(np.ones(4), root_rank=root, name="b.one"), "out of range")
+    expect_everywhere(lambda: rr.broadcast_(np.ones(4), root_rank=root, name="b.one"), "out of range")
     _still_works()
 
 
 def test_all_ranks_reject_alike():
     """Every rank rejecting the same call raises its own error (one error exchange, no hang)."""
-    _expect_everywhere(lambda: rr.allreduce(np.ones(3, np.complex64), name="all.bad"), "complex64")
+    expect_everywhere(lambda: rr.allreduce(np.ones(3, np.complex64), name="all.bad"), "complex64")
     _still_works()
