@@ -82,3 +82,17 @@ def expect_everywhere(fn, *patterns) -> str:
     for p in patterns:
         assert p in msg, f"{p!r} not in {msg!r}"
     return msg
+
+
+def check_allreduce(algorithm, dtype, op, count, tag="matrix", **kwargs):
+    """Allreduce this rank's input and check it against numpy and across ranks (kwargs: comm, ...)."""
+    n = MPI.COMM_WORLD.size
+    x = make_input(rr.rank(), count, dtype, tag)
+    y = rr.allreduce(x, op=op, algorithm=algorithm, **kwargs)
+    inputs = [make_input(r, count, dtype, tag) for r in range(n)]
+    err = max_error(op, y, inputs)
+    tol = RTOL.get(np.dtype(dtype), 0.0) * (n + 1) if op in (rr.Sum, rr.Average) else 0.0
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert everyone(err <= tol), f"error {err} > {tol} on some rank"
+    assert all_ranks_identical(y), "ranks hold different bits"
+    return y

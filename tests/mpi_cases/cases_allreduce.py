@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _common import DTYPES, FLOATS, RTOL, all_ranks_identical, everyone, make_input, max_error
+from _common import DTYPES, FLOATS, RTOL, all_ranks_identical, everyone, make_input, max_error, check_allreduce
 
 import ringreduce as rr
 from ringreduce.algorithms import _transfer, ring
@@ -23,17 +23,6 @@ def _skip_reason(algorithm, dtype, op):
         return "native MPI has no half-type reduction (tested separately)"
     return None
 
-
-def check_allreduce(algorithm, dtype, op, count, tag="matrix", **kwargs):
-    x = make_input(rr.rank(), count, dtype, tag)
-    y = rr.allreduce(x, op=op, algorithm=algorithm, **kwargs)
-    inputs = [make_input(r, count, dtype, tag) for r in range(N)]
-    err = max_error(op, y, inputs)
-    tol = RTOL.get(np.dtype(dtype), 0.0) * (N + 1) if op in (rr.Sum, rr.Average) else 0.0
-    assert y.shape == x.shape and y.dtype == x.dtype
-    assert everyone(err <= tol), f"error {err} > {tol} on some rank"
-    assert all_ranks_identical(y), "ranks hold different bits"
-    return y
 
 
 @pytest.mark.parametrize("count", SIZES)

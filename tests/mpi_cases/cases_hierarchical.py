@@ -13,7 +13,7 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
-from _common import FLOATS, RTOL, all_ranks_identical, everyone, make_input, max_error
+from _common import FLOATS, RTOL, all_ranks_identical, everyone, make_input, max_error, check_allreduce
 from mpi4py import MPI
 
 import ringreduce as rr
@@ -61,15 +61,7 @@ SIZES = [0, 1, max(N - 1, 1), 7, shm.REPLICATED_MAX_BYTES // 4 + 13]
 
 
 def check(comm, dtype, op, count, tag="hier", **kwargs):
-    x = make_input(R, count, dtype, tag)
-    y = rr.allreduce(x, op=op, algorithm="hierarchical", comm=comm, **kwargs)
-    inputs = [make_input(r, count, dtype, tag) for r in range(N)]
-    err = max_error(op, y, inputs)
-    tol = RTOL.get(np.dtype(dtype), 0.0) * (N + 1) if op in (rr.Sum, rr.Average) else 0.0
-    assert y.shape == x.shape and y.dtype == x.dtype
-    assert everyone(err <= tol), f"error {err} > {tol} on some rank"
-    assert all_ranks_identical(y), "ranks hold different bits"
-    return y
+    return check_allreduce("hierarchical", dtype, op, count, tag, comm=comm, **kwargs)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
