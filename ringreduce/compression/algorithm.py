@@ -13,6 +13,14 @@ Two-sided scheme, on n ranks, for a tensor split into n block-aligned chunks
    rank decompresses the same bytes into the output, so all ranks hold
    bit-identical results.
 
+The three phases are pipelined: each chunk is cut into block-aligned segments
+(SEGMENT_BYTES of input each, at most MAX_SEGMENTS), and while segment k+1 is
+compressed and on the wire, the owners reduce and re-compress segment k and send
+it back, and every rank decompresses the results that have arrived. A slow link
+then carries the scatter and the gather back to back instead of idling while the
+owners reduce; segmentation changes neither blocks nor rounding, so the bits are
+those of the unsegmented scheme.
+
 Exactly two quantisations stand between the input and the output, whatever n.
 Each rank sends about 2(n-1)/n of the compressed size. Chunks are whole blocks
 (the last one may be short), so the block layout, and hence the worker's
@@ -28,6 +36,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from mpi4py import MPI
 
 from .. import kernels
 from ..algorithms import select
@@ -40,7 +49,7 @@ from ..ops import ReduceOp
 from . import stats as _stats
 from .state import state_for
 
-__all__ = ["compressed_allreduce", "chunk_layout"]
+__all__ = ["compressed_allreduce", "chunk_layout", "segment_layout"]
 
 _TAG_SCATTER = 81
 _TAG_GATHER = 82
@@ -106,17 +115,59 @@ def compressed_allreduce(chan, flat: np.ndarray, op: ReduceOp, algorithm: str, c
 
 # -- int8 / int4 / onebit ----------------------------------------------------------------
 
+# Input bytes (fp32) per pipeline segment of an owner's chunk: small enough that the
+# scatter of segment k+1 is on the wire while segment k is reduced and re-compressed,
+# large enough that a segment's Python and MPI overheads (tens of microseconds) stay
+# small against its compression and wire time.
+SEGMENT_BYTES = 1 << 20
+MAX_SEGMENTS = 64
+
+
+def segment_layout(bounds: np.ndarray, block_size: int) -> np.ndarray:
+    """Element offsets (n, S + 1) of the S pipeline segments of each owner chunk.
+
+    Segments are whole blocks, so every block (its scale, its rounding offsets) is
+    the same as without segmentation: the result does not depend on S. S is the
+    same for every chunk (set by the largest); a short chunk gets empty segments.
+    """
+    sizes = np.diff(bounds)
+    largest = int(sizes.max()) if sizes.size else 0
+    per = max(SEGMENT_BYTES // 4, block_size)
+    S = max(1, min(MAX_SEGMENTS, -(-largest // per)))
+    out = np.empty((sizes.size, S + 1), np.int64)
+    for j in range(sizes.size):
+        a, b = int(bounds[j]), int(bounds[j + 1])
+        nblocks = -(-(b - a) // block_size)
+        out[j] = np.minimum(a + chunk_bounds(nblocks, S) * block_size, b)
+    return out
+
+
 def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
+    """The pipelined two-sided allreduce; returns the non-finite blocks met.
+
+    Each owner chunk is cut into S block-aligned segments and the three phases run
+    per segment, overlapped: round s compresses and sends segment s of every chunk,
+    then reduces (and re-compresses and sends back) whichever of this rank's
+    segments have all their pieces, and decompresses whichever results have
+    arrived. Per segment the arithmetic is that of the unsegmented scheme (pieces
+    accumulated in rank order, the same blocks, counters and offsets).
+    """
     comm, n, r = chan.comm, chan.size, chan.rank
     count = flat.size
     bounds = chunk_layout(count, n, comp.block_size)
-    psize = [comp.packed_nbytes(int(bounds[j + 1] - bounds[j])) for j in range(n)]
-    poff = np.concatenate(([0], np.cumsum(psize))).astype(np.int64)
-    lo, hi, mine = int(bounds[r]), int(bounds[r + 1]), psize[r]
+    segs = segment_layout(bounds, comp.block_size)
+    S = segs.shape[1] - 1
+    psz = [[comp.packed_nbytes(int(segs[j, s + 1] - segs[j, s])) for s in range(S)]
+           for j in range(n)]
+    # Packed offsets of segment (j, s) in the by-owner buffers, and of my segments in a piece.
+    off = np.concatenate(([0], np.cumsum([p for row in psz for p in row]))).astype(np.int64)
+    lo, hi = int(bounds[r]), int(bounds[r + 1])
+    moff = off[r * S:(r + 1) * S + 1] - off[r * S]
+    mine = int(moff[-1])
     pool = chan.pool
-    send = pool.get("cmp-send", np.uint8, int(poff[-1]))        # worker-packed chunks, by owner
-    pieces = pool.get("cmp-pieces", np.uint8, n * mine)          # my chunk from every rank, by rank
-    gather = pool.get("cmp-gather", np.uint8, int(poff[-1]))     # server-packed chunks, by owner
+    send = pool.get("cmp-send", np.uint8, int(off[-1]))          # worker-packed, by owner
+    pieces = pool.get("cmp-pieces", np.uint8, n * mine)           # my chunk from every rank
+    gather = pool.get("cmp-gather", np.uint8, int(off[-1]))       # server-packed, by owner
     acc = pool.get("cmp-acc", np.float32, hi - lo)
     ef = comp.error_feedback and ts is not None
     xp = array_module(flat)
@@ -125,53 +176,91 @@ def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
     # Distinct RNG streams per call, per rank (workers) and for the server side.
     base = (calls % 2**32) << 32
     wcounter, scounter = base | (r + 1), base
+    what = f"compressed allreduce of {_label(name)}"
 
-    def piece(i: int) -> np.ndarray:
-        return pieces[i * mine:(i + 1) * mine]
+    def piece(i: int, s: int) -> np.ndarray:
+        return pieces[i * mine + moff[s]:i * mine + moff[s + 1]]
 
-    def packed(buf: np.ndarray, j: int) -> np.ndarray:
-        return buf[poff[j]:poff[j + 1]]
+    def packed(buf: np.ndarray, j: int, s: int) -> np.ndarray:
+        return buf[off[j * S + s]:off[j * S + s + 1]]
 
-    bad = 0
-    recvs = {i: irecv(comm, piece(i), i, _TAG_SCATTER) for i in range(n) if i != r and mine}
+    # Every receive is posted up front; messages of one pair and tag match in order.
+    precv = [[irecv(comm, piece(i, s), i, _TAG_SCATTER) if i != r and psz[r][s] else []
+              for s in range(S)] for i in range(n)]
+    grecv = [[irecv(comm, packed(gather, j, s), j, _TAG_GATHER) if j != r and psz[j][s] else []
+              for s in range(S)] for j in range(n)]
+    my_pieces = [[q for i in range(n) for q in precv[i][s]] for s in range(S)]
     sends: list = []
-    # 1. scatter: pack the other owners' chunks first, each sent as soon as it is ready.
-    for k in range(1, n + 1):
-        j = (r + k) % n
-        a, b = int(bounds[j]), int(bounds[j + 1])
+    bad = 0
+    reduced = 0                 # my segments reduced, re-compressed and sent so far
+    decoded = [0] * n           # results decompressed so far, per owner
+
+    def reduce_mine(s: int) -> int:
+        a, b = int(segs[r, s]), int(segs[r, s + 1])
         if a == b:
-            continue
-        dst = piece(r) if j == r else packed(send, j)
-        bad += comp.compress(flat[a:b], dst, None if wres is None else wres[a:b],
-                             counter=wcounter, offset=a, name=name)
-        if j != r:
-            sends += isend(comm, dst, j, _TAG_SCATTER)
-    # 2. reduce my chunk in rank order, then re-compress it with the server residual.
-    if mine:
-        acc.fill(0.0)
-        for i in range(n):
-            if i != r:
-                waitall(recvs[i], f"compressed allreduce of {_label(name)}")
-            comp.decompress(piece(i), hi - lo, acc, accumulate=True, name=name)
+            return 0
+        waitall(my_pieces[s], what)
+        part = acc[a - lo:b - lo]
+        part.fill(0.0)
+        for i in range(n):       # rank order, so the sum is the same whoever computes it
+            comp.decompress(piece(i, s), b - a, part, accumulate=True, name=name)
         if op == ReduceOp.AVERAGE and n > 1:
-            acc /= np.float32(n)
-        bad += comp.compress(acc, packed(gather, r), sres, counter=scounter, offset=lo, name=name)
-    # 3. gather: everyone decompresses the same bytes.
-    grecvs = {j: irecv(comm, packed(gather, j), j, _TAG_GATHER)
-              for j in range(n) if j != r and psize[j]}
-    if mine:
+            part /= np.float32(n)
+        out = packed(gather, r, s)
+        nb = comp.compress(part, out, None if sres is None else sres[a - lo:b - lo],
+                           counter=scounter, offset=a, name=name)
         for k in range(1, n):
-            sends += isend(comm, packed(gather, r), (r + k) % n, _TAG_GATHER)
-    for k in range(n):
-        j = (r + k) % n
-        a, b = int(bounds[j]), int(bounds[j + 1])
-        if a == b:
-            continue
+            sends.extend(isend(comm, out, (r + k) % n, _TAG_GATHER))
+        comp.decompress(out, b - a, flat[a:b], name=name)
+        return nb
+
+    def decode(j: int, s: int) -> None:
+        a, b = int(segs[j, s]), int(segs[j, s + 1])
+        if a < b:
+            waitall(grecv[j][s], what)
+            comp.decompress(packed(gather, j, s), b - a, flat[a:b], name=name)
+
+    def advance(limit: int) -> int:
+        """Without blocking: reduce my segments below limit whose pieces are in, decode results."""
+        nonlocal reduced
+        nb = 0
+        while reduced < limit and _ready(my_pieces[reduced]):
+            nb += reduce_mine(reduced)
+            reduced += 1
+        for j in range(n):
+            while j != r and decoded[j] < S and _ready(grecv[j][decoded[j]]):
+                decode(j, decoded[j])
+                decoded[j] += 1
+        return nb
+
+    # A result segment (j, s) arrives only after owner j had this rank's piece (j, s),
+    # i.e. after flat[segment] was compressed here, so decoding into flat is safe.
+    for s in range(S):
+        for k in range(1, n + 1):        # the other owners first, mine last
+            j = (r + k) % n
+            a, b = int(segs[j, s]), int(segs[j, s + 1])
+            if a == b:
+                continue
+            dst = piece(r, s) if j == r else packed(send, j, s)
+            bad += comp.compress(flat[a:b], dst, None if wres is None else wres[a:b],
+                                 counter=wcounter, offset=a, name=name)
+            if j != r:
+                sends.extend(isend(comm, dst, j, _TAG_SCATTER))
+        bad += advance(s + 1)
+    while reduced < S:                   # the others are waiting for these: first
+        bad += reduce_mine(reduced)
+        reduced += 1
+        bad += advance(S)
+    for j in range(n):
         if j != r:
-            waitall(grecvs[j], f"compressed allreduce of {_label(name)}")
-        comp.decompress(packed(gather, j), b - a, flat[a:b], name=name)
-    waitall(sends, f"compressed allreduce of {_label(name)}")
+            for s in range(decoded[j], S):
+                decode(j, s)
+    waitall(sends, what)
     return bad
+
+
+def _ready(reqs: list) -> bool:
+    return not reqs or MPI.Request.Testall(reqs)
 
 
 # -- fp16 / bf16 ----------------------------------------------------------------------------

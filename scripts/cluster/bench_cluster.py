@@ -13,7 +13,10 @@ the job by bench_cluster.sh), ``ring``, ``tree``, ``hierarchical``, ``auto``, an
 compressed ``int8``/``int4``/``onebit`` (two-sided error-feedback allreduce over all
 ranks) or ``hier+int8`` etc. (compressed between node leaders only). ``ring@1M`` (any
 size) is the ring with ``ringreduce.algorithms.ring.SEGMENT_BYTES`` set to that size for
-its calls only (a benchmark-side monkeypatch, to find the best segment size over TCP).
+its calls only (a benchmark-side monkeypatch, to find the best segment size over TCP);
+``int8@64M`` likewise sets the compressed allreduce's pipeline segment
+(``ringreduce.compression.algorithm.SEGMENT_BYTES``): 64M makes one segment per chunk at
+64 MiB, i.e. scatter, reduce and gather one after the other (the unpipelined scheme).
 
 Links: tbf rate limit only, no added delay (no netem on this kernel).
 
@@ -37,6 +40,7 @@ import numpy as np
 import ringreduce as rr    # before mpi4py.MPI: it sets up the MPI environment first
 from mpi4py import MPI  # noqa: E402
 from ringreduce.algorithms import ring as ring_mod  # noqa: E402
+from ringreduce.compression import algorithm as comp_mod  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cluster import node_link_bytes  # noqa: E402
@@ -76,7 +80,15 @@ class Column:
         self.exact = self.compression is None
 
     def __call__(self, x, y):
-        if self.segment_bytes:
+        if self.segment_bytes and self.compression is not None:
+            saved, comp_mod.SEGMENT_BYTES = comp_mod.SEGMENT_BYTES, self.segment_bytes
+            try:
+                self.rr.allreduce(x, op=self.rr.Average, algorithm=self.algorithm,
+                                  compression=self.compression, name=f"bench-{self.name}-{x.size}",
+                                  out=y)
+            finally:
+                comp_mod.SEGMENT_BYTES = saved
+        elif self.segment_bytes:
             saved, ring_mod.SEGMENT_BYTES = ring_mod.SEGMENT_BYTES, self.segment_bytes
             try:
                 self.rr.allreduce(x, op=self.rr.Sum, algorithm=self.algorithm, out=y)

@@ -121,6 +121,39 @@ def test_half_inputs_match_simulation(fmt, dtype):
                                       rr.Average))
 
 
+@pytest.mark.parametrize("segment_bytes", [256, 3 * 256])
+@pytest.mark.parametrize("fmt", QUANT)
+def test_pipelined_segments_match_simulation(fmt, segment_bytes, monkeypatch):
+    # Many segments per chunk (one or three blocks of 64 each, some chunks shorter than
+    # others so their last segments are empty; stochastic rounding and residuals carried
+    # over): the pipelined scheme must give the unsegmented simulation's bits.
+    from ringreduce.compression import algorithm
+    monkeypatch.setattr(algorithm, "SEGMENT_BYTES", segment_bytes)
+    count = 64 * (7 * N + 2) + 5
+    segs = algorithm.segment_layout(algorithm.chunk_layout(count, N, 64), 64)
+    assert segs.shape[1] - 1 > 1
+    comp = getattr(rr.Compression, fmt)(block_size=64, stochastic=True, seed=5)
+    sim = Simulation(fmt, count, N, B=64, stochastic=True, seed=5)
+    for step, op in enumerate([rr.Average, rr.Sum]):
+        tag = f"seg{step}"
+        x = make_input(R, count, np.float32, tag)
+        y = rr.allreduce(x, op=op, compression=comp, name=f"seg-{fmt}-{segment_bytes}")
+        assert_bits_equal(y, sim.step([make_input(r, count, np.float32, tag) for r in range(N)],
+                                      op))
+        assert all_ranks_identical(y)
+
+
+def test_segment_layout_is_block_aligned_and_capped(monkeypatch):
+    from ringreduce.compression import algorithm
+    bounds = algorithm.chunk_layout(10**6 + 3, 3, 256)
+    segs = algorithm.segment_layout(bounds, 256)
+    assert np.array_equal(segs[:, 0], bounds[:-1]) and np.array_equal(segs[:, -1], bounds[1:])
+    inner = segs[:, 1:-1] - segs[:, :1]
+    assert np.all(inner % 256 == 0) and np.all(np.diff(segs, axis=1) >= 0)
+    monkeypatch.setattr(algorithm, "SEGMENT_BYTES", 1024)
+    assert algorithm.segment_layout(bounds, 256).shape[1] - 1 == algorithm.MAX_SEGMENTS
+
+
 @pytest.mark.parametrize("fmt", QUANT)
 def test_no_error_feedback_matches_simulation(fmt):
     comp = getattr(rr.Compression, fmt)(error_feedback=False, stochastic=True, seed=3)
