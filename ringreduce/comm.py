@@ -21,6 +21,7 @@ if "mpi4py.MPI" not in sys.modules:
     quiet_one_sided_warnings()
 from mpi4py import MPI  # noqa: E402
 
+from . import exits  # noqa: E402
 from .buffers import ScratchPool  # noqa: E402
 from .errors import RingReduceError  # noqa: E402
 from .log import configure as _configure_logging, logger  # noqa: E402
@@ -75,6 +76,8 @@ class CommContext:
         self.node_comm, self.node_index, self.num_nodes = _split_by_node(self.main.comm)
         self.local_rank = self.node_comm.Get_rank()
         self.local_size = self.node_comm.Get_size()
+        # Matches this context with the peers' in their exit notices (ringreduce.exits).
+        self.exit_key, self.exit_ranks = exits.key_of(user_comm)
         from .algorithms import select   # the decision table, broadcast from rank 0
         select.attach(self)
 
@@ -83,6 +86,7 @@ class CommContext:
         if getattr(self, "_freed", False):
             return
         self._freed = True
+        exits.retire(self)
         self.main.free()
         self.background.free()
         self.node_comm.Free()
@@ -149,7 +153,7 @@ def init(comm: MPI.Comm | None = None) -> None:
         world = CommContext(comm)
         _configure_logging(world.rank)
         from . import faults
-        faults.install(world.rank)       # excepthooks, stall/timeout settings, timeline
+        faults.install(world.rank, comm)  # excepthooks, exit notices, stall/timeout, timeline
         _state.world = world
         _attach(comm, world)
         _state.contexts[_key(comm)] = world

@@ -12,7 +12,13 @@ rr.init() installs:
 - a shutdown step: if a collective timed out (progress.failure()), shutdown
   aborts instead of finalising, because MPI_Finalize would wait for peers that
   never answer; otherwise it stops the engine thread (aborting if it cannot be
-  stopped) and writes the timeline.
+  stopped), at interpreter exit sends the exit notice (below) and writes the
+  timeline.
+- exit notices (ringreduce.exits): a rank that ends normally (sys.exit(n), the
+  end of the script) while its peers still call collectives tells them so; a
+  peer waiting for a call the leaver never made raises RingReduceError naming
+  it ("rank 1 exited (sys.exit or end of script) at call 41 while rank 0 waits
+  in allreduce of tensor 'w' (call 42) ..."), which, uncaught, aborts the job.
 
 A disagreement that every rank sees (the mismatch check) is an ordinary,
 catchable RingReduceError; only when it goes uncaught does it abort the job.
@@ -25,13 +31,15 @@ Example::
 """
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 import threading
 import time
 
 from mpi4py import MPI
 
-from . import progress, timeline
+from . import exits, progress, timeline
 from .log import logger
 
 __all__ = ["install", "abort"]
@@ -39,13 +47,20 @@ __all__ = ["install", "abort"]
 _installed = False
 _prev_excepthook = None
 _prev_threadhook = None
+_leaving = False             # the interpreter is exiting (set by our atexit hook)
 
 
-def install(rank: int) -> None:
-    """Read the fault settings and install the hooks (idempotent; called by rr.init())."""
+def install(rank: int, comm=None) -> None:
+    """Read the fault settings and install the hooks (idempotent; called by rr.init()).
+
+    comm: the init communicator; its control duplicate carries the exit notices
+    (collective: every rank of it calls init).
+    """
     global _installed, _prev_excepthook, _prev_threadhook
     progress.configure()
     timeline.configure(rank)
+    if comm is not None:
+        exits.setup(comm)
     if _installed:
         return
     _installed = True
@@ -55,6 +70,21 @@ def install(rank: int) -> None:
     threading.excepthook = _threadhook
     from . import comm as _comm
     _comm.add_shutdown_hook(_at_shutdown)
+    # Registered after comm's atexit shutdown, so it runs first (atexit is last in, first out).
+    atexit.register(_at_exit)
+
+
+def _at_exit() -> None:
+    """The interpreter is exiting: shutdown will send the exit notice (or send it now if
+    rr.shutdown() already ran)."""
+    global _leaving
+    _leaving = True
+    from . import comm as _comm
+    if not _comm.is_initialized() and progress.failure() is None:
+        try:
+            exits.notify()
+        except Exception:
+            logger.exception("could not send the exit notice")
 
 
 def _world_rank() -> int:
@@ -82,6 +112,9 @@ def abort(message: str, code: int = 1) -> None:
         logger.exception("could not write the timeline")
     if MPI.Is_initialized() and not MPI.Is_finalized():
         MPI.COMM_WORLD.Abort(code)
+        # MPICH's MPI_Abort may return before the launcher kills us: never go on to
+        # the exit hooks and MPI_Finalize, which would wait for the peers.
+        os._exit(code)
     raise SystemExit(code)
 
 
@@ -107,6 +140,12 @@ def _at_shutdown() -> None:
     from . import comm as _comm
     from . import engine
     engine.stop_worker()
+    if _leaving:
+        # Before the timeline's gather: a peer still waiting in a later call must hear of it.
+        try:
+            exits.notify()
+        except Exception:
+            logger.exception("could not send the exit notice")
     if timeline.on and _comm.is_initialized() and not MPI.Is_finalized():
         path = timeline.flush(_comm.context().main.comm)
         if path:

@@ -10,8 +10,12 @@ sleep (at most 1 ms), which frees the core and lets the wait watch the clock:
 - after RINGREDUCE_STALL_WARNING seconds (default 60) it logs a warning; for
   the mismatch check's exchange it first asks the other ranks where they are
   (ringreduce.stall) and names the ranks that have not entered the call;
+- on every tick it takes in exit notices (ringreduce.exits): if a peer has
+  left (sys.exit, end of script) before a call this rank has entered, it
+  raises RingReduceError naming that rank at once, instead of waiting for
+  the timeout;
 - after RINGREDUCE_TIMEOUT seconds (default 600) it raises RingReduceError.
-  The peers are then in an unknown state, so the process is marked failed:
+  In both cases the peers are in an unknown state, so the process is marked failed:
   every later wait raises at once, and shutdown aborts the job instead of
   letting MPI_Finalize hang (ringreduce.faults).
 
@@ -111,7 +115,7 @@ def wait(reqs: list, what="", inspector=None) -> None:
 
 
 def _wait_slowly(reqs, what, inspector, start: float) -> None:
-    from . import stall
+    from . import exits, stall
     global _failure
     me = threading.get_ident()
     activity[me] = _text(what)
@@ -121,6 +125,11 @@ def _wait_slowly(reqs, what, inspector, start: float) -> None:
     try:
         while not MPI.Request.Testall(reqs):
             stall.serve()
+            lost = exits.check(what)
+            if lost is not None:
+                msg = f"rank {_rank()}: {lost}"
+                _failure = f"a peer has left ({msg})"
+                raise RingReduceError(msg)
             waited = time.perf_counter() - start
             if inspector is not None:
                 if not asked and waited >= 0.75 * min(_stall_warning, _timeout):

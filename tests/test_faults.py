@@ -57,6 +57,21 @@ def test_uncaught_exception_aborts_the_job(name, message):
     assert message in out and "aborting the job" in out, out[-5000:]
 
 
+def test_sys_exit_on_one_rank_ends_the_job():
+    code, out, took = _run(3, "sys_exit")
+    assert code != 0 and took < 30, (code, took, out[-5000:])
+    assert "rank 1 exited (sys.exit or end of script) at call" in out, out[-5000:]
+    assert "waits in allreduce of tensor 'w'" in out and "aborting the job" in out, out[-5000:]
+    assert "unexpectedly finished" not in out
+
+
+def test_ranks_leaving_at_different_times_after_the_same_calls_is_silent():
+    code, out, took = _run(3, "staggered_exit")
+    assert code == 0 and took < 30, (code, took, out[-5000:])
+    assert out.count("RESULT") == 4 and "RESULT rank 0 saw exits of [1, 2]" in out, out[-5000:]
+    assert "exited" not in out.replace("saw exits", "") and "abort" not in out.lower(), out[-5000:]
+
+
 def test_sigkill_ends_the_job():
     code, out, took = _run(3, "sigkill")
     assert code != 0 and took < 30, (code, took, out[-5000:])
@@ -69,17 +84,34 @@ def _events(path):
 
 
 def test_timeline_per_rank(tmp_path):
+    """Every documented event, from a run with ring, tree, shm, compressed calls and a torch step."""
     pattern = str(tmp_path / "tl.{rank}.json")
-    code, out, _ = _run(2, "timeline", RINGREDUCE_TIMELINE=pattern)
+    code, out, _ = _run(2, "timeline", timeout=120, RINGREDUCE_TIMELINE=pattern, TL_FULL="1")
     assert code == 0, out[-5000:]
-    names = set()
     for r in (0, 1):
         evs = _events(pattern.format(rank=r))
         assert {e["pid"] for e in evs} == {r}
-        names |= {e["name"] for e in evs}
+        names = {e["name"] for e in evs}
         assert all(e["dur"] >= 0 for e in evs if e["ph"] == "X")
-    assert {"fingerprint check", "allreduce", "algorithm ring", "algorithm tree", "wait",
-            "process_name"} <= names, names
+        assert {"fingerprint check", "allreduce", "algorithm ring", "algorithm tree", "wait",
+                "process_name", "ring reduce-scatter", "ring allgather", "tree exchange",
+                "shm copy in", "shm reduce", "shm gather", "compress", "decompress",
+                "bucket ready"} <= names, (r, sorted(names))
+        by = {}
+        for e in evs:
+            by.setdefault(e["name"], []).append(e)
+        assert {e["args"]["format"] for e in by["compress"]} >= {"fp16", "int8"}
+        assert all(e["args"]["elements"] > 0 and e["args"]["bytes"] > 0 for e in by["compress"])
+        assert any(e["args"].get("accumulate") for e in by["decompress"])
+        buckets = by["bucket ready"]
+        assert all(e["ph"] == "i" for e in buckets)
+        assert sum(e["args"]["tensors"] for e in buckets) == 4          # 2 weights, 2 biases
+        assert sum(e["args"]["bytes"] for e in buckets) == 4 * (8 * 16 + 16 + 16 * 2 + 2)
+        # The ring's two phases nest inside its algorithm event, one after the other.
+        ring = next(e for e in by["algorithm ring"])
+        rs = next(e for e in by["ring reduce-scatter"] if e["ts"] >= ring["ts"])
+        ag = next(e for e in by["ring allgather"] if e["ts"] >= rs["ts"])
+        assert rs["ts"] + rs["dur"] <= ag["ts"] + 1 and ag["ts"] + ag["dur"] <= ring["ts"] + ring["dur"] + 1
 
 
 def test_timeline_merged(tmp_path):

@@ -9,11 +9,15 @@ done, so the next transfer is in flight while this one is being reduced.
 
 Each finished chunk is computed on exactly one rank and copied to the others,
 so all ranks end with identical bits.
+
+Timeline: "ring reduce-scatter" covers the first n-1 hops, "ring allgather"
+the rest (the allgather's first sends start as the last reduction ends).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .. import timeline
 from ..ops import ReduceOp, finish_average, reduce_into
 from ._transfer import chunk_bounds, irecv, isend, waitall
 
@@ -39,6 +43,7 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
     scratch = chan.pool.get("ring", buf.dtype, 2 * largest)   # two halves, alternating by hop
     hops = 2 * (n - 1)
     pending_sends: dict[tuple[int, int], list] = {}
+    t0 = timeline.now() if timeline.on else 0
 
     def segment(c: int, k: int) -> np.ndarray:
         return buf[seg_bounds[c][k]:seg_bounds[c][k + 1]]
@@ -75,5 +80,10 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
                 upcoming.append(post_recv(h + 1, k))
                 post_send(h + 1, k)
         recvs = upcoming
+        if t0 and h == n - 2:
+            timeline.complete("ring reduce-scatter", t0, {"bytes": buf.nbytes, "segments": nseg})
+            t0 = timeline.now()
     for reqs in pending_sends.values():
         waitall(reqs)
+    if t0:
+        timeline.complete("ring allgather", t0, {"bytes": buf.nbytes, "segments": nseg})

@@ -21,13 +21,16 @@ writes. The window lives in chan.resources, is reused across calls and grows
 
 Only valid when every rank of the channel shares memory with the others
 (`node_local`); select.py falls back elsewhere.
+
+Timeline: "shm copy in" (phase 1 and its barrier), "shm reduce" (phase 2,
+with its barrier), "shm gather" (phase 3), per block.
 """
 from __future__ import annotations
 
 import numpy as np
 from mpi4py import MPI
 
-from .. import progress
+from .. import progress, timeline
 from ..ops import ReduceOp, combine, finish_average, reduce_into
 from . import ring, select
 
@@ -130,8 +133,12 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, src: np.ndarray | None = None
     slots = win.views(buf.dtype, count)[win.next_parity()]
     mine = slots[r]
     if buf.nbytes <= REPLICATED_MAX_BYTES:
+        t0 = timeline.now() if timeline.on else 0
         np.copyto(mine, src)
         win.sync()
+        if t0:
+            timeline.complete("shm copy in", t0, {"bytes": buf.nbytes})
+            t0 = timeline.now()
         # Rank order on every rank: identical bits everywhere.
         if n == 2:
             combine(op, slots[0], slots[1], buf)
@@ -140,18 +147,22 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, src: np.ndarray | None = None
             for j in range(1, n):
                 reduce_into(op, buf, slots[j])
         finish_average(op, buf, n)
+        if t0:
+            timeline.complete("shm reduce", t0, {"bytes": buf.nbytes, "replicated": True})
         return
     # Block by block, so one block's copies are still in cache when the peers read them
     # and the window stays small; the parity alternates per block.
     step = max(n, BLOCK_BYTES // buf.itemsize)
     views = win.views(buf.dtype, min(step, count))
+    traced = timeline.on
     for start in range(0, count, step):
         stop = min(count, start + step)
-        _block(win, views[win.next_parity()], buf[start:stop], src[start:stop], op, n, r)
+        _block(win, views[win.next_parity()], buf[start:stop], src[start:stop], op, n, r, traced)
 
 
-def _block(win, slots, buf, src, op, n: int, r: int) -> None:
+def _block(win, slots, buf, src, op, n: int, r: int, traced: bool = False) -> None:
     """Reduce-scatter then allgather one block through the window (two barriers)."""
+    t0 = timeline.now() if traced else 0
     count = buf.size
     base, extra = divmod(count, n)
     lo = r * base + min(r, extra)
@@ -163,6 +174,9 @@ def _block(win, slots, buf, src, op, n: int, r: int) -> None:
     if hi < count:
         np.copyto(mine[hi:count], src[hi:])
     win.sync()
+    if t0:
+        timeline.complete("shm copy in", t0, {"bytes": buf.nbytes})
+        t0 = timeline.now()
     # Phase 2: reduce our chunk from everyone's slot into our own slot.
     if hi > lo:
         acc = mine[lo:hi]
@@ -177,12 +191,17 @@ def _block(win, slots, buf, src, op, n: int, r: int) -> None:
                 reduce_into(op, acc, slots[j][lo:hi])
         finish_average(op, acc, n)
     win.sync()
+    if t0:
+        timeline.complete("shm reduce", t0, {"bytes": (hi - lo) * buf.itemsize})
+        t0 = timeline.now()
     # Phase 3: collect every finished chunk (ours included).
     for j in range(n):
         a = j * base + min(j, extra)
         b = a + base + (j < extra)
         if b > a:
             np.copyto(buf[a:b], slots[j][a:b])
+    if t0:
+        timeline.complete("shm gather", t0, {"bytes": buf.nbytes})
 
 
 def run(chan, buf: np.ndarray, op: ReduceOp, src: np.ndarray | None = None) -> None:

@@ -7,11 +7,15 @@ at the end). In every exchange both partners compute op(lower rank's data,
 higher rank's data), so all ranks hold identical bits. Large messages are
 exchanged in segments, each reduced as soon as it arrives while the later ones
 are still moving.
+
+Timeline: "tree fold" (ranks folded away hand over their data), one "tree
+exchange" per recursive-doubling round (args: round, peer), "tree unfold".
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .. import timeline
 from ..ops import ReduceOp, finish_average, reduce_into
 from ._transfer import irecv, isend, sendrecv, waitall
 
@@ -49,15 +53,23 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
     p = 1 << (n.bit_length() - 1)
     extra = n - p
     tmp = chan.pool.get("tree", buf.dtype, buf.size)
+    t0 = timeline.now() if timeline.on else 0
 
     if r < 2 * extra:
         if r % 2 == 0:   # folded away: hand over the data, receive the answer
             waitall(isend(comm, buf, r + 1, _TAG))
+            if t0:
+                timeline.complete("tree fold", t0, {"bytes": buf.nbytes, "peer": r + 1})
+                t0 = timeline.now()
             waitall(irecv(comm, buf, r + 1, _TAG))
+            if t0:
+                timeline.complete("tree unfold", t0, {"bytes": buf.nbytes, "peer": r + 1})
             return
         waitall(irecv(comm, tmp, r - 1, _TAG))
         reduce_into(op, buf, tmp, src_first=True)
         vrank = r // 2
+        if t0:
+            timeline.complete("tree fold", t0, {"bytes": buf.nbytes, "peer": r - 1})
     else:
         vrank = r - extra
 
@@ -67,8 +79,17 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
     mask = 1
     while mask < p:
         peer = real(vrank ^ mask)
+        if t0:
+            t0 = timeline.now()
         _exchange_reduce(comm, buf, tmp, peer, op, src_first=peer < r)
+        if t0:
+            timeline.complete("tree exchange", t0, {"bytes": buf.nbytes, "round": mask.bit_length(),
+                                                    "peer": peer})
         mask <<= 1
     finish_average(op, buf, n)
     if r < 2 * extra:
+        if t0:
+            t0 = timeline.now()
         waitall(isend(comm, buf, r - 1, _TAG))
+        if t0:
+            timeline.complete("tree unfold", t0, {"bytes": buf.nbytes, "peer": r - 1})

@@ -8,6 +8,8 @@ fixed layout (reverse registration order, a small first bucket, then up to
 bucket order, so every rank issues the same collectives in the same order no
 matter in which order autograd finishes the gradients. ``step()`` waits for the
 buckets, copies the averages back into ``.grad`` and runs the wrapped step.
+With RINGREDUCE_TIMELINE set, each launch records a "bucket ready" event
+(bucket index, name, bytes, tensor count).
 
 Example
 -------
@@ -33,6 +35,7 @@ import torch
 from torch.autograd import Variable
 
 import ringreduce as rr
+from ringreduce import timeline
 
 from ._convert import to_array
 
@@ -321,6 +324,9 @@ class _DistributedOptimizerMixin:
         return rr.Sum if self._rr_predivide != 1.0 else self._rr_op
 
     def _rr_launch(self, b):
+        if timeline.on:   # its last gradient is in (or backward ended): the allreduce starts now
+            timeline.instant("bucket ready", {"bucket": b.index, "name": b.name, "bytes": b.nbytes,
+                                              "tensors": len(b.members)})
         b.handle = rr.allreduce_async(b.buf_arr, op=self._rr_engine_op(),
                                       algorithm=self._rr_algorithm,
                                       compression=self._rr_compression, name=b.name,
