@@ -153,15 +153,19 @@ def test_parse_rate_and_names():
 @pytest.mark.mpi
 @needs_netns
 def test_hierarchical_two_by_two_halves_link_bytes(tmp_path):
-    """2 nodes x 2 ranks, 1 MiB: hierarchical is exact and sends S per link (ring: 1.5 S)."""
+    """2 nodes x 2 ranks, 1 MiB: hierarchical is exact and sends S per link (ring: 1.5 S);
+    auto picks it (the cost model across nodes) and moves the same bytes."""
     run_id = f"w{os.getpid() % 4096:x}"
-    records, _, _ = _run(run_id, 2, 2, 1, "ring,hierarchical", tmp_path)
-    rec = records["hierarchical"]
-    assert rec["ok"] and rec["max_err"] == 0.0 and rec["rr_nodes"] == 2, rec
-    # One leader per node: 2 * (2-1)/2 * S = S each way; the node-local steps stay in memory.
-    for node, (sent, received) in rec["node_bytes"].items():
-        for moved in (sent, received):
-            assert 1.0 * MIB <= moved <= 1.15 * MIB, rec["node_bytes"]
+    records, _, _ = _run(run_id, 2, 2, 1, "ring,hierarchical,auto", tmp_path)
+    assert records["auto"]["chosen"] == "hierarchical", records["auto"]
+    for alg in ("hierarchical", "auto"):
+        rec = records[alg]
+        # ok: exact on every rank and bit-identical across ranks.
+        assert rec["ok"] and rec["max_err"] == 0.0 and rec["rr_nodes"] == 2, rec
+        # One leader per node: 2 * (2-1)/2 * S = S each way; the node-local steps stay in memory.
+        for node, (sent, received) in rec["node_bytes"].items():
+            for moved in (sent, received):
+                assert 1.0 * MIB <= moved <= 1.15 * MIB, (alg, rec["node_bytes"])
 
 
 @pytest.mark.netns

@@ -6,7 +6,13 @@ candidate for a message of m bytes on n ranks:
     T_a = alpha_a * L_a(n) + beta_a * B_a(m, n) + gamma * G_a(m, n)
 
 (L: sequential steps, B: bytes moved per rank, G: bytes reduced per rank) and
-auto takes the cheapest. To keep every rank's choice identical, rank 0 loads the
+auto takes the cheapest. When the ranks span several nodes, every byte a flat
+algorithm moves may cross a node's link, so L and B are priced at the network's
+alpha and beta instead (a cross-node `--tune`'s ring fit if the tuning file has
+one, else NETWORK_DEFAULTS), and "hierarchical" joins the candidates when some
+node holds more than one rank: its B is only what the node leaders send across
+links (hierarchical.cost_terms), its node-local work is priced at gamma. With
+one node nothing changes. To keep every rank's choice identical, rank 0 loads the
 parameters once per communicator context and broadcasts a decision table: a
 list of (largest message size, algorithm) thresholds, looked up by bisection
 on every call. "mpi" is never chosen for half types, "shm" only when every rank
@@ -33,6 +39,11 @@ CANDIDATES = ("allgather", "tree", "ring", "shm", "mpi")
 
 # The allgather candidate gathers n copies: only worth pricing for small totals.
 ALLGATHER_MAX_TOTAL_BYTES = 1 << 16
+# Cross-node links when no cross-node tuning exists: 10 Gbit/s (payload 1.25 GB/s) and
+# 30 us per message step (TCP through a switch). Only the ranking matters for auto, and
+# hierarchical's advantage (fewer bytes on the links) holds at any link speed well below
+# memory bandwidth.
+NETWORK_DEFAULTS = {"alpha": 3.0e-5, "beta": 8.0e-10}
 # Message sizes the decision table is evaluated at (bytes): 0 and powers of two up to 64 GiB.
 _GRID = [0] + [1 << k for k in range(37)]
 
@@ -94,9 +105,50 @@ def predict(params: dict, algorithm: str, m: float, n: int) -> float:
     return p["alpha"] * L + p["beta"] * B + params["gamma"] * G
 
 
-def build_table(params: dict, n: int, node_local: bool, half: bool) -> list:
-    """Thresholds [(max_bytes, algorithm), ...] for auto, ascending, the last one open-ended."""
+def network(params: dict) -> dict:
+    """alpha and beta of the links between nodes: a cross-node --tune's ring fit, else defaults."""
+    measured = params.get("measured") or {}
+    if measured and not measured.get("node_local") and "ring" in params.get("algorithms", {}):
+        ring = params["algorithms"]["ring"]
+        return {"alpha": float(ring["alpha"]), "beta": float(ring["beta"])}
+    return dict(NETWORK_DEFAULTS)
+
+
+def predict_across(params: dict, algorithm: str, m: float, n: int, nodes: int,
+                   max_local: int) -> float:
+    """Predicted seconds for m bytes on n ranks spread over `nodes` nodes (nodes > 1).
+
+    Flat algorithms pay the network's alpha and beta for every step and byte (with
+    ranks in blocks per node each step crosses some link); native MPI is priced as
+    recursive doubling (log2 n steps of m bytes each), as Open MPI's default does
+    for large messages across nodes; hierarchical pays the network only for the
+    leaders' ring and gamma for the node-local steps.
+    """
+    net = network(params)
+    if algorithm == "hierarchical":
+        from .hierarchical import cost_terms
+        L, B, G = cost_terms(m, n, nodes, max_local)
+    elif algorithm == "mpi":
+        steps = math.ceil(math.log2(n)) if n > 1 else 0
+        L, B, G = float(steps), steps * m, steps * m
+    else:
+        L, B, G = terms(algorithm, m, n)
+    return net["alpha"] * L + net["beta"] * B + params["gamma"] * G
+
+
+def build_table(params: dict, n: int, node_local: bool, half: bool, nodes: int = 1,
+                max_local: int = 1) -> list:
+    """Thresholds [(max_bytes, algorithm), ...] for auto, ascending, the last one open-ended.
+
+    nodes and max_local (the most ranks on one node) matter only when nodes > 1:
+    then the links are priced at the network's alpha/beta and, if some node holds
+    several ranks, "hierarchical" is a candidate.
+    """
+    across = nodes > 1 and not node_local
     names = [a for a in CANDIDATES if (a != "shm" or node_local) and not (a == "mpi" and half)]
+    if across and max_local > 1:
+        names.append("hierarchical")
+    order = CANDIDATES + ("hierarchical",)
     measured = params.get("measured")
     points = []
     if measured and measured.get("ranks") == n and bool(measured.get("node_local")) == node_local:
@@ -104,11 +156,14 @@ def build_table(params: dict, n: int, node_local: bool, half: bool) -> list:
     picks = []
     for m in _GRID:
         options = [a for a in names if a != "allgather" or n * m <= ALLGATHER_MAX_TOTAL_BYTES]
-        seen = _nearest_measured(points, m)
-        if seen in options:
-            picks.append(seen)
+        if across:
+            best = min(options, key=lambda a: (predict_across(params, a, m, n, nodes, max_local),
+                                               order.index(a)))
         else:
-            picks.append(min(options, key=lambda a: (predict(params, a, m, n), CANDIDATES.index(a))))
+            best = min(options, key=lambda a: (predict(params, a, m, n), order.index(a)))
+        seen = _nearest_measured(points, m)
+        # A tuning sweep never times hierarchical, so its measured winners cannot overrule it.
+        picks.append(seen if seen in options and best != "hierarchical" else best)
     table = []
     for m, a in zip(_GRID, picks):
         if table and table[-1][1] == a:
@@ -156,10 +211,12 @@ def _fmt(b: int) -> str:
     return f"{b} B"
 
 
-def make_plan(params: dict, n: int, node_local: bool) -> Plan:
-    tables = {"full": build_table(params, n, node_local, False),
-              "half": build_table(params, n, node_local, True)}
-    return Plan(tables, node_local, params.get("path", params.get("source", "defaults")))
+def make_plan(params: dict, n: int, node_local: bool, nodes: int = 1, max_local: int = 1) -> Plan:
+    tables = {"full": build_table(params, n, node_local, False, nodes, max_local),
+              "half": build_table(params, n, node_local, True, nodes, max_local)}
+    plan = Plan(tables, node_local, params.get("path", params.get("source", "defaults")))
+    plan.nodes, plan.max_local = nodes, max_local
+    return plan
 
 
 def _shares_memory(ctx) -> bool:
@@ -181,15 +238,19 @@ def attach(ctx) -> Plan:
     Rank 0 reads the tuning file and broadcasts the plan, so ranks never disagree
     even if their files or environments differ.
     """
+    from mpi4py import MPI
+
     from .. import tuning
     node_local = _shares_memory(ctx)
+    nodes = ctx.num_nodes
+    max_local = ctx.main.comm.allreduce(ctx.local_size, op=MPI.MAX) if nodes > 1 else ctx.size
     plan = None
     if ctx.rank == 0:
         try:
-            plan = make_plan(tuning.load(), ctx.size, node_local)
+            plan = make_plan(tuning.load(), ctx.size, node_local, nodes, max_local)
         except Exception:   # a broken file must not leave the other ranks waiting
             logger.exception("cost model failed; using the shipped defaults")
-            plan = make_plan(tuning.DEFAULTS, ctx.size, node_local)
+            plan = make_plan(tuning.DEFAULTS, ctx.size, node_local, nodes, max_local)
     plan = ctx.main.comm.bcast(plan, root=0)
     for chan in (ctx.main, ctx.background):
         chan.resources["plan"] = plan
@@ -216,7 +277,7 @@ def choose(nbytes: int, dtype: np.dtype, n: int, chan=None) -> str:
     plan = chan.resources.get("plan") if chan is not None else None
     # With the mismatch check on, payloads this small ride in the check's own
     # allgather: one collective in all, cheaper than any algorithm after it.
-    if nbytes <= check.PIGGYBACK_BYTES and plan is not None and check.enabled():
+    if nbytes <= check.piggyback_bytes(n) and plan is not None and check.enabled():
         return "allgather"
     if plan is None:
         plan = _FALLBACK.get(n)

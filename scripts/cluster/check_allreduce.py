@@ -6,12 +6,13 @@ against a numpy reference on every rank, checks that all ranks hold identical bi
 measures the bytes each node's link sent/received during the call (from the interface
 counters, read inside the namespace). Rank 0 prints one JSON line per algorithm::
 
-    {"algorithm": "mpi", "mib": 4.0, "ok": true, "max_err": 0.0, "seconds": [...],
+    {"algorithm": "mpi", "chosen": "mpi", "mib": 4.0, "ok": true, "max_err": 0.0, "seconds": [...],
      "node_bytes": {"rrc-ab12-n0": [sent, received], ...}, "nodes": 2, "ranks": 2,
      "shared_groups": 2, "rr_nodes": 2}
 
 nodes counts distinct RRC_NODE values, shared_groups MPI's COMM_TYPE_SHARED groups and
-rr_nodes ringreduce's node count (None when only "mpi" ran).
+rr_nodes ringreduce's node count (None when only "mpi" ran); chosen is what "auto"
+resolved to (the algorithm itself otherwise).
 
 Example::
 
@@ -95,8 +96,13 @@ def main() -> int:
         digests = comm.allgather(hashlib.sha1(y.tobytes()).hexdigest())
         ok = comm.allreduce(bool(err == 0.0) and len(set(digests)) == 1, op=MPI.LAND)
         per_node = comm.gather((node, (moved // a.iters).tolist()) if reader else None, root=0)
+        chosen = alg
+        if alg == "auto":     # what auto resolved to (the same on every rank)
+            from ringreduce.algorithms import select
+            from ringreduce.comm import context
+            chosen = select.choose(x.nbytes, x.dtype, size, context().main)
         if rank == 0:
-            print(json.dumps({"algorithm": alg, "mib": a.mib, "dtype": a.dtype, "ok": ok,
+            print(json.dumps({"algorithm": alg, "chosen": chosen, "mib": a.mib, "dtype": a.dtype, "ok": ok,
                               "max_err": err, "seconds": times, "nodes": len(set(nodes)),
                               "ranks": size, "shared_groups": shared_groups, "rr_nodes": rr_nodes,
                               "node_bytes": dict(v for v in per_node if v)}), flush=True)
