@@ -2,6 +2,7 @@
 fault ends the whole job with a non-zero exit within 30 s, naming the rank. Also the timeline."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ from mpi_util import HERE, run_mpi
 
 SCENARIO = str(HERE / "fault_cases" / "scenario.py")
 pytestmark = pytest.mark.mpi
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def _run(np_, name, timeout=60, **env):
@@ -95,23 +97,26 @@ def test_timeline_per_rank(tmp_path):
         assert all(e["dur"] >= 0 for e in evs if e["ph"] == "X")
         assert {"fingerprint check", "allreduce", "algorithm ring", "algorithm tree", "wait",
                 "process_name", "ring reduce-scatter", "ring allgather", "tree exchange",
-                "shm copy in", "shm reduce", "shm gather", "compress", "decompress",
-                "bucket ready"} <= names, (r, sorted(names))
+                "shm copy in", "shm reduce", "shm gather", "compress", "decompress"} <= names, \
+            (r, sorted(names))
         by = {}
         for e in evs:
             by.setdefault(e["name"], []).append(e)
         assert {e["args"]["format"] for e in by["compress"]} >= {"fp16", "int8"}
         assert all(e["args"]["elements"] > 0 and e["args"]["bytes"] > 0 for e in by["compress"])
         assert any(e["args"].get("accumulate") for e in by["decompress"])
-        buckets = by["bucket ready"]
-        assert all(e["ph"] == "i" for e in buckets)
-        assert sum(e["args"]["tensors"] for e in buckets) == 4          # 2 weights, 2 biases
-        assert sum(e["args"]["bytes"] for e in buckets) == 4 * (8 * 16 + 16 + 16 * 2 + 2)
         # The ring's two phases nest inside its algorithm event, one after the other.
         ring = next(e for e in by["algorithm ring"])
         rs = next(e for e in by["ring reduce-scatter"] if e["ts"] >= ring["ts"])
         ag = next(e for e in by["ring allgather"] if e["ts"] >= rs["ts"])
         assert rs["ts"] + rs["dur"] <= ag["ts"] + 1 and ag["ts"] + ag["dur"] <= ring["ts"] + ring["dur"] + 1
+        if not HAVE_TORCH:      # the MPICH CI venv has no torch
+            continue
+        assert "bucket ready" in names, (r, sorted(names))
+        buckets = by["bucket ready"]
+        assert all(e["ph"] == "i" for e in buckets)
+        assert sum(e["args"]["tensors"] for e in buckets) == 4          # 2 weights, 2 biases
+        assert sum(e["args"]["bytes"] for e in buckets) == 4 * (8 * 16 + 16 + 16 * 2 + 2)
 
 
 def test_timeline_merged(tmp_path):
@@ -123,4 +128,6 @@ def test_timeline_merged(tmp_path):
     calls = [e for e in evs if e["name"] == "allreduce"]
     assert {e["args"]["name"] for e in calls} >= {"warm", "t.ring", "t.tree", "t.late", "t.async"}
     assert any(e["name"] == "fingerprint check" and e["tid"] == "ringreduce-engine" for e in evs)
+    # 3 ranks: the tree folds rank 0 into rank 1 and hands it the result at the end.
+    assert {"tree fold", "tree exchange", "tree unfold"} <= {e["name"] for e in evs if e["pid"] < 2}
     assert not os.path.exists(path + ".rank0")

@@ -2,6 +2,7 @@
 
 Each prints "RESULT ..." lines the test checks; the fault ones must end the job.
 """
+import importlib.util
 import os
 import signal
 import sys
@@ -119,7 +120,8 @@ def timeline():
             y = rr.allreduce(np.ones(count, np.float32), op=rr.Sum, algorithm="shm",
                              name=f"t.shm.{count}")
             assert (y == N).all()
-        _torch_step()
+        if importlib.util.find_spec("torch") is not None:   # the MPICH CI venv has no torch
+            _torch_step()
     print(f"RESULT rank {R} done", flush=True)
 
 
