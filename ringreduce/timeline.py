@@ -5,10 +5,19 @@ writes its own file (``/tmp/tl.{rank}.json``); without it rank 0 gathers every
 rank's events at shutdown and writes one merged file (one process per rank).
 Open the file in https://ui.perfetto.dev or chrome://tracing.
 
-Events (each a complete event with a duration, on a track per thread):
-"bucket ready" (torch helper), "fingerprint check", "compress", one event per
-algorithm phase (e.g. "ring reduce-scatter"), "allreduce" (the whole call),
-"wait" (an MPI wait that did not finish at once), "decompress".
+Events (complete events with a duration, on a track per thread, unless noted):
+
+- "allreduce": the whole call (name, algorithm, bytes, compression, call number);
+- "fingerprint check": the mismatch check's exchange (ringreduce.check);
+- "algorithm <name>": the algorithm's run, and inside it one event per phase:
+  "ring reduce-scatter" and "ring allgather"; "tree fold", one "tree
+  exchange" per recursive-doubling round, "tree unfold"; "shm copy in",
+  "shm reduce", "shm gather" (per block);
+- "compress", "decompress": each kernel call of the compressed paths
+  (ringreduce.kernels; format, elements, packed bytes);
+- "bucket ready": an instant event when the torch DistributedOptimizer launches
+  a bucket's allreduce (bucket index, name, bytes, tensor count);
+- "wait": an MPI wait that did not finish at once (ringreduce.progress).
 
 Cheap when off: every call site tests the module flag ``timeline.on`` first,
 so the cost is one attribute load.
