@@ -118,22 +118,27 @@ def predict_across(params: dict, algorithm: str, m: float, n: int, nodes: int,
                    max_local: int) -> float:
     """Predicted seconds for m bytes on n ranks spread over `nodes` nodes (nodes > 1).
 
-    Flat algorithms pay the network's alpha and beta for every step and byte (with
-    ranks in blocks per node each step crosses some link); native MPI is priced as
+    Flat algorithms pay the network's beta for every byte (with ranks in blocks per
+    node each step crosses some link) and, per step, their own alpha (the software
+    overhead the local fit measured) plus the network's; native MPI is priced as
     recursive doubling (log2 n steps of m bytes each), as Open MPI's default does
-    for large messages across nodes; hierarchical pays the network only for the
-    leaders' ring and gamma for the node-local steps.
+    across nodes; hierarchical pays the network only for the leaders' ring and
+    gamma for the node-local steps.
     """
     net = network(params)
+    own = params["algorithms"]
     if algorithm == "hierarchical":
         from .hierarchical import cost_terms
         L, B, G = cost_terms(m, n, nodes, max_local)
+        alpha = own["ring"]["alpha"]
     elif algorithm == "mpi":
         steps = math.ceil(math.log2(n)) if n > 1 else 0
         L, B, G = float(steps), steps * m, steps * m
+        alpha = own["mpi"]["alpha"]
     else:
         L, B, G = terms(algorithm, m, n)
-    return net["alpha"] * L + net["beta"] * B + params["gamma"] * G
+        alpha = own[algorithm]["alpha"]
+    return (alpha + net["alpha"]) * L + net["beta"] * B + params["gamma"] * G
 
 
 def build_table(params: dict, n: int, node_local: bool, half: bool, nodes: int = 1,

@@ -4,7 +4,10 @@
 # For each layout: one full sweep (4 KiB..64 MiB; native default, ring, tree, hierarchical,
 # int8/int4/onebit, plus hier+int8/hier+onebit when M > 1), then one 64 MiB run per forced
 # native algorithm (coll_tuned_allreduce_algorithm N), each with ring/int8/onebit
-# interleaved as the same-run reference. Every run holds /work/bench.lock and is bounded.
+# interleaved as the same-run reference. EXTRA_COLS (default: auto and the unpipelined
+# compressed allreduce int8@64M/onebit@64M, for before/after in the same run) join every
+# sweep; the @64M ones join the forced runs too. Every run holds /work/bench.lock and is
+# bounded.
 # Links: tbf rate limit only, no added delay (no netem on this kernel).
 set -u
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -12,6 +15,7 @@ out=${1:?usage: bench_cluster.sh OUTDIR [KxM@RATE ...]}; shift
 layouts=${*:-2x1@1gbit 4x1@1gbit 2x2@1gbit 2x1@10gbit 4x1@10gbit}
 FORCED=${FORCED:-"4 5 6"}      # Open MPI tuned allreduce: 4 ring, 5 segmented ring, 6 rabenseifner
 REPS=${REPS:-5}
+EXTRA_COLS=${EXTRA_COLS-auto,int8@64M,onebit@64M}
 mkdir -p "$out"
 run() {  # run NAME K M RATE TIMEOUT [--mpi-arg ...] -- bench args
     local name=$1 k=$2 m=$3 rate=$4 limit=$5; shift 5
@@ -28,13 +32,16 @@ for lay in $layouts; do
     gbit=$(python -c "import sys;r=sys.argv[1];print(float(r[:-4])*(1 if r.endswith('gbit') else 1e-3))" "$rate")
     cols=mpi,ring,tree,hierarchical,int8,int4,onebit
     [ "$m" -gt 1 ] && cols=$cols,hier+int8,hier+onebit
+    [ -n "$EXTRA_COLS" ] && cols=$cols,$EXTRA_COLS
+    fcols=mpi,ring,int8,onebit
+    for c in ${EXTRA_COLS//,/ }; do case $c in *@*) fcols=$fcols,$c ;; esac; done
     run "${km}_${rate}_sweep" "$k" "$m" "$rate" 240 -- -b 4K -e 64M -f 4 -r "$REPS" -a "$cols" \
         --rate-gbit "$gbit" --floor --label "native=default"
     for alg in $FORCED; do
         run "${km}_${rate}_forced$alg" "$k" "$m" "$rate" 150 \
             --mpi-arg=--mca --mpi-arg=coll_tuned_use_dynamic_rules --mpi-arg=1 \
             --mpi-arg=--mca --mpi-arg=coll_tuned_allreduce_algorithm --mpi-arg="$alg" -- \
-            -b 64M -e 64M -r "$REPS" -a mpi,ring,int8,onebit --rate-gbit "$gbit" \
+            -b 64M -e 64M -r "$REPS" -a "$fcols" --rate-gbit "$gbit" \
             --label "native=forced$alg"
     done
 done
