@@ -3,10 +3,12 @@
 // The Python wrapper (ringreduce/kernels.py) validates formats, dtypes and
 // sizes and gives friendly errors; the checks here only keep a bad call from
 // touching memory it does not own.  Every kernel runs without the GIL.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -156,6 +158,65 @@ void reduce(int op, int dtype, py::buffer dst, py::buffer src, int64_t n) {
   g_kernels.reduce(op, dtype, bd.ptr, bs.ptr, n);
 }
 
+// ---- the tiny-allreduce fast path (ringreduce/collectives.py) ---------------
+// A tiny allreduce is one allgather of fixed-width rows: the call's fingerprint
+// (kHeaderFields int64) then the payload.  These two calls do the per-call work
+// around that allgather in one step each, because at a few bytes the Python
+// object work (views, slices, ufunc dispatch) costs several times the MPI call.
+constexpr int64_t kHeaderFields = 9;
+constexpr int64_t kHeaderBytes = kHeaderFields * 8;
+
+// Writes [seq, kind, count, dtype, op, algorithm, name, shape, 0] and x's bytes
+// into the send row.
+void small_pack(py::array send, py::array x, int64_t seq, int64_t dtype_code, int64_t op,
+                int64_t algorithm_hash, int64_t name_hash, int64_t shape_hash) {
+  if (!(x.flags() & py::array::c_style)) throw std::invalid_argument("x must be C-contiguous");
+  int64_t nbytes = x.nbytes();
+  need(send.nbytes(), kHeaderBytes + nbytes, "send");
+  int64_t h[kHeaderFields] = {seq, 1, (int64_t)x.size(), dtype_code, op, algorithm_hash,
+                              name_hash, shape_hash, 0};
+  auto* dst = static_cast<uint8_t*>(send.mutable_data());
+  memcpy(dst, h, sizeof h);
+  if (nbytes) memcpy(dst + kHeaderBytes, x.data(), nbytes);
+}
+
+// Average: x / n in the dtype, as numpy's divide does it (half types via fp32).
+void divide_by(void* p, int dtype, int64_t n, int64_t count) {
+  switch (dtype) {
+    case rr::DT_F32: { auto* d = static_cast<float*>(p); float k = (float)count;
+      for (int64_t i = 0; i < n; ++i) d[i] = d[i] / k; break; }
+    case rr::DT_F64: { auto* d = static_cast<double*>(p); double k = (double)count;
+      for (int64_t i = 0; i < n; ++i) d[i] = d[i] / k; break; }
+    case rr::DT_F16: { auto* d = static_cast<uint16_t*>(p); float k = rr::f16_to_f32(rr::f32_to_f16((float)count));
+      for (int64_t i = 0; i < n; ++i) d[i] = rr::f32_to_f16(rr::f16_to_f32(d[i]) / k); break; }
+    case rr::DT_BF16: { auto* d = static_cast<uint16_t*>(p); float k = rr::bf16_to_f32(rr::f32_to_bf16((float)count));
+      for (int64_t i = 0; i < n; ++i) d[i] = rr::f32_to_bf16(rr::bf16_to_f32(d[i]) / k); break; }
+    default: throw std::invalid_argument("Average needs a float dtype");
+  }
+}
+
+// Checks that every rank's header row equals row 0 (false: a mismatch, out
+// untouched), then out = op over the payload rows in rank order (/ n for Average).
+bool small_finish(py::array recv, int64_t width, int64_t nranks, py::array out, int dtype, int op,
+                  bool average, bool compare) {
+  if (op < rr::OP_SUM || op > rr::OP_MAX) throw std::invalid_argument("unknown op code");
+  int64_t nbytes = out.nbytes();
+  if (!(out.flags() & py::array::c_style) || !out.writeable())
+    throw std::invalid_argument("out must be C-contiguous and writable");
+  need(width, kHeaderBytes + nbytes, "row width");
+  need(recv.nbytes(), nranks * width, "recv");
+  const auto* rows = static_cast<const uint8_t*>(recv.data());
+  if (compare)
+    for (int64_t r = 1; r < nranks; ++r)
+      if (memcmp(rows, rows + r * width, kHeaderBytes) != 0) return false;
+  int64_t n = nbytes / dtype_size(dtype);
+  void* d = out.mutable_data();
+  memcpy(d, rows + kHeaderBytes, nbytes);
+  for (int64_t r = 1; r < nranks; ++r) g_kernels.reduce(op, dtype, d, rows + r * width + kHeaderBytes, n);
+  if (average && nranks > 1) divide_by(d, dtype, n, nranks);
+  return true;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -173,6 +234,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("supported_isas", &supported_isas);
   m.def("decompress_accumulate", &decompress_accumulate);
   m.def("reduce", &reduce);
+  m.def("small_pack", &small_pack);
+  m.def("small_finish", &small_finish);
   m.def("packed_nbytes", [](int fmt, int64_t n, int64_t block_size) {
     check_fmt(fmt, block_size);
     return rr::packed_nbytes(fmt, n, block_size);

@@ -22,14 +22,23 @@ from .errors import RingReduceError
 FIELDS = ("call number", "collective", "count", "dtype", "op", "algorithm", "name", "shape",
           "compression")
 NFIELDS = len(FIELDS)
-# Every fingerprint exchange has this one width, whatever the call, so ranks that
-# disagree about the call still make matching MPI calls (never a truncation or hang).
-# Payloads up to PIGGYBACK_BYTES travel inside it (the "allgather" algorithm).
-PIGGYBACK_BYTES = 1024
+HEADER_BYTES = 8 * NFIELDS
 KINDS = {"allreduce": 1, "broadcast": 2, "broadcast_object": 3, "allgather_object": 4,
          "error": 99}
 ERROR_KIND = KINDS["error"]
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
+
+
+def piggyback_bytes(n: int) -> int:
+    """Payload bytes that ride inside the fingerprint allgather on n ranks.
+
+    Every fingerprint exchange on a communicator has one width, whatever the call,
+    so ranks that disagree about the call still make matching MPI calls (never a
+    truncation or a hang). Payloads up to this size travel inside it (the
+    "allgather" algorithm): 4 KiB up to 4 ranks, then less, so that each rank
+    receives at most 16 KiB per call however many ranks there are.
+    """
+    return max(256, min(4096, 16384 // max(n, 1)))
 
 
 # Read per call (tests and users flip it at run time) from the raw mapping behind
@@ -79,11 +88,11 @@ def exchange(chan, header: np.ndarray, payload: np.ndarray | None = None, name: 
     some ranks never enter warns after RINGREDUCE_STALL_WARNING seconds, naming
     them (ringreduce.stall), and times out after RINGREDUCE_TIMEOUT.
 
-    Returns (table of shape (n, NFIELDS), payload rows of shape (n, PIGGYBACK_BYTES) uint8).
+    Returns (table of shape (n, NFIELDS), payload rows of shape (n, piggyback_bytes(n)) uint8).
     """
     t0 = timeline.now() if timeline.on else 0
     hbytes = header.nbytes
-    width = hbytes + PIGGYBACK_BYTES
+    width = hbytes + piggyback_bytes(chan.size)
     send = chan.pool.get("check-send", np.uint8, width)
     recv = chan.pool.get("check-recv", np.uint8, chan.size * width)
     send[:hbytes] = header.view(np.uint8)

@@ -6,20 +6,18 @@ channel; the background engine runs the same code on the "background" channel.
 """
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 from mpi4py import MPI
 
 from . import check, timeline
-from . import device, gpu
+from . import device, gpu, kernels
 from .algorithms import RUNNERS, SOURCE_RUNNERS, allgather, select
 from .algorithms import mpi as native
 from .algorithms._transfer import message_slices
 from .buffers import HALF_DTYPES, SUPPORTED_DTYPES, check_array, dtype_code, is_integer
 from .comm import Channel, context
 from .errors import RingReduceError
-from .ops import Average, ReduceOp, finish_average, ufunc
+from .ops import Average, ReduceOp
 
 __all__ = ["allreduce", "allreduce_", "broadcast_", "broadcast_object", "allgather_object"]
 
@@ -62,8 +60,8 @@ def _prepare_output(chan: Channel, x, out, name, inplace: bool, defer: bool = Fa
 def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=None,
                  name=None, out=None, inplace=False) -> np.ndarray:
     """allreduce on a given channel (the engine's entry point for both threads)."""
-    if (type(x) is np.ndarray and x.nbytes <= check.PIGGYBACK_BYTES and compression is None
-            and out is None and algorithm in ("auto", None) and not timeline.on):
+    if (type(x) is np.ndarray and compression is None and out is None
+            and algorithm in ("auto", None)):
         y = _small_allreduce(chan, x, op, name, inplace)
         if y is not None:
             return y
@@ -98,7 +96,7 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
     if check.enabled():
         header = check.fingerprint(seq, "allreduce", flat.size, dtype_code(buf.dtype), int(op),
                                    fp_algorithm, name, buf.shape, comp)
-        piggyback = (algorithm == "allgather" and flat.nbytes <= check.PIGGYBACK_BYTES
+        piggyback = (algorithm == "allgather" and flat.nbytes <= check.piggyback_bytes(chan.size)
                      and not on_device)
         table, rows = check.exchange(chan, header, flat if piggyback else None, name=name)
         _raise_if_mismatch(chan, table, "allreduce", buf, op, fp_algorithm, name, seq, comp)
@@ -124,11 +122,28 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
     return buf
 
 
-_HDR = struct.Struct(f"{check.NFIELDS}q")
+# The tiny path's tables: dtype -> (fingerprint code, kernel code); op -> (code, kernel op, average).
+_SMALL_DTYPES = {dt: (code, kernels._NP_DT[dt]) for dt, code in SUPPORTED_DTYPES.items()}
+_KERNEL_OP = {ReduceOp.SUM: "sum", ReduceOp.AVERAGE: "sum", ReduceOp.MIN: "min", ReduceOp.MAX: "max"}
+_SMALL_OPS = {key: (int(op), kernels._OPS[_KERNEL_OP[op]], op == Average)
+              for op in ReduceOp for key in (op, int(op))}
 _AUTO_HASH = check._hash("allgather")
-_UFUNCS = {int(op): ufunc(op) for op in ReduceOp}
-_OPCODES = {op: int(op) for op in ReduceOp} | {int(op): int(op) for op in ReduceOp}
-_AVERAGE = int(Average)
+_SHAPE_HASHES: dict = {}
+
+
+class _TinyRows:
+    """The tiny path's fixed-width send and receive rows, one pair per channel.
+
+    Each call posts a plain Iallgather of the check's width: the very call that
+    check.exchange makes, so it matches whatever another rank does at that call
+    (a persistent request would not match their Iallgather).
+    """
+
+    def __init__(self, chan: Channel):
+        self.width = check.HEADER_BYTES + check.piggyback_bytes(chan.size)
+        self.limit = self.width - check.HEADER_BYTES
+        self.send = np.zeros(self.width, np.uint8)
+        self.recv = np.zeros(chan.size * self.width, np.uint8)
 
 
 def _small_allreduce(chan: Channel, x: np.ndarray, op, name, inplace: bool):
@@ -136,56 +151,37 @@ def _small_allreduce(chan: Channel, x: np.ndarray, op, name, inplace: bool):
 
     It makes exactly the call the general path makes for "auto" at this size (same
     fingerprint, payload piggybacked, rows reduced in rank order with the same
-    ufuncs), minus the per-call Python work that dominates at a few bytes.
+    arithmetic as numpy), with the per-call work done in two C++ calls: at a few
+    bytes, Python object work would cost several times the MPI call itself.
     """
-    code = SUPPORTED_DTYPES.get(x.dtype)
-    opcode = _OPCODES.get(op)
-    if (code is None or opcode is None or "plan" not in chan.resources or not x.flags.c_contiguous
-            or (opcode == _AVERAGE and x.dtype.kind in "iu") or not check.enabled()
-            or select.requested("auto", chan.rank) != "auto"
-            or (inplace and not x.flags.writeable)):
-        return None
-    nbytes = x.nbytes
-    small = chan.resources.get("small-allreduce")
-    if small is None:
-        width = _HDR.size + check.PIGGYBACK_BYTES
-        send = np.zeros(width, np.uint8)
-        recv = np.zeros(chan.size * width, np.uint8)
-        small = chan.resources["small-allreduce"] = (send, memoryview(send), recv, width, {})
-    send, send_mv, recv, width, views = small
-    seq = chan.next_seq()
-    hb = _HDR.size
-    _HDR.pack_into(send, 0, seq, 1, x.size, code, opcode, _AUTO_HASH, check._hash(name),
-                   check._hash(x.shape), 0)
-    if nbytes:
-        # via a uint8 view: the buffer protocol has no code for ml_dtypes' bfloat16
-        send_mv[hb:hb + nbytes] = memoryview(x.view(np.uint8)).cast("B")
-    check.finish(chan, chan.comm.Iallgather(send, recv), seq, 1, name)
-    head = recv[:hb].tobytes()
-    for i in range(1, chan.size):
-        if recv[i * width:i * width + hb].tobytes() != head:
-            table = recv.reshape(chan.size, width)[:, :hb].copy().view(np.int64)
-            _raise_if_mismatch(chan, table, "allreduce", x, ReduceOp(opcode), "allgather", name, seq)
-    # Typed views of each rank's payload row, cached per (dtype, size): they repeat every step.
-    key = (x.dtype, nbytes)
-    rows = views.get(key)
+    codes = _SMALL_DTYPES.get(x.dtype)
+    ops = _SMALL_OPS.get(op)
+    rows = chan.resources.get("tiny-rows")
     if rows is None:
-        if len(views) > 64:
-            views.clear()
-        rows = views[key] = [recv[i * width + hb:i * width + hb + nbytes].view(x.dtype)
-                             for i in range(chan.size)]
+        if kernels._C is None or "plan" not in chan.resources:
+            return None
+        rows = chan.resources["tiny-rows"] = _TinyRows(chan)
+    if (codes is None or ops is None or x.nbytes > rows.limit or not x.flags.c_contiguous
+            or (ops[2] and x.dtype.kind in "iu") or (inplace and not x.flags.writeable)
+            or timeline.on or select.requested("auto", chan.rank) != "auto"):
+        return None
+    shape_hash = _SHAPE_HASHES.get(x.shape)
+    if shape_hash is None:
+        shape_hash = check._hash(x.shape)
+        if len(_SHAPE_HASHES) < 4096:
+            _SHAPE_HASHES[x.shape] = shape_hash
+    seq = chan.next_seq()
+    C = kernels._C
+    C.small_pack(rows.send, x, seq, codes[0], ops[0], _AUTO_HASH,
+                 0 if name is None else check._hash(name), shape_hash)
+    check.finish(chan, chan.comm.Iallgather(rows.send, rows.recv), seq, 1, name)
     buf = x if inplace else np.empty_like(x)
-    flat = buf if buf.ndim == 1 else buf.reshape(-1)
-    # Same arithmetic as allgather.reduce_rows: op(row0, row1), then op(acc, row_i) in rank order.
-    fn = _UFUNCS[opcode]
-    if chan.size == 1:
-        np.copyto(flat, rows[0])
-    else:
-        fn(rows[0], rows[1], out=flat)
-        for i in range(2, chan.size):
-            fn(flat, rows[i], out=flat)
-    if opcode == _AVERAGE:
-        finish_average(ReduceOp.AVERAGE, flat, chan.size)
+    if not C.small_finish(rows.recv, rows.width, chan.size, buf, codes[1], ops[1], ops[2], True):
+        if check.enabled():
+            table = rows.recv.reshape(chan.size, rows.width)[:, :check.HEADER_BYTES]
+            _raise_if_mismatch(chan, table.copy().view(np.int64), "allreduce", x,
+                               ReduceOp(ops[0]), "allgather", name, seq)
+        C.small_finish(rows.recv, rows.width, chan.size, buf, codes[1], ops[1], ops[2], False)
     return buf
 
 
@@ -254,6 +250,12 @@ def allreduce(x, op=Average, algorithm: str = "auto", compression=None, name: st
         rr.init()
         y = rr.allreduce(np.arange(10, dtype=np.float32) * rr.rank(), op=rr.Average)
     """
+    if type(x) is np.ndarray and compression is None and out is None and algorithm == "auto":
+        # The tiny path first, outside allreduce_on's error sharing: it rejects by
+        # returning None, and anything it raises comes after the exchange.
+        y = _small_allreduce(context(comm).main, x, op, name, False)
+        if y is not None:
+            return y
     return allreduce_on(context(comm).main, x, op, algorithm, compression, name, out)
 
 
@@ -266,6 +268,10 @@ def allreduce_(x: np.ndarray, op=Average, algorithm: str = "auto", compression=N
         grad = np.ones(1000, dtype=np.float32)
         rr.allreduce_(grad, op=rr.Sum)     # grad == rr.size() everywhere
     """
+    if type(x) is np.ndarray and compression is None and algorithm == "auto":
+        y = _small_allreduce(context(comm).main, x, op, name, True)
+        if y is not None:
+            return y
     return allreduce_on(context(comm).main, x, op, algorithm, compression, name, inplace=True)
 
 
