@@ -60,9 +60,8 @@ def _prepare_output(chan: Channel, x, out, name, inplace: bool, defer: bool = Fa
 def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=None,
                  name=None, out=None, inplace=False) -> np.ndarray:
     """allreduce on a given channel (the engine's entry point for both threads)."""
-    if (type(x) is np.ndarray and compression is None and out is None
-            and algorithm in ("auto", None)):
-        y = _small_allreduce(chan, x, op, name, inplace)
+    if type(x) is np.ndarray and compression is None and algorithm in ("auto", None):
+        y = _small_allreduce(chan, x, op, name, inplace, out)
         if y is not None:
             return y
     t0 = timeline.now() if timeline.on else 0
@@ -122,8 +121,9 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
     return buf
 
 
-# The tiny path's tables: dtype -> (fingerprint code, kernel code); op -> (code, kernel op, average).
-_SMALL_DTYPES = {dt: (code, kernels._NP_DT[dt]) for dt, code in SUPPORTED_DTYPES.items()}
+# The tiny path's tables: dtype -> (fingerprint code, kernel code, integer?); op -> (code, kernel op, average).
+_SMALL_DTYPES = {dt: (code, kernels._NP_DT[dt], dt.kind in "iu") for dt, code in SUPPORTED_DTYPES.items()}
+_RAW_ENV = check._RAW_ENV      # RINGREDUCE_ALGORITHM is only parsed when it is set
 _KERNEL_OP = {ReduceOp.SUM: "sum", ReduceOp.AVERAGE: "sum", ReduceOp.MIN: "min", ReduceOp.MAX: "max"}
 _SMALL_OPS = {key: (int(op), kernels._OPS[_KERNEL_OP[op]], op == Average)
               for op in ReduceOp for key in (op, int(op))}
@@ -146,7 +146,7 @@ class _TinyRows:
         self.recv = np.zeros(chan.size * self.width, np.uint8)
 
 
-def _small_allreduce(chan: Channel, x: np.ndarray, op, name, inplace: bool):
+def _small_allreduce(chan: Channel, x: np.ndarray, op, name, inplace: bool, out=None):
     """The latency path for payloads that fit in the check's allgather, or None to take the long way.
 
     It makes exactly the call the general path makes for "auto" at this size (same
@@ -162,9 +162,15 @@ def _small_allreduce(chan: Channel, x: np.ndarray, op, name, inplace: bool):
             return None
         rows = chan.resources["tiny-rows"] = _TinyRows(chan)
     if (codes is None or ops is None or x.nbytes > rows.limit or not x.flags.c_contiguous
-            or (ops[2] and x.dtype.kind in "iu") or (inplace and not x.flags.writeable)
-            or timeline.on or select.requested("auto", chan.rank) != "auto"):
+            or (ops[2] and codes[2]) or (inplace and not x.flags.writeable) or timeline.on):
         return None
+    if (_RAW_ENV is None or b"RINGREDUCE_ALGORITHM" in _RAW_ENV) and \
+            select.requested("auto", chan.rank) != "auto":
+        return None
+    if out is not None and (type(out) is not np.ndarray or out.shape != x.shape
+                            or out.dtype != x.dtype or not out.flags.c_contiguous
+                            or not out.flags.writeable):
+        return None           # the general path explains what is wrong with `out`
     shape_hash = _SHAPE_HASHES.get(x.shape)
     if shape_hash is None:
         shape_hash = check._hash(x.shape)
@@ -174,8 +180,10 @@ def _small_allreduce(chan: Channel, x: np.ndarray, op, name, inplace: bool):
     C = kernels._C
     C.small_pack(rows.send, x, seq, codes[0], ops[0], _AUTO_HASH,
                  0 if name is None else check._hash(name), shape_hash)
-    check.finish(chan, chan.comm.Iallgather(rows.send, rows.recv), seq, 1, name)
-    buf = x if inplace else np.empty_like(x)
+    req = chan.comm.Iallgather(rows.send, rows.recv)
+    if not req.Test():
+        check.finish(chan, req, seq, 1, name)
+    buf = x if inplace else out if out is not None else np.empty_like(x)
     if not C.small_finish(rows.recv, rows.width, chan.size, buf, codes[1], ops[1], ops[2], True):
         if check.enabled():
             table = rows.recv.reshape(chan.size, rows.width)[:, :check.HEADER_BYTES]
@@ -250,10 +258,10 @@ def allreduce(x, op=Average, algorithm: str = "auto", compression=None, name: st
         rr.init()
         y = rr.allreduce(np.arange(10, dtype=np.float32) * rr.rank(), op=rr.Average)
     """
-    if type(x) is np.ndarray and compression is None and out is None and algorithm == "auto":
+    if type(x) is np.ndarray and compression is None and algorithm == "auto":
         # The tiny path first, outside allreduce_on's error sharing: it rejects by
         # returning None, and anything it raises comes after the exchange.
-        y = _small_allreduce(context(comm).main, x, op, name, False)
+        y = _small_allreduce(context(comm).main, x, op, name, False, out)
         if y is not None:
             return y
     return allreduce_on(context(comm).main, x, op, algorithm, compression, name, out)

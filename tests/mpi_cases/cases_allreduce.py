@@ -129,7 +129,7 @@ def test_freed_sub_communicator_takes_its_context_along():
 @pytest.mark.parametrize("check", ["1", "0"])
 def test_small_path_matches_general_path(dtype, check, monkeypatch):
     # The latency path for tiny payloads (C++ pack and reduce around one allgather)
-    # and the general one (out=) give the same bits, up to the piggyback limit and past
+    # and the general one (a strided input) give the same bits, up to the piggyback limit and past
     # it. With the check off the general path may pick another algorithm (another
     # summation order), so there only numpy and the ranks' agreement are checked.
     monkeypatch.setenv("RINGREDUCE_CHECK", check)
@@ -141,8 +141,12 @@ def test_small_path_matches_general_path(dtype, check, monkeypatch):
             fast = check_allreduce("auto", dtype, op, count, tag="small")   # vs numpy
             x = make_input(rr.rank(), count, dtype, "small")
             if check == "1":
-                slow = rr.allreduce(x, op=op, out=np.empty_like(x))
+                strided = np.repeat(x, 2)[::2]    # not contiguous: the general path
+                slow = rr.allreduce(strided, op=op)
                 assert everyone(np.array_equal(fast.view(np.uint8), slow.view(np.uint8)))
+            out = np.empty((1, count), x.dtype)
+            assert rr.allreduce(x.reshape(1, count), op=op, out=out) is out
+            assert everyone(np.array_equal(out.reshape(-1).view(np.uint8), fast.view(np.uint8)))
             inplace = x.reshape(1, count).copy()
             assert rr.allreduce_(inplace, op=op) is inplace
             assert everyone(np.array_equal(inplace.reshape(-1).view(np.uint8), fast.view(np.uint8)))
