@@ -120,19 +120,26 @@ def compressed_allreduce(chan, flat: np.ndarray, op: ReduceOp, algorithm: str, c
 # large enough that a segment's Python and MPI overheads (tens of microseconds) stay
 # small against its compression and wire time.
 SEGMENT_BYTES = 1 << 20
+# ... and at least this many packed bytes, so onebit's segments (1/28 of the input) do not
+# shrink to messages whose per-segment overheads outweigh their wire time.
+MIN_SEGMENT_PACKED = 1 << 18
 MAX_SEGMENTS = 64
 
 
-def segment_layout(bounds: np.ndarray, block_size: int) -> np.ndarray:
+def segment_layout(bounds: np.ndarray, block_size: int, packed_per_element: float = 0.0) -> np.ndarray:
     """Element offsets (n, S + 1) of the S pipeline segments of each owner chunk.
 
     Segments are whole blocks, so every block (its scale, its rounding offsets) is
     the same as without segmentation: the result does not depend on S. S is the
     same for every chunk (set by the largest); a short chunk gets empty segments.
+    A segment covers SEGMENT_BYTES of fp32 input, or more when its packed form
+    (packed_per_element bytes per element) would be under MIN_SEGMENT_PACKED.
     """
     sizes = np.diff(bounds)
     largest = int(sizes.max()) if sizes.size else 0
     per = max(SEGMENT_BYTES // 4, block_size)
+    if packed_per_element > 0:
+        per = max(per, int(MIN_SEGMENT_PACKED / packed_per_element))
     S = max(1, min(MAX_SEGMENTS, -(-largest // per)))
     out = np.empty((sizes.size, S + 1), np.int64)
     for j in range(sizes.size):
@@ -155,7 +162,8 @@ def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
     comm, n, r = chan.comm, chan.size, chan.rank
     count = flat.size
     bounds = chunk_layout(count, n, comp.block_size)
-    segs = segment_layout(bounds, comp.block_size)
+    B = comp.block_size
+    segs = segment_layout(bounds, B, comp.packed_nbytes(64 * B) / (64 * B))
     S = segs.shape[1] - 1
     psz = [[comp.packed_nbytes(int(segs[j, s + 1] - segs[j, s])) for s in range(S)]
            for j in range(n)]
