@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -166,18 +167,28 @@ void reduce(int op, int dtype, py::buffer dst, py::buffer src, int64_t n) {
 constexpr int64_t kHeaderFields = 9;
 constexpr int64_t kHeaderBytes = kHeaderFields * 8;
 
-// Writes [seq, kind, count, dtype, op, algorithm, name, shape, 0] and x's bytes
-// into the send row.
+// Writes [seq, kind, count, dtype, op, algorithm, name, shape, 0] and the first
+// bytes of x (as many as the row holds) into the send row.
 void small_pack(py::array send, py::array x, int64_t seq, int64_t dtype_code, int64_t op,
                 int64_t algorithm_hash, int64_t name_hash, int64_t shape_hash) {
   if (!(x.flags() & py::array::c_style)) throw std::invalid_argument("x must be C-contiguous");
-  int64_t nbytes = x.nbytes();
-  need(send.nbytes(), kHeaderBytes + nbytes, "send");
+  need(send.nbytes(), kHeaderBytes, "send");
+  int64_t nbytes = std::min<int64_t>(x.nbytes(), send.nbytes() - kHeaderBytes);
   int64_t h[kHeaderFields] = {seq, 1, (int64_t)x.size(), dtype_code, op, algorithm_hash,
                               name_hash, shape_hash, 0};
   auto* dst = static_cast<uint8_t*>(send.mutable_data());
   memcpy(dst, h, sizeof h);
   if (nbytes) memcpy(dst + kHeaderBytes, x.data(), nbytes);
+}
+
+// Whether every rank's header row equals row 0.
+bool small_same(py::array recv, int64_t width, int64_t nranks) {
+  need(width, kHeaderBytes, "row width");
+  need(recv.nbytes(), nranks * width, "recv");
+  const auto* rows = static_cast<const uint8_t*>(recv.data());
+  for (int64_t r = 1; r < nranks; ++r)
+    if (memcmp(rows, rows + r * width, kHeaderBytes) != 0) return false;
+  return true;
 }
 
 // Average: x / n in the dtype, as numpy's divide does it (half types via fp32).
@@ -195,26 +206,35 @@ void divide_by(void* p, int dtype, int64_t n, int64_t count) {
   }
 }
 
-// Checks that every rank's header row equals row 0 (false: a mismatch, out
-// untouched), then out = op over the payload rows in rank order (/ n for Average).
-bool small_finish(py::array recv, int64_t width, int64_t nranks, py::array out, int dtype, int op,
-                  bool average, bool compare) {
+// out = op over the ranks' payloads in rank order (/ n for Average).  Each
+// rank's payload is the rest of its row, followed by its slice of `rest` (the
+// bytes that did not fit, gathered by a second allgather) when there is one.
+void small_reduce(py::array recv, int64_t width, int64_t nranks, py::array out, int dtype, int op,
+                  bool average, py::object rest) {
   if (op < rr::OP_SUM || op > rr::OP_MAX) throw std::invalid_argument("unknown op code");
-  int64_t nbytes = out.nbytes();
   if (!(out.flags() & py::array::c_style) || !out.writeable())
     throw std::invalid_argument("out must be C-contiguous and writable");
-  need(width, kHeaderBytes + nbytes, "row width");
+  int64_t es = dtype_size(dtype), nbytes = out.nbytes();
+  int64_t head = std::min<int64_t>(nbytes, width - kHeaderBytes);
+  int64_t tail = nbytes - head;
+  if (head % es) throw std::invalid_argument("row payload is not a whole number of elements");
   need(recv.nbytes(), nranks * width, "recv");
+  const uint8_t* more = nullptr;
+  if (tail) {
+    if (rest.is_none()) throw std::invalid_argument("payload does not fit the row and no rest was given");
+    Buf br = get_buf(rest.cast<py::buffer>(), false, "rest");
+    need(br.nbytes, nranks * tail, "rest");
+    more = static_cast<const uint8_t*>(br.ptr);
+  }
   const auto* rows = static_cast<const uint8_t*>(recv.data());
-  if (compare)
-    for (int64_t r = 1; r < nranks; ++r)
-      if (memcmp(rows, rows + r * width, kHeaderBytes) != 0) return false;
-  int64_t n = nbytes / dtype_size(dtype);
-  void* d = out.mutable_data();
-  memcpy(d, rows + kHeaderBytes, nbytes);
-  for (int64_t r = 1; r < nranks; ++r) g_kernels.reduce(op, dtype, d, rows + r * width + kHeaderBytes, n);
-  if (average && nranks > 1) divide_by(d, dtype, n, nranks);
-  return true;
+  auto* d = static_cast<uint8_t*>(out.mutable_data());
+  memcpy(d, rows + kHeaderBytes, head);
+  if (tail) memcpy(d + head, more, tail);
+  for (int64_t r = 1; r < nranks; ++r) {
+    g_kernels.reduce(op, dtype, d, rows + r * width + kHeaderBytes, head / es);
+    if (tail) g_kernels.reduce(op, dtype, d + head, more + r * tail, tail / es);
+  }
+  if (average && nranks > 1) divide_by(d, dtype, nbytes / es, nranks);
 }
 
 }  // namespace
@@ -235,7 +255,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("decompress_accumulate", &decompress_accumulate);
   m.def("reduce", &reduce);
   m.def("small_pack", &small_pack);
-  m.def("small_finish", &small_finish);
+  m.def("small_same", &small_same);
+  m.def("small_reduce", &small_reduce);
   m.def("packed_nbytes", [](int fmt, int64_t n, int64_t block_size) {
     check_fmt(fmt, block_size);
     return rr::packed_nbytes(fmt, n, block_size);

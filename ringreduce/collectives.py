@@ -128,6 +128,7 @@ _KERNEL_OP = {ReduceOp.SUM: "sum", ReduceOp.AVERAGE: "sum", ReduceOp.MIN: "min",
 _SMALL_OPS = {key: (int(op), kernels._OPS[_KERNEL_OP[op]], op == Average)
               for op in ReduceOp for key in (op, int(op))}
 _AUTO_HASH = check._hash("allgather")
+_TWO_ROW_BYTES = 4096     # the tiny path's reach: one row, or a row and a second allgather
 _SHAPE_HASHES: dict = {}
 
 
@@ -161,8 +162,13 @@ def _small_allreduce(chan: Channel, x: np.ndarray, op, name, inplace: bool, out=
         if kernels._C is None or "plan" not in chan.resources:
             return None
         rows = chan.resources["tiny-rows"] = _TinyRows(chan)
-    if (codes is None or ops is None or x.nbytes > rows.limit or not x.flags.c_contiguous
+    nbytes = x.nbytes
+    if (codes is None or ops is None or not x.flags.c_contiguous
             or (ops[2] and codes[2]) or (inplace and not x.flags.writeable) or timeline.on):
+        return None
+    # Past the row, a second allgather carries the rest: only after the rows have
+    # shown that every rank sends the same count (so only with the check on).
+    if nbytes > rows.limit and (nbytes > _TWO_ROW_BYTES or not check.enabled()):
         return None
     if (_RAW_ENV is None or b"RINGREDUCE_ALGORITHM" in _RAW_ENV) and \
             select.requested("auto", chan.rank) != "auto":
@@ -183,13 +189,17 @@ def _small_allreduce(chan: Channel, x: np.ndarray, op, name, inplace: bool, out=
     req = chan.comm.Iallgather(rows.send, rows.recv)
     if not req.Test():
         check.finish(chan, req, seq, 1, name)
+    if not C.small_same(rows.recv, rows.width, chan.size) and check.enabled():
+        table = rows.recv.reshape(chan.size, rows.width)[:, :check.HEADER_BYTES]
+        _raise_if_mismatch(chan, table.copy().view(np.int64), "allreduce", x,
+                           ReduceOp(ops[0]), "allgather", name, seq)
+    rest = None
+    if nbytes > rows.limit:
+        tail = x.reshape(-1).view(np.uint8)[rows.limit:]
+        rest = chan.pool.get("tiny-rest", np.uint8, chan.size * tail.size)
+        check.finish(chan, chan.comm.Iallgather(tail, rest), seq, 1, name)
     buf = x if inplace else out if out is not None else np.empty_like(x)
-    if not C.small_finish(rows.recv, rows.width, chan.size, buf, codes[1], ops[1], ops[2], True):
-        if check.enabled():
-            table = rows.recv.reshape(chan.size, rows.width)[:, :check.HEADER_BYTES]
-            _raise_if_mismatch(chan, table.copy().view(np.int64), "allreduce", x,
-                               ReduceOp(ops[0]), "allgather", name, seq)
-        C.small_finish(rows.recv, rows.width, chan.size, buf, codes[1], ops[1], ops[2], False)
+    C.small_reduce(rows.recv, rows.width, chan.size, buf, codes[1], ops[1], ops[2], rest)
     return buf
 
 

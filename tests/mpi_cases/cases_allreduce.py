@@ -130,17 +130,19 @@ def test_freed_sub_communicator_takes_its_context_along():
 def test_small_path_matches_general_path(dtype, check, monkeypatch):
     # The latency path for tiny payloads (C++ pack and reduce around one allgather)
     # and the general one (a strided input) give the same bits, up to the piggyback limit and past
-    # it. With the check off the general path may pick another algorithm (another
-    # summation order), so there only numpy and the ranks' agreement are checked.
+    # it. Past the row, or with the check off, the general path may pick another
+    # algorithm (another summation order), so there only numpy and the ranks'
+    # agreement are checked.
     monkeypatch.setenv("RINGREDUCE_CHECK", check)
     limit = _check.piggyback_bytes(N) // np.dtype(dtype).itemsize
-    for count in (1, 3, 200, limit, limit + 1):
+    reach = 4096 // np.dtype(dtype).itemsize       # a row and a second allgather
+    for count in (1, 3, 200, limit, limit + 1, reach, reach + 1):
         for op in OPS:
             if np.dtype(dtype).kind in "iu" and op == rr.Average:
                 continue
             fast = check_allreduce("auto", dtype, op, count, tag="small")   # vs numpy
             x = make_input(rr.rank(), count, dtype, "small")
-            if check == "1":
+            if check == "1" and count <= limit:
                 strided = np.repeat(x, 2)[::2]    # not contiguous: the general path
                 slow = rr.allreduce(strided, op=op)
                 assert everyone(np.array_equal(fast.view(np.uint8), slow.view(np.uint8)))

@@ -24,6 +24,17 @@ def test_count_mismatch(algorithm):
 
 
 @multi
+@pytest.mark.parametrize("count", [600, 1000])
+def test_count_mismatch_past_the_row(count):
+    # The tiny path's second allgather (payloads of 2-4 KiB) must never start when
+    # counts differ: the rows show it first. One rank's payload fits the row, the others' do not.
+    x = np.ones(count if R == 0 else count + 37, dtype=np.float32)
+    expect_everywhere(lambda: rr.allreduce(x, name="w2"), "count", "tensor 'w2'")
+    y = rr.allreduce(np.full(count, R, np.float32), op=rr.Sum)    # and the engine goes on
+    assert np.all(y == N * (N - 1) // 2)
+
+
+@multi
 def test_shape_mismatch_same_count():
     x = np.ones((4, 6) if R == 0 else (6, 4), dtype=np.float32)
     expect_everywhere(lambda: rr.allreduce(x, name="grid"), "shape", "(4, 6)", "(6, 4)")
