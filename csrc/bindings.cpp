@@ -168,12 +168,19 @@ constexpr int64_t kHeaderFields = 9;
 constexpr int64_t kHeaderBytes = kHeaderFields * 8;
 
 // Writes [seq, kind, count, dtype, op, algorithm, name, shape, 0] and the first
-// bytes of x (as many as the row holds) into the send row.
+// bytes of x (as many as the row holds) into the send row, the rest into `tail`.
 void small_pack(py::array send, py::array x, int64_t seq, int64_t dtype_code, int64_t op,
-                int64_t algorithm_hash, int64_t name_hash, int64_t shape_hash) {
+                int64_t algorithm_hash, int64_t name_hash, int64_t shape_hash, py::object tail) {
   if (!(x.flags() & py::array::c_style)) throw std::invalid_argument("x must be C-contiguous");
   need(send.nbytes(), kHeaderBytes, "send");
   int64_t nbytes = std::min<int64_t>(x.nbytes(), send.nbytes() - kHeaderBytes);
+  int64_t rest = x.nbytes() - nbytes;
+  if (rest) {   // the bytes that do not fit the row go to `tail`, for the second allgather
+    if (tail.is_none()) throw std::invalid_argument("x does not fit the row and no tail was given");
+    auto t = tail.cast<py::array>();
+    need(t.nbytes(), rest, "tail");
+    memcpy(t.mutable_data(), static_cast<const uint8_t*>(x.data()) + nbytes, rest);
+  }
   int64_t h[kHeaderFields] = {seq, 1, (int64_t)x.size(), dtype_code, op, algorithm_hash,
                               name_hash, shape_hash, 0};
   auto* dst = static_cast<uint8_t*>(send.mutable_data());
@@ -222,9 +229,10 @@ void small_reduce(py::array recv, int64_t width, int64_t nranks, py::array out, 
   const uint8_t* more = nullptr;
   if (tail) {
     if (rest.is_none()) throw std::invalid_argument("payload does not fit the row and no rest was given");
-    Buf br = get_buf(rest.cast<py::buffer>(), false, "rest");
-    need(br.nbytes, nranks * tail, "rest");
-    more = static_cast<const uint8_t*>(br.ptr);
+    auto r = rest.cast<py::array>();
+    if (!(r.flags() & py::array::c_style)) throw std::invalid_argument("rest must be C-contiguous");
+    need(r.nbytes(), nranks * tail, "rest");
+    more = static_cast<const uint8_t*>(r.data());
   }
   const auto* rows = static_cast<const uint8_t*>(recv.data());
   auto* d = static_cast<uint8_t*>(out.mutable_data());

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import struct
 import zlib
 
 import numpy as np
@@ -23,6 +24,7 @@ FIELDS = ("call number", "collective", "count", "dtype", "op", "algorithm", "nam
           "compression")
 NFIELDS = len(FIELDS)
 HEADER_BYTES = 8 * NFIELDS
+_HEADER = struct.Struct(f"={NFIELDS}q")
 KINDS = {"allreduce": 1, "broadcast": 2, "broadcast_object": 3, "allgather_object": 4,
          "error": 99}
 ERROR_KIND = KINDS["error"]
@@ -78,9 +80,9 @@ def _hash(value) -> int:
 def fingerprint(seq: int, kind: str, count: int = 0, dtype_code: int = 0, op: int = 0,
                 algorithm: str = "", name: str | None = None, shape=(), compression=None) -> np.ndarray:
     """The call's fingerprint as int64 fields, plus the readable values for error messages."""
-    fp = np.array([seq, KINDS[kind], count, dtype_code, op, _hash(algorithm), _hash(name),
-                   _hash(tuple(shape)), _hash(compression)], dtype=np.int64)
-    return fp
+    return np.frombuffer(_HEADER.pack(seq, KINDS[kind], count, dtype_code, op, _hash(algorithm),
+                                      _hash(name), _hash(tuple(shape)), _hash(compression)),
+                         np.int64)
 
 
 def exchange(chan, header: np.ndarray, payload: np.ndarray | None = None, name: str | None = None):
@@ -174,13 +176,19 @@ def describe(kind, count, dtype, op, algorithm, name, shape, compression, seq) -
     return (seq, kind, count, str(dtype), repr(op), algorithm, name, tuple(shape), repr(compression))
 
 
+def all_same(table: np.ndarray) -> bool:
+    """Whether every row of the (n, NFIELDS) table equals the first (bytes compare: no numpy temporaries)."""
+    raw = table.tobytes()
+    return raw == raw[:HEADER_BYTES] * table.shape[0]
+
+
 def raise_if_mismatch(table: np.ndarray, comm, rank: int, readable: tuple, name: str | None) -> None:
     """Raise the same RingReduceError on every rank if rows of the (size, NFIELDS) table differ.
 
     `readable` is this rank's description of the call; it is exchanged only on the
     error path, to name the values in the message.
     """
-    if (table == table[0]).all():
+    if all_same(table):
         return
     everyone = comm.allgather(readable)
     kinds = table[:, 1]

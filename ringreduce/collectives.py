@@ -22,12 +22,24 @@ from .ops import Average, ReduceOp
 __all__ = ["allreduce", "allreduce_", "broadcast_", "broadcast_object", "allgather_object"]
 
 
+_OPS_BY_VALUE = {key: op for op in ReduceOp for key in (op, int(op))}
+
+
 def _as_op(op, rank: int) -> ReduceOp:
+    found = _OPS_BY_VALUE.get(op) if isinstance(op, (int, ReduceOp)) else None
+    if found is not None:
+        return found
     try:
         return ReduceOp(op)
     except ValueError:
         raise RingReduceError(f"rank {rank}: unknown reduction op {op!r} "
                               "(use rr.Sum, rr.Average, rr.Min or rr.Max)") from None
+
+
+def _compression():
+    """ringreduce.compression, imported on first use (it imports this module's peers)."""
+    from . import compression
+    return compression
 
 
 def _prepare_output(chan: Channel, x, out, name, inplace: bool, defer: bool = False) -> np.ndarray:
@@ -76,8 +88,7 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
         raise RingReduceError(
             f"rank {r}: op Average on integer tensor{' ' + repr(name) if name else ''} "
             f"({buf.dtype}) would truncate; use rr.Sum and divide, or a float dtype")
-    from .compression import compressed_allreduce, resolve
-    comp = resolve(compression, r)
+    comp = None if compression is None else _compression().resolve(compression, r)
     flat = buf.reshape(-1)
     if algorithm == "auto" and comp is None:
         algorithm = select.choose(flat.nbytes, flat.dtype, chan.size, chan)
@@ -110,7 +121,7 @@ def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=Non
     elif comp is not None and comp.two_sided and algorithm == "hierarchical":
         RUNNERS["hierarchical"](chan, flat, op, comp, name)   # compressed between node leaders
     elif comp is not None:
-        compressed_allreduce(chan, flat, op, algorithm, comp, name)
+        _compression().compressed_allreduce(chan, flat, op, algorithm, comp, name)
     elif src is not None:
         SOURCE_RUNNERS[algorithm](chan, flat, op, src=src)
     else:
@@ -145,6 +156,16 @@ class _TinyRows:
         self.limit = self.width - check.HEADER_BYTES
         self.send = np.zeros(self.width, np.uint8)
         self.recv = np.zeros(chan.size * self.width, np.uint8)
+        extra = max(_TWO_ROW_BYTES - self.limit, 0)
+        self.tail = np.zeros(extra, np.uint8)
+        self.rest = np.zeros(chan.size * extra, np.uint8)
+        self.tails: dict = {}      # tail bytes -> (send view, receive view): sizes repeat
+
+    def tail_views(self, nbytes: int, n: int):
+        views = self.tails.get(nbytes)
+        if views is None:
+            views = self.tails[nbytes] = (self.tail[:nbytes], self.rest[:n * nbytes])
+        return views
 
 
 def _small_allreduce(chan: Channel, x: np.ndarray, op, name, inplace: bool, out=None):
@@ -184,8 +205,11 @@ def _small_allreduce(chan: Channel, x: np.ndarray, op, name, inplace: bool, out=
             _SHAPE_HASHES[x.shape] = shape_hash
     seq = chan.next_seq()
     C = kernels._C
+    tail = rest = None
+    if nbytes > rows.limit:
+        tail, rest = rows.tail_views(nbytes - rows.limit, chan.size)
     C.small_pack(rows.send, x, seq, codes[0], ops[0], _AUTO_HASH,
-                 0 if name is None else check._hash(name), shape_hash)
+                 0 if name is None else check._hash(name), shape_hash, tail)
     req = chan.comm.Iallgather(rows.send, rows.recv)
     if not req.Test():
         check.finish(chan, req, seq, 1, name)
@@ -193,10 +217,7 @@ def _small_allreduce(chan: Channel, x: np.ndarray, op, name, inplace: bool, out=
         table = rows.recv.reshape(chan.size, rows.width)[:, :check.HEADER_BYTES]
         _raise_if_mismatch(chan, table.copy().view(np.int64), "allreduce", x,
                            ReduceOp(ops[0]), "allgather", name, seq)
-    rest = None
-    if nbytes > rows.limit:
-        tail = x.reshape(-1).view(np.uint8)[rows.limit:]
-        rest = chan.pool.get("tiny-rest", np.uint8, chan.size * tail.size)
+    if tail is not None:
         check.finish(chan, chan.comm.Iallgather(tail, rest), seq, 1, name)
     buf = x if inplace else out if out is not None else np.empty_like(x)
     C.small_reduce(rows.recv, rows.width, chan.size, buf, codes[1], ops[1], ops[2], rest)
@@ -230,7 +251,7 @@ def _agree(chan: Channel, header: np.ndarray, kind, buf, op, algorithm, name, se
 
 
 def _raise_if_mismatch(chan, table, kind, buf, op, algorithm, name, seq, compression=None) -> None:
-    if (table == table[0]).all():
+    if check.all_same(table):
         return
     shape = buf.shape if buf is not None else ()
     dtype = buf.dtype if buf is not None else None
