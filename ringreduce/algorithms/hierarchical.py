@@ -19,6 +19,10 @@ Every rank ends with the leader's bytes and applies the same final division
 node, nodes of one rank, a single node). Average travels as a sum until the end
 and is divided by the total rank count, not per level.
 
+"auto" picks it when the ranks span several nodes, some node holds more than
+one rank and the cost model (select.predict_across, with cost_terms below)
+prices it cheapest: on 2 nodes x 2 ranks, above about 128 KiB.
+
 The node and leaders' sub-communicators are split once per channel (collectively,
 on the first hierarchical call, which every rank makes in the same order) and
 kept in chan.resources["hierarchical"]; chan.free() frees them.
