@@ -187,9 +187,9 @@ def _small_allreduce(chan: Channel, x: np.ndarray, op, name, inplace: bool, out=
     if (codes is None or ops is None or not x.flags.c_contiguous
             or (ops[2] and codes[2]) or (inplace and not x.flags.writeable) or timeline.on):
         return None
-    # Past the row, a second allgather carries the rest: only after the rows have
-    # shown that every rank sends the same count (so only with the check on).
-    if nbytes > rows.limit and (nbytes > _TWO_ROW_BYTES or not check.enabled()):
+    # Past the row, a second allgather carries the rest, posted only once the rows
+    # have shown that every rank sends the same count.
+    if nbytes > _TWO_ROW_BYTES:
         return None
     if (_RAW_ENV is None or b"RINGREDUCE_ALGORITHM" in _RAW_ENV) and \
             select.requested("auto", chan.rank) != "auto":
@@ -213,10 +213,13 @@ def _small_allreduce(chan: Channel, x: np.ndarray, op, name, inplace: bool, out=
     req = chan.comm.Iallgather(rows.send, rows.recv)
     if not req.Test():
         check.finish(chan, req, seq, 1, name)
-    if not C.small_same(rows.recv, rows.width, chan.size) and check.enabled():
-        table = rows.recv.reshape(chan.size, rows.width)[:, :check.HEADER_BYTES]
-        _raise_if_mismatch(chan, table.copy().view(np.int64), "allreduce", x,
-                           ReduceOp(ops[0]), "allgather", name, seq)
+    if not C.small_same(rows.recv, rows.width, chan.size):
+        table = rows.recv.reshape(chan.size, rows.width)[:, :check.HEADER_BYTES].copy().view(np.int64)
+        # With the check off, names and shapes may differ; counts and dtypes never
+        # may: a second allgather would not match (a hang, not an error). Every rank
+        # sees the same table, so every rank takes the same branch.
+        if check.enabled() or not check.all_same(table[:, 2:4].copy()):
+            _raise_if_mismatch(chan, table, "allreduce", x, ReduceOp(ops[0]), "allgather", name, seq)
     if tail is not None:
         check.finish(chan, chan.comm.Iallgather(tail, rest), seq, 1, name)
     buf = x if inplace else out if out is not None else np.empty_like(x)

@@ -35,6 +35,19 @@ def test_count_mismatch_past_the_row(count):
 
 
 @multi
+@pytest.mark.parametrize("count", [3, 900])
+def test_check_off_tiny_path(count, monkeypatch):
+    # With the check off, names may differ (no error) but counts still may not on the
+    # tiny path: its second allgather would never match, so it raises instead.
+    monkeypatch.setenv("RINGREDUCE_CHECK", "0")
+    y = rr.allreduce(np.full(count, R, np.float32), op=rr.Sum, name=f"rank-{R}")
+    assert np.all(y == N * (N - 1) // 2)
+    # (Both sizes on the tiny path: beyond it, with the check off, nothing is checked.)
+    x = np.ones(count if R == 0 else count + 100, dtype=np.float32)
+    expect_everywhere(lambda: rr.allreduce(x, name="w3"), "count")
+
+
+@multi
 def test_shape_mismatch_same_count():
     x = np.ones((4, 6) if R == 0 else (6, 4), dtype=np.float32)
     expect_everywhere(lambda: rr.allreduce(x, name="grid"), "shape", "(4, 6)", "(6, 4)")
