@@ -14,10 +14,10 @@ import statistics
 import time
 
 import numpy as np
-from mpi4py import MPI
 
-import ringreduce as rr
+import ringreduce as rr   # before mpi4py.MPI: it quiets Open MPI's osc/ucx warnings
 from ringreduce import progress
+from mpi4py import MPI  # noqa: E402
 
 
 def timed(fn, iters: int) -> float:
