@@ -285,6 +285,7 @@ def train_ringreduce(args, shard, valid, rank, size):
     k = args.backward_passes_per_step
     per_step = args.batch_size * k * size
     losses, timed_from, busy = [], min(2, max(args.steps - start - 1, 0)), 0.0
+    step_times = []   # (step, seconds) of the timed steps: throughput after a warm-up too
     frozen = FrozenVariance(opt, warm) if args.freeze_variance and target is not None else None
     pb = bar(args, rank, args.steps, start)
     for step in range(start, args.steps):
@@ -306,7 +307,9 @@ def train_ringreduce(args, shard, valid, rank, size):
         losses.append((step + 1, loss_val))
         done = step - start + 1 - timed_from
         if done > 0:  # the first steps (allocation, layouts) are not timed
-            busy += time.perf_counter() - t_step
+            dt = time.perf_counter() - t_step
+            busy += dt
+            step_times.append((step, dt))
         if pb is not None:
             sps = per_step * done / busy if done > 0 else 0.0
             pb.set_postfix(loss=f"{loss_val:.3f}", samples_s=f"{sps:.0f}")
@@ -326,7 +329,7 @@ def train_ringreduce(args, shard, valid, rank, size):
     if args.checkpoint:
         save_checkpoint(args, model, opt, sched, rng, rank, size)
     return dict(init=init_loss, final=final, sps=sps, losses=losses, nparams=nparams,
-                checksum=mine)
+                checksum=mine, step_times=step_times, per_step=per_step)
 
 
 STATE = {}
@@ -409,6 +412,7 @@ def _ddp_loop(args, shard, valid, rank, size):
     k = args.backward_passes_per_step
     per_step = args.batch_size * k * size
     losses, timed_from, busy = [], min(2, max(args.steps - 1, 0)), 0.0
+    step_times = []
     pb = None if args.compare_ddp else bar(args, rank, args.steps)
     for step in range(args.steps):
         yield
@@ -426,7 +430,9 @@ def _ddp_loop(args, shard, valid, rank, size):
         sched.step()
         losses.append((step + 1, loss_val))
         if step >= timed_from:
-            busy += time.perf_counter() - t_step
+            dt = time.perf_counter() - t_step
+            busy += dt
+            step_times.append((step, dt))
         if pb is not None:
             pb.set_postfix(loss=f"{loss_val:.3f}", ddp=True)
             pb.update(1)
@@ -440,7 +446,13 @@ def _ddp_loop(args, shard, valid, rank, size):
         return t.tolist()
 
     final = evaluate(model.module, valid, args, rank, size, reduce_sum)
-    return dict(final=final, sps=sps, losses=losses)
+    return dict(final=final, sps=sps, losses=losses, step_times=step_times, per_step=per_step)
+
+
+def sps_from(res, first_step):
+    """Samples/s over the timed steps from first_step on (nan if none)."""
+    dts = [dt for step, dt in res["step_times"] if step >= first_step]
+    return res["per_step"] * len(dts) / sum(dts) if dts else float("nan")
 
 
 class _null:
@@ -533,6 +545,12 @@ def main(argv=None):
             print(f"ddp final loss {ddp['final']:.4f}")
             print(f"ddp samples/s {ddp['sps']:.1f}")
             print(f"throughput ratio ringreduce/ddp {res['sps'] / ddp['sps']:.3f}", flush=True)
+            warm = args.compression_warmup if args.compression != "none" else 0
+            if warm > 0:   # the compressed phase alone, the same steps for both
+                ours_c, ddp_c = sps_from(res, warm), sps_from(ddp, warm)
+                print(f"after warm-up (steps {warm}-{args.steps - 1}): samples/s {ours_c:.1f}, "
+                      f"ddp samples/s {ddp_c:.1f}, throughput ratio ringreduce/ddp "
+                      f"{ours_c / ddp_c:.3f}", flush=True)
     if args.save_losses and rank == 0:
         import json
 

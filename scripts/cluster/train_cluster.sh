@@ -22,6 +22,6 @@ for c in $comps; do
         python "$here/../train.py" --model-size "$MODEL" --steps "$STEPS" --batch-size "$BATCH" \
         --compression "$c" --compare-ddp --eval-batches 4 --no-progress $EXTRA \
         > "$out/$name.log" 2>&1
-    echo "   rc=$? $(grep -E '^(final loss|samples/s|ddp final loss|ddp samples/s|throughput)' \
+    echo "   rc=$? $(grep -E '^(final loss|samples/s|ddp final loss|ddp samples/s|throughput|after warm-up)' \
         "$out/$name.log" | tr '\n' ';')" >&2
 done
