@@ -15,7 +15,6 @@ import struct
 import zlib
 
 import numpy as np
-from mpi4py import MPI
 
 from . import progress, stall, timeline
 from .errors import RingReduceError
@@ -85,6 +84,28 @@ def fingerprint(seq: int, kind: str, count: int = 0, dtype_code: int = 0, op: in
                          np.int64)
 
 
+class Rows:
+    """A channel's fingerprint rows: one send row and the n received, of one fixed width.
+
+    Every fingerprint exchange on the channel (check.exchange and the tiny path in
+    collectives.py) posts the same call, ``Iallgather(send, recv)``, so the calls
+    match whichever path each rank takes.
+    """
+
+    def __init__(self, n: int):
+        self.width = HEADER_BYTES + piggyback_bytes(n)
+        self.send = np.zeros(self.width, np.uint8)
+        self.recv = np.zeros(n * self.width, np.uint8)
+
+
+def rows_of(chan) -> Rows:
+    """The channel's Rows (made on first use, kept in chan.resources)."""
+    own = chan.resources.get("check-rows")
+    if own is None:
+        own = chan.resources["check-rows"] = Rows(chan.size)
+    return own
+
+
 def exchange(chan, header: np.ndarray, payload: np.ndarray | None = None, name: str | None = None):
     """Allgather the fingerprint (and a small payload) of every rank in one fixed-width call.
 
@@ -96,16 +117,14 @@ def exchange(chan, header: np.ndarray, payload: np.ndarray | None = None, name: 
     """
     t0 = timeline.now() if timeline.on else 0
     hbytes = header.nbytes
-    width = hbytes + piggyback_bytes(chan.size)
-    send = chan.pool.get("check-send", np.uint8, width)
-    recv = chan.pool.get("check-recv", np.uint8, chan.size * width)
+    own = rows_of(chan)
+    send, recv, width = own.send, own.recv, own.width
     send[:hbytes] = header.view(np.uint8)
     if payload is not None:
         raw = payload.reshape(-1).view(np.uint8)
         send[hbytes:hbytes + raw.size] = raw
     seq = int(header[0])
-    finish(chan, chan.comm.Iallgather([send, MPI.BYTE], [recv, MPI.BYTE]), seq,
-           int(header[1]), name)
+    finish(chan, chan.comm.Iallgather(send, recv), seq, int(header[1]), name)
     rows = recv.reshape(chan.size, width)
     if timeline.on:
         timeline.complete("fingerprint check", t0, {"call": seq, "name": name})

@@ -72,7 +72,8 @@ def _prepare_output(chan: Channel, x, out, name, inplace: bool, defer: bool = Fa
 def allreduce_on(chan: Channel, x, op=Average, algorithm="auto", compression=None,
                  name=None, out=None, inplace=False) -> np.ndarray:
     """allreduce on a given channel (the engine's entry point for both threads)."""
-    if type(x) is np.ndarray and compression is None and algorithm in ("auto", None):
+    if (type(x) is np.ndarray and x.nbytes <= _TWO_ROW_BYTES and compression is None
+            and algorithm in ("auto", None)):
         y = _small_allreduce(chan, x, op, name, inplace, out)
         if y is not None:
             return y
@@ -144,18 +145,16 @@ _SHAPE_HASHES: dict = {}
 
 
 class _TinyRows:
-    """The tiny path's fixed-width send and receive rows, one pair per channel.
+    """The tiny path's buffers: the channel's fingerprint rows (check.Rows) and the tail.
 
-    Each call posts a plain Iallgather of the check's width: the very call that
-    check.exchange makes, so it matches whatever another rank does at that call
-    (a persistent request would not match their Iallgather).
+    Each call posts the very Iallgather that check.exchange makes, so it matches
+    whatever another rank does at that call (a persistent request would not).
     """
 
     def __init__(self, chan: Channel):
-        self.width = check.HEADER_BYTES + check.piggyback_bytes(chan.size)
+        own = check.rows_of(chan)
+        self.width, self.send, self.recv = own.width, own.send, own.recv
         self.limit = self.width - check.HEADER_BYTES
-        self.send = np.zeros(self.width, np.uint8)
-        self.recv = np.zeros(chan.size * self.width, np.uint8)
         extra = max(_TWO_ROW_BYTES - self.limit, 0)
         self.tail = np.zeros(extra, np.uint8)
         self.rest = np.zeros(chan.size * extra, np.uint8)
@@ -292,7 +291,8 @@ def allreduce(x, op=Average, algorithm: str = "auto", compression=None, name: st
         rr.init()
         y = rr.allreduce(np.arange(10, dtype=np.float32) * rr.rank(), op=rr.Average)
     """
-    if type(x) is np.ndarray and compression is None and algorithm == "auto":
+    if (type(x) is np.ndarray and x.nbytes <= _TWO_ROW_BYTES and compression is None
+            and algorithm == "auto"):
         # The tiny path first, outside allreduce_on's error sharing: it rejects by
         # returning None, and anything it raises comes after the exchange.
         y = _small_allreduce(context(comm).main, x, op, name, False, out)
@@ -310,7 +310,8 @@ def allreduce_(x: np.ndarray, op=Average, algorithm: str = "auto", compression=N
         grad = np.ones(1000, dtype=np.float32)
         rr.allreduce_(grad, op=rr.Sum)     # grad == rr.size() everywhere
     """
-    if type(x) is np.ndarray and compression is None and algorithm == "auto":
+    if (type(x) is np.ndarray and x.nbytes <= _TWO_ROW_BYTES and compression is None
+            and algorithm == "auto"):
         y = _small_allreduce(context(comm).main, x, op, name, True)
         if y is not None:
             return y
