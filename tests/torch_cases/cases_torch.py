@@ -57,6 +57,17 @@ def assert_identical_across_ranks(model):
     assert len(set(crcs)) == 1, f"parameters differ across ranks: {crcs}"
 
 
+def step_both(ref, ref_opt, dist, opt, x, y):
+    """One step of the single-process reference on the whole batch and of the
+    distributed model on this rank's shard."""
+    ref_opt.zero_grad()
+    loss_of(ref, x, y).backward()
+    ref_opt.step()
+    opt.zero_grad()
+    loss_of(dist, shard(x), shard(y)).backward()
+    opt.step()
+
+
 def wrap(opt, model, **kw):
     kw.setdefault("fusion_threshold", 600)       # several buckets even for this small model
     kw.setdefault("first_bucket_bytes", 200)
@@ -79,12 +90,7 @@ def test_equivalence_full_batch(opt_name, fusion, overlap):
     assert isinstance(opt, type(ref_opt))
     for step in range(12):
         x, y = batch(step)
-        ref_opt.zero_grad()
-        loss_of(ref, x, y).backward()
-        ref_opt.step()
-        opt.zero_grad()
-        loss_of(dist, shard(x), shard(y)).backward()
-        opt.step()
+        step_both(ref, ref_opt, dist, opt, x, y)
     assert_close(ref, dist)
     assert_identical_across_ranks(dist)
 
@@ -206,12 +212,7 @@ def test_dynamic_requires_grad_and_unused_parameters():
             for p in m[0].parameters():
                 p.requires_grad_(not frozen)
         x, y = batch(step)
-        ref_opt.zero_grad()
-        loss_of(ref, x, y).backward()
-        ref_opt.step()
-        opt.zero_grad()
-        loss_of(dist, shard(x), shard(y)).backward()
-        opt.step()
+        step_both(ref, ref_opt, dist, opt, x, y)
     assert_close(ref, dist)
     assert_identical_across_ranks(dist)
 
@@ -244,12 +245,7 @@ def test_sparse_as_dense_and_sparse_error():
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     opt = wrap(torch.optim.SGD(dist.parameters(), lr=0.1), dist, sparse_as_dense=True)
     for _ in range(4):
-        ref_opt.zero_grad()
-        loss_of(ref, idx, tgt).backward()
-        ref_opt.step()
-        opt.zero_grad()
-        loss_of(dist, shard(idx), shard(tgt)).backward()
-        opt.step()
+        step_both(ref, ref_opt, dist, opt, idx, tgt)
     assert_close(ref, dist)
     bad = emb_model()
     bad_opt = rrt.DistributedOptimizer(torch.optim.SGD(bad.parameters(), lr=0.1),
@@ -413,12 +409,7 @@ def test_compression_passthrough_and_residuals(comp):
                compression=getattr(rr.Compression, comp))   # bare attribute, as Horovod scripts pass
     for step in range(5):
         x, y = batch(step)
-        ref_opt.zero_grad()
-        loss_of(ref, x, y).backward()
-        ref_opt.step()
-        opt.zero_grad()
-        loss_of(dist, shard(x), shard(y)).backward()
-        opt.step()
+        step_both(ref, ref_opt, dist, opt, x, y)
     assert_close(ref, dist, tol=2e-2)
     assert_identical_across_ranks(dist)
     sd = opt.state_dict()
