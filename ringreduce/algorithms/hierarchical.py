@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from ..ops import ReduceOp, combine, finish_average, reduce_into
+from ..ops import ReduceOp, finish_average, reduce_into
 from . import ring, shm
 from ._transfer import chunk_bounds, message_slices, waitall
 
@@ -186,15 +186,7 @@ def _reduce_to_leader(win, node, slots, buf, op) -> None:
     win.sync()
     if hi > lo:
         acc = buf[lo:hi] if r == 0 else mine[lo:hi]
-        first = True
-        for j in range(n):
-            if j == r:
-                continue
-            if first:
-                combine(op, buf[lo:hi], slots[j][lo:hi], acc)
-                first = False
-            else:
-                reduce_into(op, acc, slots[j][lo:hi])
+        shm.reduce_chunk(op, buf, slots, r, lo, hi, acc)
     win.sync()
     if r == 0:
         for j in range(1, n):

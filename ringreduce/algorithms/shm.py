@@ -160,6 +160,23 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, src: np.ndarray | None = None
         _block(win, views[win.next_parity()], buf[start:stop], src[start:stop], op, n, r, traced)
 
 
+def reduce_chunk(op, own: np.ndarray, slots, r: int, lo: int, hi: int, acc: np.ndarray) -> None:
+    """acc = op over own[lo:hi] and every other rank's slots[j][lo:hi], peers in rank order.
+
+    One rank computes each chunk and the others copy it, so every rank ends with
+    the same bits whatever the operand order.
+    """
+    first = True
+    for j, slot in enumerate(slots):
+        if j == r:
+            continue
+        if first:
+            combine(op, own[lo:hi], slot[lo:hi], acc)
+            first = False
+        else:
+            reduce_into(op, acc, slot[lo:hi])
+
+
 def _block(win, slots, buf, src, op, n: int, r: int, traced: bool = False) -> None:
     """Reduce-scatter then allgather one block through the window (two barriers)."""
     t0 = timeline.now() if traced else 0
@@ -180,15 +197,7 @@ def _block(win, slots, buf, src, op, n: int, r: int, traced: bool = False) -> No
     # Phase 2: reduce our chunk from everyone's slot into our own slot.
     if hi > lo:
         acc = mine[lo:hi]
-        first = True
-        for j in range(n):
-            if j == r:
-                continue
-            if first:
-                combine(op, src[lo:hi], slots[j][lo:hi], acc)
-                first = False
-            else:
-                reduce_into(op, acc, slots[j][lo:hi])
+        reduce_chunk(op, src, slots, r, lo, hi, acc)
         finish_average(op, acc, n)
     win.sync()
     if t0:
