@@ -129,17 +129,8 @@ def _gloo_setup(comm):
     if not ok:
         return None
     if not dist.is_initialized():
-        addr = None
-        one_node = _one_node(comm)
-        if comm.Get_rank() == 0:
-            with socket.socket() as s:
-                s.bind(("", 0))
-                port = s.getsockname()[1]
-            host = "127.0.0.1" if one_node else socket.gethostname()
-            addr = (host, port)
-        addr = comm.bcast(addr if comm.Get_rank() == 0 else None, root=0)
-        dist.init_process_group("gloo", init_method=f"tcp://{addr[0]}:{addr[1]}",
-                                rank=comm.Get_rank(), world_size=comm.Get_size())
+        from .torch.gloo import init_gloo
+        init_gloo(comm)
     return torch
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import sys
 import sysconfig
 import time
@@ -31,6 +30,8 @@ from torch import nn
 
 import ringreduce as rr
 import ringreduce.torch as rrt
+from mpi4py import MPI  # after ringreduce, which sets MPI's thread level
+from ringreduce.torch.gloo import init_gloo
 
 PRESETS = {
     # ~0.4 M parameters: the README run, converges visibly within a minute on 2 CPU cores.
@@ -380,14 +381,7 @@ def resume(args, model, opt, sched, rank, size):
 def train_ddp(args, shard, valid, rank, size):
     import torch.distributed as dist
 
-    port = None
-    if rank == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    port = rr.broadcast_object(port, root_rank=0)
-    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=size)
+    init_gloo(MPI.COMM_WORLD, os.environ.get("MASTER_ADDR"))
     try:
         res = yield from _ddp_loop(args, shard, valid, rank, size)
         dist.barrier()

@@ -4,8 +4,8 @@
 Run on every rank under ``cluster.py run``. torch DDP's peer for the training comparison
 needs gloo to meet at node 0's address (MASTER_ADDR, which cluster.py sets; 127.0.0.1 is
 per namespace) and to bind to the node's interface (GLOO_SOCKET_IFNAME, which the ssh
-stand-in sets; the namespace's hostname does not resolve). Rank 0 picks a free port and
-broadcasts it through MPI. Prints one JSON line on rank 0.
+stand-in sets; the namespace's hostname does not resolve). ringreduce.torch.gloo does
+the rendezvous (rank 0 picks a free port and broadcasts it through MPI). Prints one JSON line on rank 0.
 
 Example::
 
@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cluster import node_link_bytes  # noqa: E402
+
+from ringreduce.torch.gloo import init_gloo  # noqa: E402
 
 
 def main() -> int:
@@ -34,15 +35,8 @@ def main() -> int:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    port = None
-    if rank == 0:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-    port = comm.bcast(port, root=0)
     addr = os.environ["MASTER_ADDR"]
-    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank,
-                            world_size=size)
+    init_gloo(comm, addr)
     count = int(a.mib * 2**20) // 4
     x = torch.full((count,), float(rank + 1))
     dist.all_reduce(x)                                  # warm-up: connections are set up lazily
