@@ -18,7 +18,7 @@ import torch
 import ringreduce as rr
 
 from ._convert import byte_view, from_array, to_array
-from .optimizer import _error, _live_optimizers
+from .optimizer import Joinable, _error, _live_optimizers
 
 __all__ = [
     "broadcast_parameters",
@@ -234,7 +234,9 @@ def join() -> int:
     model and optimizer state from the returned rank. Only optimizer steps are
     served: ranks still training must not run other collectives (metric
     allreduce, broadcasts) until everyone has joined. With several
-    DistributedOptimizers, step them in the order they were created.
+    DistributedOptimizers, step them in the order they were created. Each
+    live DistributedOptimizer is served through its :class:`Joinable` methods
+    (``needs_synchronize``, ``active_ranks``, ``join_round``, ``end_join``).
 
     Returns
     -------
@@ -249,39 +251,39 @@ def join() -> int:
     >>> rrt.broadcast_parameters(model.state_dict(), root_rank=last)
     >>> rrt.broadcast_optimizer_state(opt, root_rank=last)
     """
-    opts = _live_optimizers()
+    opts: list[Joinable] = _live_optimizers()
     size, me = rr.size(), rr.rank()
     if size == 1:
         return 0
-    for o in opts:
-        if not o._rr_synchronized:
-            raise _error("join() called with a backward pass not yet stepped; call step() "
-                         "or synchronize() first")
+    if any(o.needs_synchronize() for o in opts):
+        raise _error("join() called with a backward pass not yet stepped; call step() "
+                     "or synchronize() first")
+    # Who was still training at the last step: the rank that joins last is among them.
     prev = None
     for o in opts:
-        if o._rr_active is not None:
-            prev = o._rr_active
+        if o.active_ranks() is not None:
+            prev = o.active_ranks()
     if prev is None:
         prev = np.ones(size, dtype=np.int32)
-    while True:
-        if not opts:
-            flags = np.zeros(size, dtype=np.int32)
-            active = np.asarray(rr.allreduce_async(flags, op=rr.Sum, name="join.barrier").wait())
-            if not active.any():
-                break
-            prev = active
-            continue
-        done = False
-        for o in opts:
-            active = o._rr_join_round()
+    done = False
+    while not done:
+        # One round serves one step of every optimizer, in creation order (the order the
+        # training ranks step them); with none alive a bare flags allreduce stands in.
+        for o in opts or (None,):
+            active = _join_barrier(size) if o is None else o.join_round()
             if active is not None and not active.any():
-                done = True
+                done = True   # every rank has joined: all of them stop at this optimizer
                 break
-            prev = active
-        if done:
-            break
+            if active is not None:
+                prev = active
     for o in opts:
-        o._rr_active = None
+        o.end_join()
     last = int(np.flatnonzero(prev).max()) if prev.any() else size - 1
     log.debug("rank %d: join done, last rank to join was %d", me, last)
     return last
+
+
+def _join_barrier(size: int) -> np.ndarray:
+    """join()'s round when no DistributedOptimizer is alive: all-zero flags, reduced."""
+    flags = np.zeros(size, dtype=np.int32)
+    return np.asarray(rr.allreduce_async(flags, op=rr.Sum, name="join.barrier").wait())

@@ -29,17 +29,18 @@ import logging
 import os
 import weakref
 import zlib
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch.autograd import Variable
 
 import ringreduce as rr
-from ringreduce import timeline
+from ringreduce.core import timeline
 
 from ._convert import to_array
 
-__all__ = ["DistributedOptimizer"]
+__all__ = ["DistributedOptimizer", "Joinable"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ _created = itertools.count()
 _registry: list[weakref.ref] = []
 
 
-def _live_optimizers():
+def _live_optimizers() -> list[_DistributedOptimizerMixin]:
+    """Every live DistributedOptimizer, oldest first (the registry join() serves)."""
     alive = [r() for r in _registry]
     _registry[:] = [r for r, o in zip(_registry, alive) if o is not None]
     return [o for o in alive if o is not None]
@@ -140,236 +142,419 @@ class _Layout:
                 self.where[i] = (b, off, n)
 
 
+class Joinable(Protocol):
+    """What :func:`ringreduce.torch.join` needs from an object it serves.
+
+    A rank that has run out of data calls ``join()``; until every rank has,
+    ``join()`` replays each live DistributedOptimizer's step collectives with
+    zero gradients, so the ranks still training are never left waiting. Every
+    DistributedOptimizer implements this protocol; ``join()`` uses nothing else.
+    """
+
+    def needs_synchronize(self) -> bool:
+        """True when a backward pass ran since the last ``synchronize()``/``step()``."""
+
+    def active_ranks(self) -> np.ndarray | None:
+        """Per-rank flags from the last step (1: that rank was training), or None if unknown."""
+
+    def join_round(self) -> np.ndarray | None:
+        """Take part in one step of the ranks still training; return their flags (None: one rank)."""
+
+    def end_join(self) -> None:
+        """Forget the flags: after a join every rank counts as training again."""
+
+
+class _SyncState:
+    """Everything a DistributedOptimizer adds to the optimizer it wraps.
+
+    The wrapped optimizer holds it as its one attribute ``_rr``, so nothing we
+    keep can clash with the wrapped class's own attributes (the mixin's private
+    methods carry a ``_rr_`` prefix for the same reason).
+
+    Configuration (fixed at construction; ``compression`` changes through
+    ``set_compression()`` between steps):
+
+    compression : rr.Compression config or None
+        What every bucket's allreduce uses (None: uncompressed).
+    op : rr.Average or rr.Sum
+        The reduction the user asked for.
+    passes_per_step : int
+        backward_passes_per_step: local backward passes accumulated per allreduce.
+    algorithm : str
+        Engine algorithm for the buckets and the join flags.
+    bucket_cap, first_bucket_cap : int
+        Bucket size limits in bytes (the first bucket is the small one).
+    predivide : float
+        gradient_predivide_factor; with a factor other than 1 the engine sums and
+        the optimizer scales by ``factor / ranks`` afterwards.
+    sparse_as_dense : bool
+        Densify sparse gradients instead of raising.
+    comm : mpi4py communicator or None
+        The data-parallel communicator (None: the one ``rr.init`` was given).
+    prefix : str
+        Start of every engine tensor name: "grad" with named_parameters (names
+        then survive restarts, and residuals are saved under them), else
+        "opt<creation number>".
+    overlap_option : "auto", True or False
+        The ``overlap`` argument; ``overlap`` is what it resolved to (None until
+        the first pass shows the gradients' device).
+
+    Parameters (grow with ``add_param_group``):
+
+    params, names : list
+        Every managed parameter and its name, by parameter index.
+    index : dict
+        Parameter -> parameter index.
+    name_of : dict
+        Parameter -> user-given name (empty without named_parameters).
+    hooks : dict
+        Parameter -> its post-accumulate-grad hook handle.
+    layouts : dict
+        Bucket layouts by the tuple of gradient-carrying parameter indices, so a
+        requires_grad pattern seen before reuses its buffers.
+
+    The current backward pass and step:
+
+    in_pass : bool
+        A backward pass is running (its end-of-backward callback is queued).
+    comm_pass : bool
+        The running pass is the one that communicates (the last of
+        ``passes_per_step``); earlier passes only accumulate into ``.grad``.
+    passes : int
+        Backward passes since the last synchronize.
+    layout : _Layout or None
+        The layout of the communicating pass, until synchronize.
+    next_bucket : int
+        Index of the next bucket to launch (buckets launch strictly in order).
+    launched : list of _Bucket
+        Buckets whose allreduce is in flight.
+    arrived : set of int
+        Parameter indices whose gradient arrived in this communicating pass.
+    status : rr handle or None
+        The in-flight allreduce of the "still training" flags (join's; None on one rank).
+    active : numpy array or None
+        Those flags from the last step, kept for join() (None: unknown).
+    synchronized : bool
+        No backward pass ran since the last synchronize.
+    should_sync : bool
+        step() synchronizes first (False inside ``skip_synchronize()``).
+    """
+
+    __slots__ = ("compression", "op", "passes_per_step", "algorithm", "bucket_cap",
+                 "first_bucket_cap", "predivide", "sparse_as_dense", "comm", "prefix",
+                 "overlap_option", "overlap",
+                 "params", "names", "index", "name_of", "hooks", "layouts",
+                 "in_pass", "comm_pass", "passes", "layout", "next_bucket", "launched",
+                 "arrived", "status", "active", "synchronized", "should_sync")
+
+    def __init__(self, compression, op, backward_passes_per_step, algorithm, fusion_threshold,
+                 gradient_predivide_factor, sparse_as_dense, comm, first_bucket_bytes, overlap):
+        if backward_passes_per_step < 1:
+            raise ValueError("backward_passes_per_step must be >= 1")
+        if gradient_predivide_factor != 1.0 and op is not rr.Average:
+            raise ValueError("gradient_predivide_factor needs op=rr.Average")
+        self.compression = compression
+        self.op = op
+        self.passes_per_step = int(backward_passes_per_step)
+        self.algorithm: str = algorithm
+        self.bucket_cap = int(fusion_threshold)
+        self.first_bucket_cap = min(int(first_bucket_bytes), self.bucket_cap)
+        self.predivide = float(gradient_predivide_factor)
+        self.sparse_as_dense = bool(sparse_as_dense)
+        self.comm = comm
+        serial = next(_created)
+        if overlap not in ("auto", True, False):
+            raise ValueError("overlap must be 'auto', True or False")
+        self.overlap_option = overlap
+        self.overlap: bool | None = None
+        self.prefix = f"opt{serial}"
+        self.name_of: dict[torch.Tensor, str] = {}
+
+        self.params: list[torch.Tensor] = []
+        self.names: list[str] = []
+        self.index: dict[torch.Tensor, int] = {}
+        self.hooks: dict = {}
+        self.layouts: dict[tuple, _Layout] = {}
+
+        self.in_pass = False
+        self.comm_pass = False
+        self.passes = 0
+        self.layout: _Layout | None = None
+        self.next_bucket = 0
+        self.launched: list[_Bucket] = []
+        self.arrived: set[int] = set()
+        self.status = None
+        self.active: np.ndarray | None = None
+        self.synchronized = True
+        self.should_sync = True
+
+    def use_names(self, named_parameters, group_params):
+        """Name the parameters after ``named_parameters`` (checked against the optimizer's)."""
+        named = list(named_parameters)
+        seen = {}
+        for name, p in named:
+            if name in seen:
+                raise _error(f"parameter name {name!r} appears twice in named_parameters; "
+                             "names must be unique")
+            seen[name] = p
+        by_param = {p: n for n, p in named}
+        unnamed = [p for p in group_params if p not in by_param]
+        if unnamed:
+            raise _error(f"named_parameters was given but {len(unnamed)} of the optimizer's "
+                         f"parameters are not in it (first shape {tuple(unnamed[0].shape)})")
+        self.prefix = "grad"
+        self.name_of = by_param
+
+    def comm_size_rank(self) -> tuple[int, int]:
+        if self.comm is None:
+            return rr.size(), rr.rank()
+        return self.comm.Get_size(), self.comm.Get_rank()
+
+    def engine_op(self):
+        """With a predivide factor the engine sums; the average is taken afterwards."""
+        return rr.Sum if self.predivide != 1.0 else self.op
+
+    def post_scale(self, active) -> float:
+        """Factor for the reduced buckets, given the ranks still training (None: all)."""
+        size = self.comm_size_rank()[0]
+        n = size if active is None else int(active.sum())
+        if self.predivide != 1.0:
+            return self.predivide / max(n, 1)
+        if self.op is rr.Average and n != size and n > 0:
+            return size / n  # joined ranks sent zeros; average over the ranks still training
+        return 1.0
+
+
 class _DistributedOptimizerMixin:
-    """Methods mixed in front of the wrapped optimizer's own class."""
+    """Methods mixed in front of the wrapped optimizer's own class.
+
+    All state is in ``self._rr`` (a :class:`_SyncState`). The public methods
+    here (synchronize, skip_synchronize, set_compression, the :class:`Joinable`
+    methods) are the optimizer's API; the ``_rr_`` ones are internal.
+    """
+
+    _rr: _SyncState
 
     # ------------------------------------------------------------------ setup
     def _rr_setup(self, named_parameters, compression, op, backward_passes_per_step, algorithm,
                   fusion_threshold, gradient_predivide_factor, sparse_as_dense, comm,
                   first_bucket_bytes, overlap):
-        if backward_passes_per_step < 1:
-            raise ValueError("backward_passes_per_step must be >= 1")
-        if gradient_predivide_factor != 1.0 and op is not rr.Average:
-            raise ValueError("gradient_predivide_factor needs op=rr.Average")
-        self._rr_compression = compression
-        self._rr_op = op
-        self._rr_bpps = int(backward_passes_per_step)
-        self._rr_algorithm = algorithm
-        self._rr_cap = int(fusion_threshold)
-        self._rr_first_cap = min(int(first_bucket_bytes), self._rr_cap)
-        self._rr_predivide = float(gradient_predivide_factor)
-        self._rr_sparse_as_dense = bool(sparse_as_dense)
-        self._rr_comm = comm
-        self._rr_serial = next(_created)
-        if overlap not in ("auto", True, False):
-            raise ValueError("overlap must be 'auto', True or False")
-        self._rr_overlap_opt = overlap
-        self._rr_overlap = None  # resolved at the first pass (needs the gradients' device)
-
+        st = _SyncState(compression, op, backward_passes_per_step, algorithm, fusion_threshold,
+                        gradient_predivide_factor, sparse_as_dense, comm, first_bucket_bytes,
+                        overlap)
         group_params = [p for g in self.param_groups for p in g["params"]]
         if named_parameters is not None:
-            named = list(named_parameters)
-            seen = {}
-            for name, p in named:
-                if name in seen:
-                    raise _error(f"parameter name {name!r} appears twice in named_parameters; "
-                                 "names must be unique")
-                seen[name] = p
-            by_param = {p: n for n, p in named}
-            unnamed = [p for p in group_params if p not in by_param]
-            if unnamed:
-                raise _error(f"named_parameters was given but {len(unnamed)} of the optimizer's "
-                             f"parameters are not in it (first shape {tuple(unnamed[0].shape)})")
-            self._rr_prefix = "grad"
-            self._rr_name_of = by_param
-        else:
-            self._rr_prefix = f"opt{self._rr_serial}"
-            self._rr_name_of = {}
+            st.use_names(named_parameters, group_params)
         for other in _live_optimizers():
-            shared = set(other._rr_index) & set(group_params)
+            shared = set(other._rr.index) & set(group_params)
             if shared:
                 raise _error(f"{len(shared)} parameter(s) are already managed by another "
                              "DistributedOptimizer; one parameter may belong to one only")
-
-        self._rr_params: list[torch.Tensor] = []
-        self._rr_names: list[str] = []
-        self._rr_index = {}
-        self._rr_hooks = {}
-        self._rr_layouts = {}
+        self._rr = st
         # Hooks hold only a weak reference: dropping the optimizer removes them.
-        weakref.finalize(self, _remove_hooks, self._rr_hooks)
+        weakref.finalize(self, _remove_hooks, st.hooks)
         for p in group_params:
             self._rr_add_param(p)
-
-        # pass / step state
-        self._rr_in_pass = False
-        self._rr_comm_pass = False
-        self._rr_passes = 0
-        self._rr_layout = None
-        self._rr_next = 0
-        self._rr_launched = []
-        self._rr_status = None
-        self._rr_active = None  # ranks still training (None: all)
-        self._rr_synchronized = True
-        self._rr_should_sync = True
         _registry.append(weakref.ref(self))
 
     def _rr_add_param(self, p):
-        if p in self._rr_index:
+        st = self._rr
+        if p in st.index:
             return
-        i = len(self._rr_params)
-        self._rr_index[p] = i
-        self._rr_params.append(p)
-        self._rr_names.append(self._rr_name_of.get(p, f"{self._rr_prefix}.param.{i}"))
+        i = len(st.params)
+        st.index[p] = i
+        st.params.append(p)
+        st.names.append(st.name_of.get(p, f"{st.prefix}.param.{i}"))
         self._rr_hook(p)
 
     def _rr_hook(self, p):
-        if p.requires_grad and p not in self._rr_hooks:
-            self._rr_hooks[p] = p.register_post_accumulate_grad_hook(_hook_for(self))
+        hooks = self._rr.hooks
+        if p.requires_grad and p not in hooks:
+            hooks[p] = p.register_post_accumulate_grad_hook(_hook_for(self))
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
-        if hasattr(self, "_rr_index"):
+        if getattr(self, "_rr", None) is not None:
             for p in self.param_groups[-1]["params"]:
                 self._rr_add_param(p)
 
     # ------------------------------------------------------------ layouts
     def _rr_current_layout(self):
+        st = self._rr
         idxs = []
         for g in self.param_groups:
             for p in g["params"]:
                 if p.requires_grad:
                     self._rr_hook(p)  # requires_grad may have been switched on since
-                    idxs.append(self._rr_index[p])
+                    idxs.append(st.index[p])
         key = tuple(idxs)
-        lay = self._rr_layouts.get(key)
+        lay = st.layouts.get(key)
         if lay is None:
-            lay = _Layout(idxs, self._rr_params, self._rr_names, self._rr_prefix,
-                          self._rr_first_cap, self._rr_cap)
-            self._rr_layouts[key] = lay
+            lay = _Layout(idxs, st.params, st.names, st.prefix, st.first_bucket_cap,
+                          st.bucket_cap)
+            st.layouts[key] = lay
             log.debug("rank %d: %s layout with %d bucket(s) for %d parameter(s)", rr.rank(),
-                      self._rr_prefix, len(lay.buckets), len(idxs))
+                      st.prefix, len(lay.buckets), len(idxs))
         return lay
 
     def _rr_begin_comm(self):
+        st = self._rr
         lay = self._rr_current_layout()
         for b in lay.buckets:
             b.missing = len(b.members)
             b.handle = None
-        self._rr_layout = lay
-        self._rr_next = 0
-        self._rr_launched = []
-        self._rr_arrived = set()
-        self._rr_comm_pass = True
+        st.layout = lay
+        st.next_bucket = 0
+        st.launched = []
+        st.arrived = set()
+        st.comm_pass = True
 
     # -------------------------------------------------------------- hooks
     def _rr_on_grad(self, p):
-        if not self._rr_in_pass:
-            if self._rr_passes >= self._rr_bpps:
-                raise _error(f"backward() ran more than backward_passes_per_step="
-                             f"{self._rr_bpps} time(s) before step(); call step() (or "
-                             "synchronize()) in between or raise backward_passes_per_step")
-            self._rr_in_pass = True
-            self._rr_synchronized = False
-            Variable._execution_engine.queue_callback(self._rr_end_pass)
-            if self._rr_passes + 1 == self._rr_bpps:
-                self._rr_begin_comm()
-        if not self._rr_comm_pass:
+        st = self._rr
+        if not st.in_pass:
+            self._rr_begin_pass()
+        if not st.comm_pass:
             return  # accumulating locally; communicate on the k-th pass
-        i = self._rr_index.get(p)
-        where = self._rr_layout.where.get(i)
+        i = st.index.get(p)
+        where = st.layout.where.get(i)
         if where is None:  # requires_grad switched on after this pass's layout was fixed
             return
-        if i in self._rr_arrived:
-            raise _error(f"gradient of {self._rr_names[i]} arrived twice in one backward pass")
-        self._rr_arrived.add(i)
+        if i in st.arrived:
+            raise _error(f"gradient of {st.names[i]} arrived twice in one backward pass")
+        st.arrived.add(i)
         b, off, n = where
         self._rr_pack(p, b, off, n)
         b.missing -= 1
         if b.missing == 0 and self._rr_overlapping(b):
             self._rr_launch_ready()
 
+    def _rr_begin_pass(self):
+        """The first gradient of a backward pass: queue its end, maybe start communicating."""
+        st = self._rr
+        if st.passes >= st.passes_per_step:
+            raise _error(f"backward() ran more than backward_passes_per_step="
+                         f"{st.passes_per_step} time(s) before step(); call step() (or "
+                         "synchronize()) in between or raise backward_passes_per_step")
+        st.in_pass = True
+        st.synchronized = False
+        Variable._execution_engine.queue_callback(self._rr_end_pass)
+        if st.passes + 1 == st.passes_per_step:
+            self._rr_begin_comm()
+
     def _rr_overlapping(self, b):
-        if self._rr_overlap is None:
-            self._rr_overlap = _resolve_overlap(self._rr_overlap_opt, b.device)
-            log.debug("rank %d: %s launches buckets %s", rr.rank(), self._rr_prefix,
-                      "during backward" if self._rr_overlap else "when backward ends")
-        return self._rr_overlap
+        st = self._rr
+        if st.overlap is None:
+            st.overlap = _resolve_overlap(st.overlap_option, b.device)
+            log.debug("rank %d: %s launches buckets %s", rr.rank(), st.prefix,
+                      "during backward" if st.overlap else "when backward ends")
+        return st.overlap
 
     def _rr_end_pass(self):
-        self._rr_in_pass = False
-        self._rr_passes += 1
-        if self._rr_comm_pass:
+        st = self._rr
+        st.in_pass = False
+        st.passes += 1
+        if st.comm_pass:
             self._rr_flush()
 
     def _rr_pack(self, p, b, off, n):
+        st = self._rr
         dst = b.buf[off:off + n]
         g = p.grad
         if g is None:
             dst.zero_()  # no gradient here; another rank may have one (as Horovod)
             return
         if g.is_sparse:
-            if not self._rr_sparse_as_dense:
-                raise _error(f"parameter {self._rr_names[self._rr_index[p]]} has a sparse "
+            if not st.sparse_as_dense:
+                raise _error(f"parameter {st.names[st.index[p]]} has a sparse "
                              "gradient; pass sparse_as_dense=True to DistributedOptimizer")
             g = g.to_dense()
         g = g.reshape(-1)
-        if self._rr_predivide != 1.0:
+        if st.predivide != 1.0:
             # Divide before summing so large gradients do not overflow in half precision.
-            torch.mul(g, 1.0 / self._rr_predivide, out=dst)
+            torch.mul(g, 1.0 / st.predivide, out=dst)
         else:
             dst.copy_(g)
 
-    def _rr_engine_op(self):
-        return rr.Sum if self._rr_predivide != 1.0 else self._rr_op
-
     def _rr_launch(self, b):
+        st = self._rr
         if timeline.on:   # its last gradient is in (or backward ended): the allreduce starts now
             timeline.instant("bucket ready", {"bucket": b.index, "name": b.name, "bytes": b.nbytes,
                                               "tensors": len(b.members)})
-        b.handle = rr.allreduce_async(b.buf_arr, op=self._rr_engine_op(),
-                                      algorithm=self._rr_algorithm,
-                                      compression=self._rr_compression, name=b.name,
-                                      out=b.out_arr, comm=self._rr_comm)
-        self._rr_launched.append(b)
+        b.handle = rr.allreduce_async(b.buf_arr, op=st.engine_op(), algorithm=st.algorithm,
+                                      compression=st.compression, name=b.name,
+                                      out=b.out_arr, comm=st.comm)
+        st.launched.append(b)
 
     def _rr_launch_ready(self):
         # Strict bucket order: identical collective sequence on every rank.
-        bs = self._rr_layout.buckets
-        while self._rr_next < len(bs) and bs[self._rr_next].missing == 0:
-            self._rr_launch(bs[self._rr_next])
-            self._rr_next += 1
+        st = self._rr
+        bs = st.layout.buckets
+        while st.next_bucket < len(bs) and bs[st.next_bucket].missing == 0:
+            self._rr_launch(bs[st.next_bucket])
+            st.next_bucket += 1
 
     def _rr_flush(self):
         """Launch what backward left: parameters whose gradient did not arrive."""
-        lay = self._rr_layout
-        for b in lay.buckets[self._rr_next:]:
+        st = self._rr
+        for b in st.layout.buckets[st.next_bucket:]:
             if b.missing:
                 for i, off, n in b.members:
-                    if i not in self._rr_arrived:
-                        self._rr_pack(self._rr_params[i], b, off, n)
+                    if i not in st.arrived:
+                        self._rr_pack(st.params[i], b, off, n)
                 b.missing = 0
         self._rr_launch_ready()
-        self._rr_comm_pass = False
+        st.comm_pass = False
         self._rr_launch_status(active=True)
 
     def _rr_launch_status(self, active):
         """One-hot 'still training' flags, reduced after the buckets (used by join())."""
-        size = rr.size() if self._rr_comm is None else self._rr_comm.Get_size()
+        st = self._rr
+        size, rank = st.comm_size_rank()
         if size == 1:
-            self._rr_status = None
+            st.status = None
             return
-        rank = rr.rank() if self._rr_comm is None else self._rr_comm.Get_rank()
         flags = np.zeros(size, dtype=np.int32)
         flags[rank] = 1 if active else 0
-        self._rr_status = rr.allreduce_async(flags, op=rr.Sum, algorithm=self._rr_algorithm,
-                                             name=f"{self._rr_prefix}.join", comm=self._rr_comm)
+        st.status = rr.allreduce_async(flags, op=rr.Sum, algorithm=st.algorithm,
+                                       name=f"{st.prefix}.join", comm=st.comm)
+
+    def _rr_wait(self):
+        """Wait for the launched buckets and the flags; return the flags (None on one rank).
+
+        Every handle is waited for even after one fails, so nothing stays in
+        flight; then the first failure is raised, naming its tensor.
+        """
+        st = self._rr
+        launched, st.launched = st.launched, []
+        status, st.status = st.status, None
+        errors = []
+        for b in launched:
+            try:
+                b.handle.wait()
+            except BaseException as exc:  # keep draining so nothing stays in flight
+                errors.append((b, exc))
+            b.handle = None
+        active = None
+        if status is not None:
+            try:
+                active = np.asarray(status.wait())
+            except BaseException as exc:
+                errors.append((None, exc))
+        return launched, active, errors
+
+    def _rr_raise_first(self, errors):
+        b, exc = errors[0]
+        if isinstance(exc, rr.RingReduceError):
+            raise exc
+        what = b.name if b is not None else f"{self._rr.prefix}.join"
+        raise _error(f"allreduce of {what} failed: {exc!r}") from exc
 
     # ------------------------------------------------------- compression
     @property
     def compression(self):
         """The compression the gradient buckets use (None: uncompressed)."""
-        return self._rr_compression
+        return self._rr.compression
 
     def set_compression(self, compression):
         """Switch the gradient compression from the next backward pass on.
@@ -387,10 +572,11 @@ class _DistributedOptimizerMixin:
         ...         opt.set_compression(rr.Compression.onebit)
         ...     train_one_step()
         """
-        if self._rr_launched or self._rr_in_pass:
+        st = self._rr
+        if st.launched or st.in_pass:
             raise _error("set_compression() called while gradient allreduces are in flight; "
                          "call step() or synchronize() first")
-        self._rr_compression = compression
+        st.compression = compression
 
     # ------------------------------------------------------- synchronize
     def synchronize(self):
@@ -409,45 +595,34 @@ class _DistributedOptimizerMixin:
         >>> with opt.skip_synchronize():
         ...     opt.step()
         """
-        if self._rr_in_pass:
+        st = self._rr
+        if st.in_pass:
             raise _error("synchronize()/step() called from inside backward")
-        if self._rr_synchronized:
+        if st.synchronized:
             return
-        if self._rr_layout is None or self._rr_passes < self._rr_bpps:
+        if st.layout is None or st.passes < st.passes_per_step:
             # step() before the k-th backward pass: reduce what has accumulated so far.
             self._rr_begin_comm()
             self._rr_flush()
-        launched, self._rr_launched = self._rr_launched, []
-        status, self._rr_status = self._rr_status, None
-        errors = []
-        for b in launched:
-            try:
-                b.handle.wait()
-            except BaseException as exc:  # keep draining so nothing stays in flight
-                errors.append((b, exc))
-            b.handle = None
-        active = None
-        if status is not None:
-            try:
-                active = np.asarray(status.wait())
-            except BaseException as exc:
-                errors.append((None, exc))
-        self._rr_passes = 0
-        self._rr_layout = None
-        self._rr_synchronized = True
+        launched, active, errors = self._rr_wait()
+        st.passes = 0
+        st.layout = None
+        st.synchronized = True
         if errors:
-            b, exc = errors[0]
-            if isinstance(exc, rr.RingReduceError):
-                raise exc
-            what = b.name if b is not None else f"{self._rr_prefix}.join"
-            raise _error(f"allreduce of {what} failed: {exc!r}") from exc
-        scale = self._rr_post_scale(active)
+            self._rr_raise_first(errors)
+        if active is not None:
+            st.active = active
+        self._rr_unpack(launched, st.post_scale(active))
+
+    def _rr_unpack(self, launched, scale):
+        """Write the reduced buckets (times ``scale``) into the parameters' ``.grad``."""
+        params = self._rr.params
         for b in launched:
             res = b.out
             if scale != 1.0:
                 res.mul_(scale)
             for i, off, n in b.members:
-                p = self._rr_params[i]
+                p = params[i]
                 g = res[off:off + n].view_as(p)
                 # A copy, not a view of the bucket: a view measured no faster here
                 # (interleaved A/B, large preset) and would alias the next step's result.
@@ -456,54 +631,66 @@ class _DistributedOptimizerMixin:
                 else:
                     p.grad.copy_(g)
 
-    def _rr_post_scale(self, active):
-        size = rr.size() if self._rr_comm is None else self._rr_comm.Get_size()
-        n = size
-        if active is not None:
-            self._rr_active = active
-            n = int(active.sum())
-        if self._rr_predivide != 1.0:
-            return self._rr_predivide / max(n, 1)
-        if self._rr_op is rr.Average and n != size and n > 0:
-            return size / n  # joined ranks sent zeros; average over the ranks still training
-        return 1.0
-
     @contextlib.contextmanager
     def skip_synchronize(self):
         """Make ``step()`` skip its own ``synchronize()`` (already called by the user)."""
-        self._rr_should_sync = False
+        self._rr.should_sync = False
         try:
             yield
         finally:
-            self._rr_should_sync = True
+            self._rr.should_sync = True
 
     def step(self, closure=None):
-        if self._rr_should_sync:
+        if self._rr.should_sync:
             self.synchronize()
         return super().step(closure)
 
     def zero_grad(self, set_to_none: bool = True):
-        if self._rr_launched:
+        if self._rr.launched:
             raise _error("zero_grad() called while gradient allreduces are in flight; call "
                          "step() or synchronize() first")
         return super().zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------- join
-    def _rr_join_round(self):
-        """Contribute zero gradients for one step of the ranks still training."""
+    def needs_synchronize(self) -> bool:
+        """True when a backward pass ran since the last ``synchronize()`` (or ``step()``).
+
+        ``rrt.join()`` refuses to start then: this rank's gradients are half sent.
+        """
+        return not self._rr.synchronized
+
+    def active_ranks(self) -> np.ndarray | None:
+        """Which ranks contributed gradients to this optimizer's last step.
+
+        An int32 array with one flag per rank of the optimizer's communicator
+        (1: training, 0: joined), or None when unknown: on one rank, before the
+        first step, or after ``end_join()``.
+        """
+        return self._rr.active
+
+    def join_round(self) -> np.ndarray | None:
+        """Contribute zero gradients to one step of the ranks still training.
+
+        Used by ``rrt.join()`` on a rank that has joined: it issues the same
+        collectives as a training rank's ``step()`` (every bucket, then the
+        flags, with this rank's flag 0) and returns the reduced flags (None
+        on one rank). This rank's ``.grad`` and parameters are untouched.
+        """
+        st = self._rr
         lay = self._rr_current_layout()
-        self._rr_launched = []
+        st.launched = []
         for b in lay.buckets:
             b.buf.zero_()
             self._rr_launch(b)
         self._rr_launch_status(active=False)
-        launched, self._rr_launched = self._rr_launched, []
-        status, self._rr_status = self._rr_status, None
-        for b in launched:
-            b.handle.wait()
-            b.handle = None
-        active = np.asarray(status.wait()) if status is not None else None
+        _, active, errors = self._rr_wait()
+        if errors:
+            self._rr_raise_first(errors)
         return active
+
+    def end_join(self) -> None:
+        """Forget ``active_ranks()``: once everyone has joined, every rank trains again."""
+        self._rr.active = None
 
     # ------------------------------------------------------- state dict
     def state_dict(self):
