@@ -694,19 +694,25 @@ class _DistributedOptimizerMixin:
 
     # ------------------------------------------------------- state dict
     def state_dict(self):
-        """The wrapped optimizer's state dict plus this rank's error-feedback residuals."""
+        """The wrapped optimizer's state dict plus this rank's error-feedback residuals.
+
+        The residuals are CPU tensors (with plain ints, strings, lists and
+        dicts around them), so ``torch.load(path)`` reads a saved state dict
+        with its ``weights_only=True`` default.
+        """
         sd = super().state_dict()
         cs = getattr(rr, "compression_state", None)
         if cs is not None:
             sd["ringreduce"] = {"size": rr.size(),
-                                "compression_state": {rr.rank(): cs().state_dict()}}
+                                "compression_state": {rr.rank(): _to_torch(cs().state_dict())}}
         return sd
 
     def load_state_dict(self, state_dict):
         """Load a state dict; residuals are restored for the ranks it holds.
 
         ``state_dict["ringreduce"]["compression_state"]`` maps rank -> residuals;
-        a checkpoint may hold every rank's (see scripts/train.py).
+        a checkpoint may hold every rank's (see scripts/train.py). Residuals may
+        be tensors or numpy arrays (checkpoints written before they were tensors).
         """
         sd = dict(state_dict)
         extra = sd.pop("ringreduce", None)
@@ -725,7 +731,35 @@ class _DistributedOptimizerMixin:
                 log.warning("rank %d: optimizer state holds no residuals for this rank; "
                             "error feedback restarts from zero", rr.rank())
             return
-        cs().load_state_dict(mine)
+        cs().load_state_dict(_to_numpy(mine))
+
+
+def _to_torch(obj):
+    """``obj`` with numpy arrays as CPU tensors and numpy scalars as Python numbers.
+
+    What ``torch.load``'s weights_only unpickler accepts. The engine's
+    ``state_dict()`` returns copies, so sharing their memory is safe.
+    """
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _to_torch(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_torch(v) for v in obj)
+    return obj
+
+
+def _to_numpy(obj):
+    """The inverse of :func:`_to_torch`: tensors back to (copied) numpy arrays."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy().copy()
+    if isinstance(obj, dict):
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_numpy(v) for v in obj)
+    return obj
 
 
 def _resolve_overlap(option, device) -> bool:

@@ -419,6 +419,56 @@ def test_compression_passthrough_and_residuals(comp):
         opt.load_state_dict(sd)   # own residuals load back
 
 
+def _residuals():
+    """This rank's engine residuals as {name: (count, calls, worker bytes, server bytes)}."""
+    def raw(a):
+        return None if a is None else np.asarray(a, dtype=np.float32).tobytes()
+    st = rr.compression_state().state_dict()["tensors"]
+    return {n: (d["count"], d["calls"], raw(d["worker"]), raw(d["server"])) for n, d in st.items()}
+
+
+def _as_numpy(obj):
+    """The residual part of an optimizer state dict as an older checkpoint held it (numpy)."""
+    if torch.is_tensor(obj):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: _as_numpy(v) for k, v in obj.items()}
+    return obj
+
+
+def test_compressed_state_dict_loads_with_plain_torch_load(tmp_path):
+    # torch >= 2.6 loads with weights_only=True by default, which rejects numpy arrays:
+    # the residuals in opt.state_dict() must be tensors.
+    a = make_model()
+    opt_a = wrap(torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9), a,
+                 compression=rr.Compression.int8)
+    _run(a, opt_a, 3)
+    path = tmp_path / f"opt-rank{R}.pt"
+    torch.save(opt_a.state_dict(), path)
+    saved_model = copy.deepcopy(a.state_dict())
+    saved_residuals = _residuals()
+    assert saved_residuals and all(w is not None for _, _, w, _ in saved_residuals.values())
+    _run(a, opt_a, 1, start=3)            # the uninterrupted run's next step
+
+    loaded = torch.load(path)             # no weights_only argument: torch's default
+    mine = loaded["ringreduce"]["compression_state"][R]["tensors"]
+    assert all(torch.is_tensor(d["worker"]) for d in mine.values())
+    for old_style in (False, True):       # checkpoints written before this change hold numpy
+        b = make_model(seed=123)
+        b.load_state_dict(saved_model)
+        opt_b = wrap(torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9), b,
+                     compression=rr.Compression.int8)
+        sd = copy.deepcopy(loaded)
+        if old_style:
+            sd["ringreduce"] = _as_numpy(sd["ringreduce"])
+        opt_b.load_state_dict(sd)
+        assert _residuals() == saved_residuals
+        _run(b, opt_b, 1, start=3)
+        assert torch.equal(flat(a), flat(b)), f"rank {R}: resumed step differs (old_style={old_style})"
+        assert_identical_across_ranks(b)
+        del opt_b
+
+
 def test_zz_error_in_communication_surfaces():
     # Runs last: a mismatched bucket makes the engine thread raise; it must reach step().
     if N == 1:
