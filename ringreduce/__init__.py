@@ -6,13 +6,15 @@ Example::
     rr.init()
     y = rr.allreduce(np.arange(10, dtype=np.float32) * rr.rank(), op=rr.Average)
 """
-from .comm import init, local_rank, local_size, rank, shutdown, size
-from .collectives import allgather_object, allreduce, allreduce_, broadcast_, broadcast_object
-from .compression import Compression, compression_state, last_stats
-from .engine import Handle, allreduce_async
-from .errors import RingReduceError
-from .info import info
-from .ops import Average, Max, Min, ReduceOp, Sum
+from .core import mpi as _mpi  # noqa: F401  first: MPI's thread level is set before MPI_Init
+from .compression import Compression, last_stats
+from .core.errors import RingReduceError
+from .core.ops import Average, Max, Min, ReduceOp, Sum
+from .runtime.collectives import (allgather_object, allreduce, allreduce_, broadcast_,
+                                  broadcast_object, compression_state)
+from .runtime.context import init, local_rank, local_size, rank, shutdown, size
+from .runtime.engine import Handle, allreduce_async
+from .runtime.info import info
 
 __all__ = [
     "init", "shutdown", "rank", "size", "local_rank", "local_size",

@@ -3,7 +3,7 @@
     flock /work/bench.lock mpirun -np 2 python scripts/check_cost.py
 
 Also times the fingerprint exchange's own wait (non-blocking Iallgather polled by
-progress.wait) against a plain blocking Allgather of the same bytes, so the
+the supervised wait) against a plain blocking Allgather of the same bytes, so the
 polling's latency cost is visible. Prints medians per call and on/off ratios.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 import ringreduce as rr   # before mpi4py.MPI: it quiets Open MPI's osc/ucx warnings
-from ringreduce import progress
+from ringreduce.runtime.context import RUNTIME
 from mpi4py import MPI  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     send = np.zeros(width, np.uint8)
     recv = np.zeros(width * comm.size, np.uint8)
     blocking = lambda: comm.Allgather([send, MPI.BYTE], [recv, MPI.BYTE])          # noqa: E731
-    polled = lambda: progress.wait([comm.Iallgather([send, MPI.BYTE], [recv, MPI.BYTE])])  # noqa: E731
+    polled = lambda: RUNTIME.supervisor.wait([comm.Iallgather([send, MPI.BYTE], [recv, MPI.BYTE])])  # noqa: E731
     exch = {"blocking": [], "polled": []}
     for _ in range(args.reps):
         exch["blocking"].append(timed(blocking, 5000))
@@ -69,7 +69,7 @@ def main() -> None:
         for label, on, off in rows:
             print(f"{label:>8} {on * 1e6:10.1f}us {off * 1e6:10.1f}us {on / off:8.3f}")
         b, p = (statistics.median(exch[k]) for k in ("blocking", "polled"))
-        print(f"fingerprint exchange: blocking Allgather {b * 1e6:.1f}us, Iallgather + progress.wait "
+        print(f"fingerprint exchange: blocking Allgather {b * 1e6:.1f}us, Iallgather + supervised wait "
               f"{p * 1e6:.1f}us, ratio {p / b:.3f}")
 
 

@@ -9,7 +9,7 @@ Two parts (scripts/gpu_check.sh runs both on a GPU machine):
   numpy arrays of the same size measured in the same run as the peer.
   busbw = algbw * 2 (n - 1) / n. Each time is the slowest rank's mean.
 * ``python scripts/gpu_bench.py kernels --out kernels.json``: GB/s of
-  ``ringreduce.kernels`` on the device (compress, decompress_accumulate per
+  ``ringreduce.compression.kernels`` on the device (compress, decompress_accumulate per
   format, and reduce_ sum) beside a device-to-device copy of the same bytes,
   all timed with CUDA events; bytes count everything read and written.
 
@@ -40,7 +40,7 @@ def bench_allreduce(args) -> list[dict]:
     from mpi4py import MPI
 
     import ringreduce as rr
-    from ringreduce import device
+    from ringreduce.core import device
 
     rr.init()
     cp.cuda.Device(rr.local_rank() % cp.cuda.runtime.getDeviceCount()).use()
@@ -79,7 +79,7 @@ def bench_allreduce(args) -> list[dict]:
 def bench_kernels(args) -> list[dict]:
     import cupy as cp
 
-    from ringreduce import kernels
+    from ringreduce.compression import kernels
 
     n = args.kernel_elems
     x = cp.random.default_rng(0).standard_normal(n, dtype=cp.float32)
@@ -124,7 +124,7 @@ def bench_kernels(args) -> list[dict]:
     row("reduce_ sum float32", moved, gpu_time(lambda: kernels.reduce_("sum", acc, x)), copy_time(moved))
     name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
     name = name.decode() if isinstance(name, bytes) else name
-    print(f"# ringreduce.kernels on {name}, {n} float32 elements, block 256")
+    print(f"# ringreduce.compression.kernels on {name}, {n} float32 elements, block 256")
     print(f"{'kernel':<34} {'GB/s':>10} {'copy GB/s':>10} {'x copy':>8}")
     for r in rows:
         r["gpu"] = name

@@ -49,7 +49,7 @@ timeout 600 "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e
   nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$PY" - <<'EOF'
 import json, cupy, ringreduce as rr
-from ringreduce import kernels
+from ringreduce.compression import kernels
 print("cupy", cupy.__version__, "CUDA runtime", cupy.cuda.runtime.runtimeGetVersion())
 print("kernels.cuda_available:", kernels.cuda_available())
 print(json.dumps(rr.info(), indent=1, default=str))
@@ -68,7 +68,7 @@ tail -15 "$OUT/tests.log" | tee -a "$OUT/bench.log"
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then BARGS="--max-bytes 67108864 --iters 20"; else BARGS=""; fi
 step "kernels vs device copy"
 timeout 120 "$PY" scripts/gpu_bench.py kernels --out "$OUT/kernels.json" 2>&1 | tee -a "$OUT/bench.log" || status=1
-AWARE_OK=$("$PY" -c "from ringreduce import device; print(int(bool(device.query_library()[0])))" 2>/dev/null || echo 0)
+AWARE_OK=$("$PY" -c "from ringreduce.core import device; print(int(bool(device.query_library()[0])))" 2>/dev/null || echo 0)
 for aware in 0 1; do
   name=$([ $aware = 1 ] && echo aware || echo staged)
   if [ $aware = 1 ] && [ "$AWARE_OK" != 1 ] && [ "${RR_TEST_FORCE_CUDA_AWARE:-0}" != 1 ]; then

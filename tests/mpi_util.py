@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ringreduce.run import build_command, find_launcher, launch_env
+from ringreduce.cli.run import build_command, find_launcher, launch_env
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -8,7 +8,7 @@ import sys
 import pytest
 from mpi_util import run_mpi
 
-from ringreduce import bench
+from ringreduce.cli import bench
 
 QUICK = ["-b", "4", "-e", "256K", "-f", "64", "-r", "2", "-n", "3", "-w", "1",
          "--sample-seconds", "0.002", "--no-progress"]
@@ -26,7 +26,7 @@ def test_parse_sizes():
 @pytest.mark.mpi
 def test_bench_quick_np2(tmp_path):
     out_csv, out_json, out_png = tmp_path / "b.csv", tmp_path / "b.json", tmp_path / "b.png"
-    argv = [sys.executable, "-m", "ringreduce.bench", *QUICK, "-c", "int8",
+    argv = [sys.executable, "-m", "ringreduce.cli.bench", *QUICK, "-c", "int8",
             "--csv", str(out_csv), "--json", str(out_json), "--plot", str(out_png)]
     code, out = run_mpi(2, argv, timeout=240)
     assert code == 0, out[-5000:]
@@ -51,7 +51,7 @@ def test_bench_quick_np2(tmp_path):
 @pytest.mark.mpi
 def test_bench_tune_writes_file(tmp_path):
     target = tmp_path / "tuning.json"
-    argv = [sys.executable, "-m", "ringreduce.bench", "--tune", "-b", "64", "-e", "1M", "-f", "16",
+    argv = [sys.executable, "-m", "ringreduce.cli.bench", "--tune", "-b", "64", "-e", "1M", "-f", "16",
             "-r", "2", "-n", "3", "-w", "1", "--sample-seconds", "0.002", "--no-progress",
             "--tuning-file", str(target), "--plot", str(tmp_path / "model.png")]
     code, out = run_mpi(2, argv, timeout=240)

@@ -142,7 +142,7 @@ def test_state_resets_when_a_tensor_changes_size():
 
 
 def test_missing_extension_is_a_clear_error(monkeypatch):
-    from ringreduce import kernels
+    from ringreduce.compression import kernels
     monkeypatch.setattr(kernels, "_C", None)
     with pytest.raises(rr.RingReduceError, match=r"rank 0: .*tensor 'w' needs the C\+\+ kernels.*pip install"):
         rr.allreduce(np.ones(4, np.float32), compression=rr.Compression.int8, name="w")

@@ -35,7 +35,7 @@ FAKE_CUPY = Path(__file__).resolve().parent / "fake_cupy"
 def _aware_skip_reason() -> str | None:
     if os.environ.get("RR_TEST_FORCE_CUDA_AWARE") == "1":
         return None
-    from ringreduce import device
+    from ringreduce.core import device
 
     answer, how = device.query_library()
     return None if answer else f"this MPI is not known to be CUDA-aware ({how})"

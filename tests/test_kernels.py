@@ -1,4 +1,4 @@
-"""Tests of the fused compression kernels (ringreduce.kernels) against the numpy reference."""
+"""Tests of the fused compression kernels (ringreduce.compression.kernels) against the numpy reference."""
 import itertools
 
 import ml_dtypes
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import quantize_reference as ref
-from ringreduce import kernels
-from ringreduce.errors import RingReduceError
+from ringreduce.compression import kernels
+from ringreduce.core.errors import RingReduceError
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="ringreduce._C not built")
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ringreduce import run
+from ringreduce.cli import run
 
 VERSIONS = {
     "openmpi": "mpirun (Open MPI) 5.0.11\n\nReport bugs to https://www.open-mpi.org/community/help/",
@@ -86,7 +86,7 @@ def test_cli_dry_run_and_launch(tmp_path, vendor, capsys):
     cores = os.cpu_count() or 1
     assert line.startswith(f"OMP_NUM_THREADS={max(1, cores // 2)} ")
     # A real launch through the fake launcher: the argv and OMP_NUM_THREADS arrive.
-    out = subprocess.run([sys.executable, "-m", "ringreduce.run", "--launcher", fake, "-np", "1",
+    out = subprocess.run([sys.executable, "-m", "ringreduce.cli.run", "--launcher", fake, "-np", "1",
                           "python", "x.py"], capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}).stdout
     assert "ARGS" in out and out.rstrip().endswith(f"OMP={cores}") and "python x.py" in out
@@ -101,7 +101,7 @@ def test_cli_needs_np_and_command(capsys):
 
 @pytest.mark.mpi
 def test_check_reports_the_mpi():
-    out = subprocess.run([sys.executable, "-m", "ringreduce.run", "--check"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "ringreduce.cli.run", "--check"], capture_output=True,
                          text=True, timeout=120).stdout
     for key in ("launcher:", "MPI:", "thread level:", "CUDA-aware MPI:", "extensions built:",
                 "tuning file:", "mismatch check:"):

@@ -14,9 +14,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ringreduce import device
-from ringreduce.errors import RingReduceError
-from ringreduce.staging import Copier, HostCopier, Stager, segment_bounds
+from ringreduce.core import device
+from ringreduce.core.errors import RingReduceError
+from ringreduce.transport.staging import Copier, HostCopier, Stager, segment_bounds
 
 
 class _Event:

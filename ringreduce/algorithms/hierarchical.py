@@ -20,12 +20,12 @@ node, nodes of one rank, a single node). Average travels as a sum until the end
 and is divided by the total rank count, not per level.
 
 "auto" picks it when the ranks span several nodes, some node holds more than
-one rank and the cost model (select.predict_across, with cost_terms below)
+one rank and the cost model (policy.cost.predict_across, with cost_terms below)
 prices it cheapest: on 2 nodes x 2 ranks, above about 128 KiB.
 
 The node and leaders' sub-communicators are split once per channel (collectively,
 on the first hierarchical call, which every rank makes in the same order) and
-kept in chan.resources["hierarchical"]; chan.free() frees them.
+kept in chan.layout; chan.free() frees them.
 
 Example::
 
@@ -36,11 +36,14 @@ Example::
 from __future__ import annotations
 
 import numpy as np
-from mpi4py import MPI
 
-from ..ops import ReduceOp, finish_average, reduce_into
+from ..core import config
+from ..core.mpi import MPI
+from ..core.ops import ReduceOp, finish_average, reduce_into
+from ..transport.channel import Channel
+from ..transport.topology import split_by_node
+from ..transport.p2p import chunk_bounds, message_slices, waitall
 from . import ring, shm
-from ._transfer import chunk_bounds, message_slices, waitall
 
 __all__ = ["allreduce", "Layout", "layout", "cost_terms"]
 
@@ -55,13 +58,13 @@ class Layout:
     """
 
     def __init__(self, chan, node_index: int):
-        from ..comm import Channel
         comm = chan.comm
         node_comm = comm.Split(node_index, chan.rank)
-        self.node = Channel(node_comm, f"{chan.label}/node")
+        self.node = Channel(node_comm, f"{chan.label}/node", chan.supervisor, parent=chan)
         is_leader = self.node.rank == 0
         leaders_comm = comm.Split(0 if is_leader else MPI.UNDEFINED, chan.rank)
-        self.leaders = Channel(leaders_comm, f"{chan.label}/leaders") if is_leader else None
+        self.leaders = (Channel(leaders_comm, f"{chan.label}/leaders", chan.supervisor, parent=chan)
+                        if is_leader else None)
         self.num_nodes = comm.allreduce(int(is_leader), op=MPI.SUM)
         self.max_local = comm.allreduce(self.node.size, op=MPI.MAX)
         # Can the node's ranks map each other's memory? (RINGREDUCE_NODE_ID may group
@@ -78,27 +81,23 @@ class Layout:
 
 
 def _node_index(chan) -> int:
-    """This rank's node number, from the context that owns the channel (its node split)."""
-    from .. import comm as _comm
-    for ctx in list(_comm._state.contexts.values()):
-        if ctx.main is chan or ctx.background is chan:
-            return ctx.node_index
-    # A channel outside any context: split it the way contexts do.
-    node_comm, index, _ = _comm._split_by_node(chan.comm)
+    """This rank's node number: the owning context's topology, else a split of the channel's own."""
+    topo = chan.root.topology
+    if topo is not None:
+        return topo.node_index
+    node_comm, index, _ = split_by_node(chan.comm, config.text("RINGREDUCE_NODE_ID"))
     node_comm.Free()
     return index
 
 
 def layout(chan) -> Layout:
-    """The channel's Layout (split collectively on first use, then cached)."""
-    lay = chan.resources.get("hierarchical")
-    if lay is None:
-        lay = Layout(chan, _node_index(chan))
-        chan.resources["hierarchical"] = lay
-    return lay
+    """The channel's Layout (split collectively on first use, then cached in chan.layout)."""
+    if chan.layout is None:
+        chan.layout = Layout(chan, _node_index(chan))
+    return chan.layout
 
 
-def allreduce(chan, buf: np.ndarray, op: ReduceOp, compression=None, name=None) -> None:
+def allreduce(chan, buf: np.ndarray, op: ReduceOp, across=None) -> None:
     """Hierarchical allreduce of the flat contiguous array `buf` in place.
 
     Parameters
@@ -106,31 +105,26 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, compression=None, name=None) 
     chan : Channel
     buf : numpy.ndarray, flat and contiguous
     op : ReduceOp
-    compression : a compression config with a two-sided scheme (int8/int4/onebit), optional
-        Used for the leaders' step only; the node-local steps are exact.
-    name : str, optional
-        The tensor's name (error-feedback residuals are kept per name on the leaders).
+    across : callable(channel, buf, op), optional
+        The leaders' allreduce instead of the ring: the compressed two-sided
+        allreduce, given by the runtime (which validated the compression on every
+        rank, since only the leaders reach it). The node-local steps stay exact.
     """
-    if compression is not None:
-        # Validate on every rank: only the leaders reach the compressor.
-        from ..compression.algorithm import _validate
-        _validate(chan, buf, op, compression, name)
     n = chan.size
     if n == 1 or buf.size == 0:
         finish_average(op, buf, n)
         return
     if not isinstance(buf, np.ndarray):
         # Device arrays cannot go through a host shared window: flat algorithms instead.
-        if compression is not None:
-            from ..compression import compressed_allreduce
-            compressed_allreduce(chan, buf, op, "ring", compression, name)
+        if across is not None:
+            across(chan, buf, op)
         else:
             ring.allreduce(chan, buf, op)
         return
     lay = layout(chan)
     inner = ReduceOp.SUM if op == ReduceOp.AVERAGE else op
     node, leaders = lay.node, lay.leaders
-    if lay.num_nodes == 1 and compression is None:
+    if lay.num_nodes == 1 and across is None:
         # One node: the whole job is node-local.
         (shm.allreduce if lay.shared else ring.allreduce)(node, buf, op)
         return
@@ -139,7 +133,7 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, compression=None, name=None) 
         slots = win.views(buf.dtype, buf.size)[win.next_parity()]
         _reduce_to_leader(win, node, slots, buf, inner)
         if leaders is not None:
-            _across(leaders, buf, inner, compression, name)
+            _across(leaders, buf, inner, across)
             np.copyto(slots[0], buf)
         win.sync()
         if leaders is None:
@@ -148,17 +142,16 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, compression=None, name=None) 
         if node.size > 1:
             ring.allreduce(node, buf, inner)
         if leaders is not None:
-            _across(leaders, buf, inner, compression, name)
+            _across(leaders, buf, inner, across)
         if node.size > 1:
             _bcast_from_leader(node, buf)
     finish_average(op, buf, n)
 
 
-def _across(leaders, buf, op, compression, name) -> None:
+def _across(leaders, buf, op, across) -> None:
     """The leaders' allreduce (op is never Average here: it is divided at the end)."""
-    if compression is not None and leaders.size > 1:
-        from ..compression import compressed_allreduce
-        compressed_allreduce(leaders, buf, op, "ring", compression, name)
+    if across is not None and leaders.size > 1:
+        across(leaders, buf, op)
     else:
         ring.allreduce(leaders, buf, op)
 
@@ -199,7 +192,7 @@ def _bcast_from_leader(node, buf) -> None:
     """The leader's buf to every rank of the node, by messages (no shared memory)."""
     raw = buf.reshape(-1).view(np.uint8)
     reqs = [node.comm.Ibcast([raw[lo:hi], MPI.BYTE], root=0) for lo, hi in message_slices(raw.size)]
-    waitall(reqs, "hierarchical broadcast inside the node")
+    waitall(chan, reqs, "hierarchical broadcast inside the node")
 
 
 def cost_terms(m: float, n: int, nodes: int, max_local: int) -> tuple[float, float, float]:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import timeline
-from ..ops import ReduceOp, finish_average, reduce_into
-from ._transfer import chunk_bounds, irecv, isend, waitall
+from ..core import timeline
+from ..core.ops import ReduceOp, finish_average, reduce_into
+from ..transport.p2p import chunk_bounds, irecv, isend, waitall
 
 # Bytes per pipeline segment: large enough to amortise Python's per-message cost,
 # small enough to keep several transfers in flight. The cost model may tune it.
@@ -57,7 +57,7 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
         if h < n - 1:
             return irecv(comm, scratch_segment(h, c, k), left, _TAG)
         # Allgather hops land straight in buf: first let our own earlier send of it finish.
-        waitall(pending_sends.pop((c, k), []))
+        waitall(chan, pending_sends.pop((c, k), []))
         return irecv(comm, segment(c, k), left, _TAG)
 
     def post_send(h: int, k: int) -> None:
@@ -71,7 +71,7 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
         c = (r - h - 1) % n
         upcoming = []
         for k in range(nseg):
-            waitall(recvs[k])
+            waitall(chan, recvs[k])
             if h < n - 1:
                 reduce_into(op, segment(c, k), scratch_segment(h, c, k))
                 if h == n - 2:
@@ -84,6 +84,6 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
             timeline.complete("ring reduce-scatter", t0, {"bytes": buf.nbytes, "segments": nseg})
             t0 = timeline.now()
     for reqs in pending_sends.values():
-        waitall(reqs)
+        waitall(chan, reqs)
     if t0:
         timeline.complete("ring allgather", t0, {"bytes": buf.nbytes, "segments": nseg})

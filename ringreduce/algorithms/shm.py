@@ -16,11 +16,11 @@ barrier instead of two.
 Each slot has two halves used by alternate calls, so a rank may start the next
 call (and overwrite its slot) while a slower peer is still reading the previous
 one: a barrier of call k+1 always separates call k's reads from call k+2's
-writes. The window lives in chan.resources, is reused across calls and grows
+writes. The window lives in chan.window, is reused across calls and grows
 (collectively, as every rank sees the same sizes) when a bigger message comes.
 
 Only valid when every rank of the channel shares memory with the others
-(`node_local`); select.py falls back elsewhere.
+(the topology's shares_memory); run() falls back to the ring elsewhere.
 
 Timeline: "shm copy in" (phase 1 and its barrier), "shm reduce" (phase 2,
 with its barrier), "shm gather" (phase 3), per block.
@@ -28,92 +28,25 @@ with its barrier), "shm gather" (phase 3), per block.
 from __future__ import annotations
 
 import numpy as np
-from mpi4py import MPI
+from ..core.mpi import MPI
 
-from .. import progress, timeline
-from ..ops import ReduceOp, combine, finish_average, reduce_into
-from . import ring, select
+from ..core import timeline
+from ..core.log import logger
+from ..core.ops import ReduceOp, combine, finish_average, reduce_into
+from ..transport.window import SharedWindow
+from . import ring
 
 # Up to this many bytes, every rank reduces the whole message itself (one barrier).
 REPLICATED_MAX_BYTES = 1 << 16
 # Larger messages go through the window in blocks of this many bytes (cache-sized).
 BLOCK_BYTES = 1 << 20
-_MIN_SLOT_BYTES = 1 << 16
-_ALIGN = 64
-
-
-class SharedWindow:
-    """A growable shared window with one double slot per rank, for one channel.
-
-    Example::
-
-        win = SharedWindow(chan.comm)
-        views = win.views(np.float32, 1000)   # views[parity][rank] -> float32[1000]
-        win.close()
-    """
-
-    def __init__(self, comm):
-        self.comm = comm
-        self.win = None
-        self.half = 0          # bytes in one half-slot
-        self.calls = 0         # parity source: every rank makes the same calls
-        self._cache: dict = {}
-
-    def _allocate(self, half: int) -> None:
-        self.close()
-        self.half = half
-        self.win = MPI.Win.Allocate_shared(2 * half, 1, comm=self.comm)
-        self.win.Lock_all(MPI.MODE_NOCHECK)
-        self._raw = []
-        for peer in range(self.comm.Get_size()):
-            mem, _ = self.win.Shared_query(peer)
-            self._raw.append(np.frombuffer(mem, dtype=np.uint8, count=2 * half))
-
-    def views(self, dtype, count: int):
-        """Per-parity, per-rank typed views of `count` elements, growing the window if needed."""
-        dtype = np.dtype(dtype)
-        nbytes = count * dtype.itemsize
-        if nbytes > self.half:
-            need = max(_MIN_SLOT_BYTES, 1 << (nbytes - 1).bit_length())
-            self._allocate(need)
-            self._cache.clear()
-        key = (dtype, count)
-        v = self._cache.get(key)
-        if v is None:
-            v = [[raw[p * self.half:p * self.half + nbytes].view(dtype) for raw in self._raw]
-                 for p in (0, 1)]
-            if len(self._cache) > 64:
-                self._cache.clear()
-            self._cache[key] = v
-        return v
-
-    def next_parity(self) -> int:
-        self.calls += 1
-        return self.calls & 1
-
-    def sync(self) -> None:
-        """Make this rank's stores visible, wait for every rank, see theirs."""
-        self.win.Sync()
-        # A non-blocking barrier, so the wait gets progress.py's stall warning and timeout.
-        progress.wait([self.comm.Ibarrier()], "shared-memory allreduce barrier")
-        self.win.Sync()
-
-    def close(self) -> None:
-        if self.win is not None:
-            self.win.Unlock_all()
-            self.win.Free()
-            self.win = None
-            self._raw = []
-            self._cache.clear()
 
 
 def window(chan) -> SharedWindow:
     """The channel's shared window (created on first use; freed by chan.free())."""
-    win = chan.resources.get("shm")
-    if win is None:
-        win = SharedWindow(chan.comm)
-        chan.resources["shm"] = win
-    return win
+    if chan.window is None:
+        chan.window = SharedWindow(chan)
+    return chan.window
 
 
 def allreduce(chan, buf: np.ndarray, op: ReduceOp, src: np.ndarray | None = None) -> None:
@@ -213,13 +146,24 @@ def _block(win, slots, buf, src, op, n: int, r: int, traced: bool = False) -> No
         timeline.complete("shm gather", t0, {"bytes": buf.nbytes})
 
 
+def usable(chan) -> bool:
+    """Whether every rank of the channel shares memory; warns once per channel when not."""
+    topo = chan.root.topology
+    if topo is not None and topo.shares_memory:
+        return True
+    if not chan.warned_shm_fallback:
+        chan.warned_shm_fallback = True
+        logger.warning("%s: 'shm' needs every rank on one node; using 'ring' instead", chan.who)
+    return False
+
+
 def run(chan, buf: np.ndarray, op: ReduceOp, src: np.ndarray | None = None) -> None:
     """The "shm" runner: shared memory when the ranks share a node, else the ring.
 
     `src` (optional, host, flat, same size): reduce it into `buf` instead of `buf` itself.
     """
     # Device arrays (CUDA-aware path) cannot be copied into a host window.
-    if type(buf) is np.ndarray and select.resolve(chan, "shm") == "shm":
+    if type(buf) is np.ndarray and usable(chan):
         allreduce(chan, buf, op, src)
         return
     if src is not None:

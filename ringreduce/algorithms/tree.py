@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import timeline
-from ..ops import ReduceOp, finish_average, reduce_into
-from ._transfer import irecv, isend, sendrecv, waitall
+from ..core import timeline
+from ..core.ops import ReduceOp, finish_average, reduce_into
+from ..transport.p2p import irecv, isend, sendrecv, waitall
 
 _TAG = 72
 # Large messages are exchanged in segments of this many bytes, so reducing one
@@ -25,22 +25,23 @@ _TAG = 72
 SEGMENT_BYTES = 1 << 18
 
 
-def _exchange_reduce(comm, buf: np.ndarray, tmp: np.ndarray, peer: int, op: ReduceOp,
+def _exchange_reduce(chan, buf: np.ndarray, tmp: np.ndarray, peer: int, op: ReduceOp,
                      src_first: bool) -> None:
     """buf = op(buf, peer's buf) segment by segment, each reduced as soon as it has arrived.
 
     A segment of buf is overwritten only once our own send of it has completed.
     """
+    comm = chan.comm
     step = max(1, SEGMENT_BYTES // buf.itemsize)
     if buf.size <= step:
-        sendrecv(comm, buf, peer, tmp, peer, _TAG)
+        sendrecv(chan, buf, peer, tmp, peer, _TAG)
         reduce_into(op, buf, tmp, src_first=src_first)
         return
     spans = [(lo, min(lo + step, buf.size)) for lo in range(0, buf.size, step)]
     recvs = [irecv(comm, tmp[lo:hi], peer, _TAG) for lo, hi in spans]
     sends = [isend(comm, buf[lo:hi], peer, _TAG) for lo, hi in spans]
     for (lo, hi), rq, sq in zip(spans, recvs, sends):
-        waitall(rq + sq)
+        waitall(chan, rq + sq)
         reduce_into(op, buf[lo:hi], tmp[lo:hi], src_first=src_first)
 
 
@@ -57,15 +58,15 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
 
     if r < 2 * extra:
         if r % 2 == 0:   # folded away: hand over the data, receive the answer
-            waitall(isend(comm, buf, r + 1, _TAG))
+            waitall(chan, isend(comm, buf, r + 1, _TAG))
             if t0:
                 timeline.complete("tree fold", t0, {"bytes": buf.nbytes, "peer": r + 1})
                 t0 = timeline.now()
-            waitall(irecv(comm, buf, r + 1, _TAG))
+            waitall(chan, irecv(comm, buf, r + 1, _TAG))
             if t0:
                 timeline.complete("tree unfold", t0, {"bytes": buf.nbytes, "peer": r + 1})
             return
-        waitall(irecv(comm, tmp, r - 1, _TAG))
+        waitall(chan, irecv(comm, tmp, r - 1, _TAG))
         reduce_into(op, buf, tmp, src_first=True)
         vrank = r // 2
         if t0:
@@ -81,7 +82,7 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
         peer = real(vrank ^ mask)
         if t0:
             t0 = timeline.now()
-        _exchange_reduce(comm, buf, tmp, peer, op, src_first=peer < r)
+        _exchange_reduce(chan, buf, tmp, peer, op, src_first=peer < r)
         if t0:
             timeline.complete("tree exchange", t0, {"bytes": buf.nbytes, "round": mask.bit_length(),
                                                     "peer": peer})
@@ -90,6 +91,6 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
     if r < 2 * extra:
         if t0:
             t0 = timeline.now()
-        waitall(isend(comm, buf, r - 1, _TAG))
+        waitall(chan, isend(comm, buf, r - 1, _TAG))
         if t0:
             timeline.complete("tree unfold", t0, {"bytes": buf.nbytes, "peer": r - 1})

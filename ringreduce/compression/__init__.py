@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..errors import RingReduceError
+from ..core.errors import RingReduceError, who
 from .algorithm import compressed_allreduce
 from .base import Compressor, Quantizer
 from .half import BF16, FP16
@@ -28,11 +28,11 @@ from .int4 import Int4
 from .int8 import Int8
 from .none import NoCompression
 from .onebit import OneBit
-from .state import CompressionState, compression_state
+from .state import CompressionState, state_for
 from .stats import CompressionStats, last_stats, measure_error, measuring_error
 
 __all__ = ["Compression", "Compressor", "Quantizer", "CompressionState", "CompressionStats",
-           "compression_state", "last_stats", "measure_error", "resolve", "compressed_allreduce"]
+           "state_for", "last_stats", "measure_error", "resolve", "compressed_allreduce"]
 
 
 class Compression:
@@ -82,11 +82,11 @@ def resolve(compression, rank: int):
         try:
             compression = Compression.by_name(compression)
         except RingReduceError as exc:
-            raise RingReduceError(f"rank {rank}: {exc}") from None
+            raise RingReduceError(f"{who(rank)}: {exc}") from None
     elif isinstance(compression, type) and issubclass(compression, Compressor):
         compression = compression()
     if not isinstance(compression, Compressor):
-        raise RingReduceError(f"rank {rank}: compression must be None or one of rr.Compression."
+        raise RingReduceError(f"{who(rank)}: compression must be None or one of rr.Compression."
                               f"{{{', '.join(Compression.FORMATS)}}}, got {compression!r}")
     if isinstance(compression, NoCompression):
         return None

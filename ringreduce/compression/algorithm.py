@@ -36,48 +36,47 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from mpi4py import MPI
+from ..core.mpi import MPI
 
-from .. import kernels
-from ..algorithms import select
-from ..algorithms._transfer import chunk_bounds, irecv, isend, waitall
-from ..buffers import HALF_DTYPES
-from ..device import array_module
-from ..errors import RingReduceError
-from ..log import logger
-from ..ops import ReduceOp
+from . import kernels
+from ..algorithms import registry
+from ..policy import plan as policy_plan
+from ..transport.p2p import chunk_bounds, irecv, isend, waitall
+from ..core.dtypes import HALF_DTYPES
+from ..core.device import array_module
+from ..core.errors import RingReduceError
+from ..core.log import logger
+from ..core.ops import ReduceOp
 from . import stats as _stats
 from .state import state_for
 
-__all__ = ["compressed_allreduce", "chunk_layout", "segment_layout"]
+__all__ = ["compressed_allreduce", "validate", "chunk_layout", "segment_layout"]
 
 _TAG_SCATTER = 81
 _TAG_GATHER = 82
 _FLOATS = (np.dtype(np.float32),) + HALF_DTYPES
-_warned_unnamed = False
 
 
 def _label(name) -> str:
     return f"tensor '{name}'" if name else "an unnamed tensor"
 
 
-def _validate(chan, flat: np.ndarray, op: ReduceOp, comp, name) -> None:
-    r = chan.rank
+def validate(chan, flat: np.ndarray, op: ReduceOp, comp, name) -> None:
     if op not in (ReduceOp.SUM, ReduceOp.AVERAGE):
-        raise RingReduceError(f"rank {r}: op {op!r} is not supported with compression {comp!r} "
+        raise RingReduceError(f"{chan.who}: op {op!r} is not supported with compression {comp!r} "
                               f"on {_label(name)}; use rr.Sum or rr.Average, or compression=None")
     if flat.dtype not in _FLOATS:
-        raise RingReduceError(f"rank {r}: compression {comp!r} needs a float32, float16 or bfloat16 "
+        raise RingReduceError(f"{chan.who}: compression {comp!r} needs a float32, float16 or bfloat16 "
                               f"tensor, but {_label(name)} is {flat.dtype}; use compression=None")
     if comp.error_feedback and not name:
         raise RingReduceError(
-            f"rank {r}: compression {comp!r} keeps error-feedback residuals per tensor, so the "
+            f"{chan.who}: compression {comp!r} keeps error-feedback residuals per tensor, so the "
             "allreduce needs a stable name=... (or pass error_feedback=False)")
     if not kernels.available():
         try:   # the kernels module words the build hint
             kernels.compress(comp.format, np.zeros(0, np.float32), np.zeros(0, np.uint8))
         except RingReduceError as exc:
-            raise RingReduceError(f"rank {r}: compression {comp!r} of {_label(name)} needs the "
+            raise RingReduceError(f"{chan.who}: compression {comp!r} of {_label(name)} needs the "
                                   f"C++ kernels: {exc}") from None
 
 
@@ -96,7 +95,7 @@ def compressed_allreduce(chan, flat: np.ndarray, op: ReduceOp, algorithm: str, c
 
         y = rr.allreduce(g, op=rr.Average, compression=rr.Compression.int8, name="w")
     """
-    _validate(chan, flat, op, comp, name)
+    validate(chan, flat, op, comp, name)
     start = time.perf_counter()
     ts = state_for(chan).tensor(name, flat.size) if name else None
     calls = ts.calls if ts is not None else chan.seq
@@ -207,7 +206,7 @@ def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
         a, b = int(segs[r, s]), int(segs[r, s + 1])
         if a == b:
             return 0
-        waitall(my_pieces[s], what)
+        waitall(chan, my_pieces[s], what)
         part = acc[a - lo:b - lo]
         part.fill(0.0)
         for i in range(n):       # rank order, so the sum is the same whoever computes it
@@ -225,7 +224,7 @@ def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
     def decode(j: int, s: int) -> None:
         a, b = int(segs[j, s]), int(segs[j, s + 1])
         if a < b:
-            waitall(grecv[j][s], what)
+            waitall(chan, grecv[j][s], what)
             comp.decompress(packed(gather, j, s), b - a, flat[a:b], name=name)
 
     def advance(limit: int) -> int:
@@ -263,7 +262,7 @@ def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
         if j != r:
             for s in range(decoded[j], S):
                 decode(j, s)
-    waitall(sends, what)
+    waitall(chan, sends, what)
     return bad
 
 
@@ -275,20 +274,18 @@ def _ready(reqs: list) -> bool:
 
 def _half_ring(chan, flat, op, algorithm, comp, name, ts) -> tuple[int, str]:
     """Convert to the half type, run the engine's algorithm on it, convert back."""
-    from ..collectives import run_algorithm   # late: collectives imports this package
-
     count = flat.size
     wire_dtype = comp.wire_dtype
     if algorithm == "auto":
-        algorithm = select.choose(2 * count, wire_dtype, chan.size)
+        algorithm = policy_plan.choose(chan.plan, 2 * count, wire_dtype, chan.size)
     if flat.dtype == wire_dtype and not comp.error_feedback and comp.clip is None:
-        run_algorithm(chan, algorithm, flat, op, name)     # already in the wire type
+        registry.run(chan, algorithm, flat, op)     # already in the wire type
         return 0, algorithm
     raw = chan.pool.get("cmp-half", np.uint8, 2 * count)
     wres = ts.worker_residual(count, array_module(flat)) \
         if comp.error_feedback and ts is not None else None
     bad = comp.compress(flat, raw, wres, name=name)
-    run_algorithm(chan, algorithm, raw.view(wire_dtype), op, name)
+    registry.run(chan, algorithm, raw.view(wire_dtype), op)
     comp.decompress(raw, count, flat, name=name)
     return bad, algorithm
 
@@ -311,26 +308,20 @@ def _traffic(algorithm: str, nbytes: int, n: int) -> float:
 
 def _exact(chan, flat, op) -> np.ndarray:
     """The uncompressed result in fp32, for the relative-error statistic."""
-    from ..collectives import run_algorithm
-
     exact = chan.pool.get("cmp-exact", np.float32, flat.size)
     exact[...] = flat
-    run_algorithm(chan, "ring", exact, op)
+    registry.run(chan, "ring", exact, op)
     return exact
 
 
 def _after_nonfinite(chan, ts, name, bad: int, comp) -> None:
-    global _warned_unnamed
     if not bad:
         return
     if ts is not None and comp.error_feedback:
         ts.resets += bad
-    first = (not ts.warned) if ts is not None else not _warned_unnamed
-    if first:
-        if ts is not None:
-            ts.warned = True
-        else:
-            _warned_unnamed = True
+    owner = ts if ts is not None else state_for(chan)   # unnamed tensors: once per state
+    if not owner.warned:
+        owner.warned = True
         logger.warning("rank %d: %s held NaN/Inf in %d block(s) under %r: they propagate to the "
                        "result as NaN%s (counted in rr.last_stats(); logged once per tensor)",
                        chan.rank, _label(name), bad, comp,

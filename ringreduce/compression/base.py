@@ -18,8 +18,8 @@ import math
 
 import numpy as np
 
-from .. import kernels
-from ..errors import RingReduceError
+from . import kernels
+from ..core.errors import RingReduceError
 
 __all__ = ["Compressor", "Quantizer"]
 

@@ -14,16 +14,14 @@ counter) and the residual resets caused by non-finite values.
 from __future__ import annotations
 
 import threading
-import weakref
 
 import numpy as np
 
-from .. import comm as _comm
-from .. import device
-from ..errors import RingReduceError
-from ..log import logger
+from ..core import device
+from ..core.errors import RingReduceError
+from ..core.log import logger
 
-__all__ = ["CompressionState", "compression_state", "state_for"]
+__all__ = ["CompressionState", "state_for"]
 
 STATE_VERSION = 1
 
@@ -78,6 +76,7 @@ class CompressionState:
     def __init__(self, rank: int, size: int):
         self.rank = rank
         self.size = size
+        self.warned = False      # NaN/Inf in an unnamed tensor already logged
         self._lock = threading.Lock()
         self._tensors: dict[str, TensorState] = {}
 
@@ -180,38 +179,20 @@ def _numpy(a):
     return a
 
 
-# One state per communicator context (shared by its main and background channels).
-_states: "weakref.WeakKeyDictionary[object, CompressionState]" = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
-
-
-def _owner(chan):
-    """The context that owns a channel, so both of its threads share one state."""
-    for ctx in list(_comm._state.contexts.values()):
-        if ctx.main is chan or ctx.background is chan:
-            return ctx
-    return chan   # a channel outside any context (e.g. a leaders' channel) owns its state
-
-
 def state_for(chan) -> CompressionState:
-    """The CompressionState used by collectives running on `chan`."""
-    owner = _owner(chan)
-    with _lock:
-        st = _states.get(owner)
-        if st is None:
-            st = CompressionState(chan.rank, chan.size)
-            _states[owner] = st
-        return st
+    """The CompressionState used by collectives running on `chan`.
 
-
-def compression_state(comm=None) -> CompressionState:
-    """This rank's error-feedback state for `comm` (default: the init communicator).
-
-    Example::
-
-        import ringreduce as rr
-        y = rr.allreduce(g, compression=rr.Compression.int8, name="w")
-        ckpt = {"residuals": rr.compression_state().state_dict()}
-        rr.compression_state().load_state_dict(ckpt["residuals"])
+    The runtime gives a context's main and background channels one shared state
+    (so both threads see the same residuals); a channel outside any context (a
+    hierarchical leaders' channel) gets its own on first use.
     """
-    return state_for(_comm.context(comm).main)
+    st = chan.compression_state
+    if st is None:
+        with _lock:
+            if chan.compression_state is None:
+                chan.compression_state = CompressionState(chan.rank, chan.size)
+            st = chan.compression_state
+    return st
+
+
+_lock = threading.Lock()

@@ -7,7 +7,7 @@ broadcasts it: no fixed port, so parallel jobs on one machine never clash.
 
 Example::
 
-    from mpi4py import MPI
+    from ..core.mpi import MPI
     from ringreduce.torch.gloo import init_gloo
     init_gloo(MPI.COMM_WORLD)          # then torch.distributed.all_reduce(...)
 """
@@ -25,7 +25,7 @@ def init_gloo(comm, addr: str | None = None) -> None:
     one node, else rank 0's hostname.
     """
     import torch.distributed as dist
-    from mpi4py import MPI
+    from ..core.mpi import MPI
 
     if addr is None:
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)     # collective: every rank takes part

@@ -98,9 +98,9 @@ def main() -> int:
         per_node = comm.gather((node, (moved // a.iters).tolist()) if reader else None, root=0)
         chosen = alg
         if alg == "auto":     # what auto resolved to (the same on every rank)
-            from ringreduce.algorithms import select
-            from ringreduce.comm import context
-            chosen = select.choose(x.nbytes, x.dtype, size, context().main)
+            from ringreduce.policy import plan as select
+            from ringreduce.runtime.context import context
+            chosen = select.choose_for(context().main, x.nbytes, x.dtype)
         if rank == 0:
             print(json.dumps({"algorithm": alg, "chosen": chosen, "mib": a.mib, "dtype": a.dtype, "ok": ok,
                               "max_err": err, "seconds": times, "nodes": len(set(nodes)),

@@ -85,7 +85,7 @@ def engine_error_waited():
     """An error raised inside an async collective on one rank, surfacing in h.wait()."""
     warm()
     if R == LAST:
-        h = rr.engine.submit("rank {R}: async step", lambda: 1 / 0)
+        h = rr.runtime.engine.submit("rank {R}: async step", lambda: 1 / 0)
     else:
         h = rr.allreduce_async(np.ones(1000, np.float32), name="async.grad")
     h.wait()
@@ -154,7 +154,7 @@ def staggered_exit():
     when the others leave, so it takes in their exit notices while waiting and must
     not abort. The last rank shuts ringreduce down itself before it exits.
     """
-    from ringreduce import exits, progress
+    from ringreduce.runtime.context import RUNTIME
 
     warm()
     for i in range(10):
@@ -169,8 +169,8 @@ def staggered_exit():
         got = np.zeros(1)
         req = me.Irecv(got, 0, 5)
         threading.Timer(3.0, lambda: me.Send(np.ones(1), 0, 5)).start()
-        progress.wait([req], "a wait that outlives the other ranks")
-        seen = sorted(exits.exited())
+        RUNTIME.supervisor.wait([req], "a wait that outlives the other ranks")
+        seen = sorted(RUNTIME.notices.peers_exited())
         print(f"RESULT rank {R} saw exits of {seen}", flush=True)
     else:
         time.sleep(0.3 * R)

@@ -6,8 +6,10 @@ import pytest
 from _common import DTYPES, FLOATS, RTOL, all_ranks_identical, everyone, make_input, max_error, check_allreduce
 
 import ringreduce as rr
-from ringreduce import check as _check
-from ringreduce.algorithms import _transfer, ring
+from ringreduce.algorithms.allgather import piggyback_bytes
+from ringreduce.runtime import agree as _check
+from ringreduce.algorithms import ring
+from ringreduce.transport import p2p as _transfer
 
 rr.init()
 N = rr.size()
@@ -114,7 +116,7 @@ def test_freed_sub_communicator_takes_its_context_along():
     # MPI reuses freed handles: a new communicator must never inherit a freed one's context.
     from mpi4py import MPI
 
-    from ringreduce import comm as _comm
+    from ringreduce.runtime import context as _comm
     for color in (0, 1, 0):
         sub = MPI.COMM_WORLD.Split((rr.rank() + color) % 2, rr.rank())
         ctx = _comm.context(sub)
@@ -122,7 +124,7 @@ def test_freed_sub_communicator_takes_its_context_along():
         y = rr.allreduce(np.ones(10, np.float32), op=rr.Sum, comm=sub, algorithm="ring")
         assert everyone(np.all(y == sub.Get_size()))
         sub.Free()
-        assert all(c is not ctx for c in _comm._state.contexts.values())
+        assert all(c is not ctx for c in _comm.RUNTIME.contexts.values())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -134,7 +136,7 @@ def test_small_path_matches_general_path(dtype, check, monkeypatch):
     # algorithm (another summation order), so there only numpy and the ranks'
     # agreement are checked.
     monkeypatch.setenv("RINGREDUCE_CHECK", check)
-    limit = _check.piggyback_bytes(N) // np.dtype(dtype).itemsize
+    limit = piggyback_bytes(N) // np.dtype(dtype).itemsize
     reach = 4096 // np.dtype(dtype).itemsize       # a row and a second allgather
     for count in (1, 3, 200, limit, limit + 1, reach, reach + 1):
         for op in OPS:

@@ -6,7 +6,7 @@ import pytest
 from _common import DTYPES, all_ranks_identical, everyone, make_input
 
 import ringreduce as rr
-from ringreduce.algorithms import _transfer
+from ringreduce.transport import p2p as _transfer
 
 rr.init()
 N = rr.size()

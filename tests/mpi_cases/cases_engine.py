@@ -11,9 +11,11 @@ from cases_allreduce import check_allreduce
 from mpi4py import MPI
 
 import ringreduce as rr
-from ringreduce import tuning
-from ringreduce.algorithms import select, shm
-from ringreduce.comm import context
+from ringreduce.policy import tuning
+from ringreduce.algorithms import shm
+from ringreduce.policy import plan as select
+from ringreduce.policy import cost
+from ringreduce.runtime.context import context
 
 rr.init()
 N = rr.size()
@@ -46,7 +48,7 @@ def test_shm_window_reused_and_grown(inplace):
         assert all_ranks_identical(y)
         if not inplace:
             assert np.array_equal(x, keep), "input modified"
-    win = chan.resources.get("shm")
+    win = chan.window
     if N > 1:
         assert win is not None and win.win is not None
         assert win.half >= min(shm.BLOCK_BYTES, 4 * 300000)
@@ -79,12 +81,12 @@ def test_shm_count_mismatch_raises():
 
 def test_auto_decisions_identical_and_valid():
     chan = context().main
-    plan = chan.resources["plan"]
+    plan = chan.plan
     picks = []
     for dtype in (np.float32, np.float16, ml_dtypes.bfloat16, np.int32):
         for k in range(0, 31):
             for nbytes in (1 << k, (1 << k) + 3):
-                a = select.choose(nbytes, np.dtype(dtype), N, chan)
+                a = select.choose_for(chan, nbytes, np.dtype(dtype))
                 assert a in select.CANDIDATES
                 if np.dtype(dtype).itemsize == 2 and np.dtype(dtype).kind in "fV":
                     assert a != "mpi", "auto must never pick mpi for half types"
@@ -112,17 +114,17 @@ def test_tuning_file_broadcast_from_rank0(tmp_path_factory, monkeypatch):
     sub = MPI.COMM_WORLD.Dup()
     try:
         ctx = context(sub)
-        plan = ctx.main.resources["plan"]
+        plan = ctx.main.plan
         if N > 1:
             assert plan.choose(1 << 20, False) == "tree"
-        assert plan is ctx.background.resources["plan"]
+        assert plan is ctx.background.plan
         desc = MPI.COMM_WORLD.allgather(plan.describe())
         assert all(d == desc[0] for d in desc)
         y = rr.allreduce(make_input(R, 5000, np.float32, "tuned"), op=rr.Sum, comm=sub)
         assert all_ranks_identical(y)
     finally:
-        from ringreduce import comm as _comm
-        _comm._state.contexts.pop(_comm._key(sub)).free()
+        from ringreduce.runtime import context as _comm
+        _comm.RUNTIME.contexts.pop(_comm._key(sub)).free()
         sub.Free()
 
 
@@ -139,26 +141,26 @@ def test_shm_falls_back_across_nodes(monkeypatch):
     sub = MPI.COMM_WORLD.Dup()
     try:
         ctx = context(sub)
-        assert not ctx.main.resources["plan"].node_local
+        assert not ctx.main.plan.node_local
         for nbytes in (4, 1 << 12, 1 << 20, 1 << 26):
-            assert select.choose(nbytes, np.dtype(np.float32), N, ctx.main) != "shm"
+            assert select.choose_for(ctx.main, nbytes, np.dtype(np.float32)) != "shm"
         x = make_input(R, 30001, np.float32, "fallback")
         y = rr.allreduce(x, op=rr.Sum, algorithm="shm", comm=sub)
         inputs = [make_input(r, 30001, np.float32, "fallback") for r in range(N)]
         assert everyone(max_error(rr.Sum, y, inputs) <= 1e-5 * (N + 1))
         assert all_ranks_identical(y)
     finally:
-        from ringreduce import comm as _comm
-        _comm._state.contexts.pop(_comm._key(sub)).free()
+        from ringreduce.runtime import context as _comm
+        _comm.RUNTIME.contexts.pop(_comm._key(sub)).free()
         sub.Free()
 
 
 def test_cost_model_prefers_cheap_algorithms():
     # Pure functions: the model's shape, the same on every rank.
     p = tuning.DEFAULTS
-    assert select.predict(p, "ring", 0, 1) == 0.0
+    assert cost.predict(p, "ring", 0, 1) == 0.0
     for algo in select.CANDIDATES:
-        assert select.predict(p, algo, 1 << 20, 4) > select.predict(p, algo, 1 << 10, 4)
+        assert cost.predict(p, algo, 1 << 20, 4) > cost.predict(p, algo, 1 << 10, 4)
     t = select.build_table(p, 4, node_local=False, half=True)
     assert t[-1][0] is None and all(a not in ("mpi", "shm") for _, a in t)
 

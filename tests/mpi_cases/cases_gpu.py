@@ -25,10 +25,12 @@ if _NGPU == 0:
     pytest.skip("no CUDA device", allow_module_level=True)
 
 import ringreduce as rr  # noqa: E402
-from ringreduce import device, gpu  # noqa: E402
-from ringreduce.algorithms import ring, select  # noqa: E402
-from ringreduce.comm import context  # noqa: E402
-from ringreduce.staging import segment_bounds  # noqa: E402
+from ringreduce.core import device  # noqa: E402
+from ringreduce.runtime import device_path as gpu  # noqa: E402
+from ringreduce.algorithms import ring  # noqa: E402
+from ringreduce.policy import plan as select  # noqa: E402
+from ringreduce.runtime.context import context  # noqa: E402
+from ringreduce.transport.staging import segment_bounds  # noqa: E402
 
 rr.init()
 cp.cuda.Device(rr.local_rank() % _NGPU).use()
@@ -69,7 +71,7 @@ def host_reference(x: np.ndarray, op, algorithm: str) -> np.ndarray:
     """
     resolved = algorithm
     if algorithm == "auto":
-        resolved = select.choose(x.nbytes, x.dtype, N, context().main)
+        resolved = select.choose_for(context().main, x.nbytes, x.dtype)
     staged = not device.mode().aware or resolved in gpu.HOST_ONLY
     if not staged or N <= 2 or x.size == 0:
         return rr.allreduce(x, op=op, algorithm=resolved)

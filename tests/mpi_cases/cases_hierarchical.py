@@ -18,7 +18,8 @@ from mpi4py import MPI
 
 import ringreduce as rr
 from ringreduce.algorithms import hierarchical, shm
-from ringreduce.comm import context
+from ringreduce.policy import cost
+from ringreduce.runtime.context import context
 
 rr.init()
 N = rr.size()
@@ -132,16 +133,16 @@ def test_auto_picks_hierarchical_across_nodes(name):
     # The plan is built from the fake layout: hierarchical for large messages when the ranks
     # span nodes and some node holds several; otherwise the flat choices, and on one node
     # exactly the single-node plan.
-    from ringreduce import tuning
-    from ringreduce.algorithms import select
+    from ringreduce.policy import tuning
+    from ringreduce.policy import plan as select
     ctx = context(COMMS[name])
     per_node = [sum(LAYOUTS[name](r) == LAYOUTS[name](q) for r in range(N)) for q in range(N)]
     across = ctx.num_nodes > 1 and max(per_node) > 1
     big = 64 << 20
-    pick = select.choose(big, np.dtype(np.float32), N, ctx.main)
-    assert (pick == "hierarchical") == across, (name, pick, ctx.main.resources["plan"].describe())
+    pick = select.choose_for(ctx.main, big, np.dtype(np.float32))
+    assert (pick == "hierarchical") == across, (name, pick, ctx.main.plan.describe())
     if ctx.num_nodes == 1:
-        plan = ctx.main.resources["plan"]
+        plan = ctx.main.plan
         assert plan.tables == select.make_plan(tuning.load(), N, plan.node_local).tables
     if across:
         # auto runs it: bit-identical across ranks and equal to the explicit call's bits.
@@ -149,7 +150,7 @@ def test_auto_picks_hierarchical_across_nodes(name):
         x = make_input(R, count, np.float32, "auto-hier")
         y = rr.allreduce(x, op=rr.Average, comm=COMMS[name])
         z = rr.allreduce(x, op=rr.Average, algorithm="hierarchical", comm=COMMS[name])
-        assert select.choose(x.nbytes, x.dtype, N, ctx.main) == "hierarchical"
+        assert select.choose_for(ctx.main, x.nbytes, x.dtype) == "hierarchical"
         assert all_ranks_identical(y) and np.array_equal(y.view(np.uint32), z.view(np.uint32))
         ref = np.mean([make_input(r, count, np.float32, "auto-hier") for r in range(N)], axis=0)
         assert everyone(np.allclose(y, ref, rtol=1e-5, atol=1e-6))
@@ -158,8 +159,8 @@ def test_auto_picks_hierarchical_across_nodes(name):
 def test_cost_model_across_nodes():
     # Pure functions: 2 nodes x 2 ranks prefer hierarchical for large messages, a node per
     # rank never gets it, and the single-node tables do not depend on the new arguments.
-    from ringreduce import tuning
-    from ringreduce.algorithms import select
+    from ringreduce.policy import tuning
+    from ringreduce.policy import plan as select
     p = tuning.DEFAULTS
     t = select.make_plan(p, 4, False, nodes=2, max_local=2)
     assert t.choose(64 << 20, False) == "hierarchical" and t.choose(64 << 20, True) == "hierarchical"
@@ -169,5 +170,5 @@ def test_cost_model_across_nodes():
     assert select.make_plan(p, 4, True).tables == select.make_plan(p, 4, True, 1, 4).tables
     # A cross-node --tune's ring fit prices the links.
     tuned = dict(p, measured={"ranks": 4, "node_local": False, "points": [[1024, "ring"]]})
-    assert select.network(tuned) == {k: p["algorithms"]["ring"][k] for k in ("alpha", "beta")}
-    assert select.network(p) == select.NETWORK_DEFAULTS
+    assert cost.network(tuned) == {k: p["algorithms"]["ring"][k] for k in ("alpha", "beta")}
+    assert cost.network(p) == cost.NETWORK_DEFAULTS

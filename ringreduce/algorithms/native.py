@@ -1,0 +1,71 @@
+"""Native MPI_Allreduce: the MPI library's own tuned algorithm, our reference peer.
+
+It runs as MPI_Iallreduce waited through the supervisor, so a native call gets
+the same stall warning, timeout and liveness checks as our own algorithms.
+
+MPI's MIN and MAX do not propagate NaN (Open MPI and MPICH both drop a NaN held
+by the lower rank: max(NaN, 0) is 0 there), while numpy's and ours do. So for
+float Min/Max the NaN positions travel too (a MAX of per-element flags) and the
+result holds NaN wherever any rank had one: never a hidden NaN.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from ..core.dtypes import HALF_DTYPES
+from ..core.errors import RingReduceError
+from ..core.mpi import MPI
+from ..core.ops import ReduceOp, finish_average
+from ..transport import p2p
+
+__all__ = ["allreduce", "supports"]
+
+_MPI_TYPES = {
+    np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE,
+    np.dtype(np.int32): MPI.INT32_T, np.dtype(np.int64): MPI.INT64_T,
+    np.dtype(np.int8): MPI.INT8_T, np.dtype(np.uint8): MPI.UINT8_T,
+}
+_MPI_OPS = {ReduceOp.SUM: MPI.SUM, ReduceOp.AVERAGE: MPI.SUM, ReduceOp.MIN: MPI.MIN,
+            ReduceOp.MAX: MPI.MAX}
+_HALF = frozenset(HALF_DTYPES) | {np.dtype(ml_dtypes.bfloat16)}
+
+
+def supports(dtype) -> bool:
+    return np.dtype(dtype) in _MPI_TYPES
+
+
+def allreduce(chan, buf: np.ndarray, op: ReduceOp, name: str | None = None,
+              src: np.ndarray | None = None) -> None:
+    """MPI_Allreduce in place (or from `src` into `buf`), split so no count exceeds the MPI limit."""
+    dtype = buf.dtype
+    if dtype in _HALF:
+        label = f" of tensor '{name}'" if name else ""
+        raise RingReduceError(
+            f"{chan.who}: algorithm 'mpi' cannot reduce {dtype}{label}: MPI has no "
+            "reduction for half types; use 'ring', 'tree' or 'auto'")
+    mpitype = _MPI_TYPES[dtype]
+    mpiop = _MPI_OPS[op]
+    flat = buf.reshape(-1)
+    src = None if src is None else src.reshape(-1)
+    nan_fix = op in (ReduceOp.MIN, ReduceOp.MAX) and dtype.kind == "f" and chan.size > 1
+    nans = None
+    if nan_fix:
+        nans = np.isnan(flat if src is None else src).view(np.uint8)
+    step = max(1, p2p.MAX_MESSAGE_BYTES // buf.itemsize)
+    if src is not None and flat.nbytes > p2p.MAX_MESSAGE_BYTES:
+        np.copyto(flat, src)
+        src = None
+    reqs = []
+    for lo in range(0, max(flat.size, 1), step):
+        part = [flat[lo:lo + step], mpitype]
+        reqs.append(chan.comm.Iallreduce(MPI.IN_PLACE if src is None else [src[lo:lo + step], mpitype],
+                                         part, mpiop))
+    if nans is not None:
+        for lo in range(0, max(nans.size, 1), p2p.MAX_MESSAGE_BYTES):
+            reqs.append(chan.comm.Iallreduce(MPI.IN_PLACE, [nans[lo:lo + p2p.MAX_MESSAGE_BYTES],
+                                                            MPI.UINT8_T], MPI.MAX))
+    chan.wait(reqs, "native MPI_Allreduce" + (f" of tensor '{name}'" if name else ""))
+    if nans is not None and nans.any():
+        flat[nans.view(bool)] = np.nan
+    finish_average(op, buf, chan.size)

@@ -1,0 +1,1 @@
+"""Command-line tools: ringreduce-bench, ringreduce-run and the kernel bench."""

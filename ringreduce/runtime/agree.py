@@ -1,0 +1,215 @@
+"""Agreement (the mismatch check): ranks agree on what they are about to do before data moves.
+
+Each collective call carries a small fingerprint (call number, kind, count, dtype,
+op, algorithm, name, shape, compression). The ranks exchange fingerprints in one
+allgather; if any field differs, every rank sees the same table and raises the
+same RingReduceError naming the ranks and the field, so nobody hangs in a
+collective the others never entered with the same arguments.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import struct
+import zlib
+
+import numpy as np
+
+from ..algorithms.allgather import piggyback_bytes
+from ..core import config, timeline
+from ..core.errors import RingReduceError
+from ..liveness.stall import Inspector
+
+FIELDS = ("call number", "collective", "count", "dtype", "op", "algorithm", "name", "shape",
+          "compression")
+NFIELDS = len(FIELDS)
+HEADER_BYTES = 8 * NFIELDS
+# The layout, defined once: NFIELDS native int64 in FIELDS order. The C++ tiny path
+# (csrc: small_pack) writes the same layout; runtime.tiny asserts so at import.
+HEADER = struct.Struct(f"={NFIELDS}q")
+_HEADER = HEADER
+KINDS = {"allreduce": 1, "broadcast": 2, "broadcast_object": 3, "allgather_object": 4,
+         "error": 99}
+ERROR_KIND = KINDS["error"]
+_KIND_NAMES = {v: k for k, v in KINDS.items()}
+
+
+def enabled() -> bool:
+    """RINGREDUCE_CHECK=0 turns the check off (default on)."""
+    return config.check_enabled()
+
+
+_HASHES: dict = {}   # (type, value) -> crc32 of repr: names, shapes and configs repeat every step
+
+
+def _hash(value) -> int:
+    if value is None:
+        return 0
+    key = (type(value), value)
+    try:
+        h = _HASHES.get(key)
+    except TypeError:                # unhashable: no caching
+        return zlib.crc32(repr(value).encode())
+    if h is None:
+        h = zlib.crc32(repr(value).encode())
+        if len(_HASHES) < 4096:
+            _HASHES[key] = h
+    return h
+
+
+def fingerprint(seq: int, kind: str, count: int = 0, dtype_code: int = 0, op: int = 0,
+                algorithm: str = "", name: str | None = None, shape=(), compression=None) -> np.ndarray:
+    """The call's fingerprint as int64 fields, plus the readable values for error messages."""
+    return np.frombuffer(_HEADER.pack(seq, KINDS[kind], count, dtype_code, op, _hash(algorithm),
+                                      _hash(name), _hash(tuple(shape)), _hash(compression)),
+                         np.int64)
+
+
+class Rows:
+    """A channel's fingerprint rows: one send row and the n received, of one fixed width.
+
+    Every fingerprint exchange on the channel (check.exchange and the tiny path in
+    collectives.py) posts the same call, ``Iallgather(send, recv)``, so the calls
+    match whichever path each rank takes.
+    """
+
+    def __init__(self, n: int):
+        self.width = HEADER_BYTES + piggyback_bytes(n)
+        self.send = np.zeros(self.width, np.uint8)
+        self.recv = np.zeros(n * self.width, np.uint8)
+
+
+def rows_of(chan) -> Rows:
+    """The channel's Rows (made on first use, kept in chan.rows)."""
+    if chan.rows is None:
+        chan.rows = Rows(chan.size)
+    return chan.rows
+
+
+def exchange(chan, header: np.ndarray, payload: np.ndarray | None = None, name: str | None = None):
+    """Allgather the fingerprint (and a small payload) of every rank in one fixed-width call.
+
+    The allgather is non-blocking and waited through the channel's supervisor, so a
+    call that some ranks never enter warns after RINGREDUCE_STALL_WARNING seconds,
+    naming them (liveness.stall), and times out after RINGREDUCE_TIMEOUT.
+
+    Returns (table of shape (n, NFIELDS), payload rows of shape (n, piggyback_bytes(n)) uint8).
+    """
+    t0 = timeline.now() if timeline.on else 0
+    hbytes = header.nbytes
+    own = rows_of(chan)
+    send, recv, width = own.send, own.recv, own.width
+    send[:hbytes] = header.view(np.uint8)
+    if payload is not None:
+        raw = payload.reshape(-1).view(np.uint8)
+        send[hbytes:hbytes + raw.size] = raw
+    seq = int(header[0])
+    finish(chan, chan.comm.Iallgather(send, recv), seq, int(header[1]), name)
+    rows = recv.reshape(chan.size, width)
+    if timeline.on:
+        timeline.complete("fingerprint check", t0, {"call": seq, "name": name})
+    return rows[:, :hbytes].copy().view(np.int64), rows[:, hbytes:]
+
+
+_QUICK_POLLS = 64
+
+
+def finish(chan, req, seq: int, kind_code: int, name: str | None) -> None:
+    """Complete a posted fingerprint allgather: at once if it is done, else through the supervisor."""
+    # Poll a little before the supervised wait: at a few bytes the peer's row
+    # usually lands within a microsecond, and the wait costs ~2 us per entry.
+    for _ in range(_QUICK_POLLS):
+        if req.Test():
+            return
+    if not req.Test():
+        what = _call_label(kind_code, name)
+        chan.wait([req], lambda: f"{what} (call {seq})", Inspector(chan, seq, what))
+
+
+def _call_label(kind_code: int, name: str | None) -> str:
+    kind = _KIND_NAMES.get(kind_code, "collective")
+    return f"{kind} of tensor '{name}'" if name else f"unnamed {kind}"
+
+
+def guarded(kind: str):
+    """Decorate a collective `fn(chan, ...)` so that an error raised on some ranks
+    before the exchange still reaches the others.
+
+    Without it, a rank that rejects its input (bad dtype, unknown compression...)
+    raises alone and the other ranks wait in the exchange for it forever. With it,
+    the rejecting rank takes part in the exchange with an "error" fingerprint, so
+    every rank raises: the others name the rejecting rank and its reason.
+    """
+    def deco(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(chan, *args, **kwargs):
+            before = chan.seq
+            try:
+                return fn(chan, *args, **kwargs)
+            except Exception as exc:
+                # chan.seq moved: the exchange already happened (or this is its error).
+                if chan.seq == before and chan.size > 1 and enabled():
+                    bound = sig.bind_partial(chan, *args, **kwargs).arguments
+                    _share_local_error(chan, kind, bound.get("name"), exc)
+                raise
+        return wrapper
+    return deco
+
+
+def _share_local_error(chan, kind: str, name, exc: BaseException) -> None:
+    seq = chan.next_seq()
+    table, _ = exchange(chan, fingerprint(seq, "error"), name=name)
+    if (table[:, 1] == ERROR_KIND).all():
+        return                      # every rank rejected its call: each raises its own error
+    readable = (seq, f"{kind} rejected on this rank: {exc}", "", "", "", "", name, (), "")
+    try:
+        raise_if_mismatch(table, chan, readable, name)
+    except RingReduceError as shared:
+        raise shared from exc
+
+
+def describe(kind, count, dtype, op, algorithm, name, shape, compression, seq) -> tuple:
+    """Readable values for each field, in FIELDS order (only built when a mismatch is reported)."""
+    return (seq, kind, count, str(dtype), repr(op), algorithm, name, tuple(shape), repr(compression))
+
+
+def all_same(table: np.ndarray) -> bool:
+    """Whether every row of a C-contiguous (n, k) table equals the first (a bytes compare: no numpy temporaries)."""
+    raw = table.tobytes()
+    return raw == raw[:len(raw) // max(table.shape[0], 1)] * table.shape[0]
+
+
+def raise_if_mismatch(table: np.ndarray, chan, readable: tuple, name: str | None) -> None:
+    """Raise the same RingReduceError on every rank if rows of the (size, NFIELDS) table differ.
+
+    `readable` is this rank's description of the call; it is exchanged only on the
+    error path, to name the values in the message.
+    """
+    if all_same(table):
+        return
+    comm, rank, who = chan.comm, chan.rank, chan.who
+    everyone = comm.allgather(readable)   # the error path only: every rank is here
+    kinds = table[:, 1]
+    label_row = next((d for d, k in zip(everyone, kinds) if k != ERROR_KIND), everyone[rank])
+    label = f"tensor '{name}'" if name else f"unnamed {label_row[1]}"
+    rejected = [r for r, k in enumerate(kinds) if k == ERROR_KIND]
+    if rejected:
+        reasons = "; ".join(f"rank {r}: {everyone[r][1]}" for r in rejected)
+        raise RingReduceError(f"{who}: {_ranks(rejected)} rejected {label} [{reasons}]")
+    problems = []
+    for f, field in enumerate(FIELDS):
+        column = table[:, f]
+        if (column == column[0]).all():
+            continue
+        groups: dict[str, list[int]] = {}
+        for r, desc in enumerate(everyone):
+            groups.setdefault(repr(desc[f]), []).append(r)
+        parts = [f"{_ranks(rs)}: {val}" for val, rs in groups.items()]
+        problems.append(f"{field} ({'; '.join(parts)})")
+    raise RingReduceError(f"{who}: ranks disagree on {label}: " + ", ".join(problems))
+
+
+def _ranks(rs: list[int]) -> str:
+    return ("rank " if len(rs) == 1 else "ranks ") + ",".join(map(str, rs))

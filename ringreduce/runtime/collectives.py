@@ -1,0 +1,372 @@
+"""The public collectives on host (numpy) and device (cupy) arrays: allreduce, broadcast, objects.
+
+Every call is validate -> agree -> dispatch:
+
+- validate: the arguments, on this rank (a rank that rejects its call still takes
+  part in the agreement with an "error" fingerprint, so every rank raises:
+  agree.guarded);
+- agree: the fingerprints of every rank are compared (agree.exchange), so ranks
+  that disagree raise the same RingReduceError instead of hanging;
+- dispatch: the algorithm the plan (or the caller) chose, from algorithms.registry,
+  the compressed allreduce, or the device path.
+
+Each public function runs on its communicator context's "main" channel; the
+engine thread runs the same code on the "background" channel.
+"""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+
+from ..algorithms import allgather, hierarchical, registry
+from ..algorithms.native import allreduce as native_allreduce
+from ..compression import resolve as resolve_compression
+from ..compression.algorithm import compressed_allreduce, validate as validate_compression
+from ..compression.state import CompressionState, state_for
+from ..core import device, timeline
+from ..core.dtypes import HALF_DTYPES, check_array, dtype_code, is_integer
+from ..core.errors import RingReduceError
+from ..core.mpi import MPI
+from ..core.ops import Average, ReduceOp
+from ..policy import plan as policy
+from ..transport.p2p import message_slices
+from . import agree, device_path, tiny
+from .context import context
+
+__all__ = ["allreduce", "allreduce_", "allreduce_on", "broadcast_", "broadcast_object",
+           "allgather_object", "compression_state"]
+
+_OPS_BY_VALUE = {key: op for op in ReduceOp for key in (op, int(op))}
+_AUTO = ("auto", None)
+
+
+def _as_op(op, who: str) -> ReduceOp:
+    found = _OPS_BY_VALUE.get(op) if isinstance(op, (int, ReduceOp)) else None
+    if found is not None:
+        return found
+    try:
+        return ReduceOp(op)
+    except ValueError:
+        raise RingReduceError(f"{who}: unknown reduction op {op!r} "
+                              "(use rr.Sum, rr.Average, rr.Min or rr.Max)") from None
+
+
+def _prepare_output(chan, x, out, name, inplace: bool, defer: bool = False) -> np.ndarray:
+    """The buffer the algorithm reduces in place: x itself, `out` filled from x, or a copy.
+
+    With defer (host arrays only), `out` or a new array is returned unfilled: the
+    caller copies x in, or hands x to an algorithm that reads it directly (shm).
+    """
+    who = chan.who
+    if inplace:
+        return check_array(x, who, name, writable=True)
+    x = check_array(x, who, name)
+    xp = device.array_module(x)
+    if out is None:
+        return np.empty(x.shape, x.dtype) if defer else xp.array(x, order="C", copy=True)
+    out = check_array(out, who, name, what="out", writable=True)
+    label = " of tensor " + repr(name) if name else ""
+    if device.is_device_array(out) != device.is_device_array(x):
+        raise RingReduceError(f"{who}: out{label} and the input must both be host (numpy) or "
+                              "both device (cupy) arrays")
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise RingReduceError(f"{who}: out{label} has shape {out.shape} and dtype {out.dtype}, "
+                              f"but the input has shape {x.shape} and dtype {x.dtype}")
+    if out is not x and not defer:
+        xp.copyto(out, x)
+    return out
+
+
+def allreduce_on(chan, x, op=Average, algorithm="auto", compression=None,
+                 name=None, out=None, inplace=False) -> np.ndarray:
+    """allreduce on a given channel: the one entry point for both threads (tiny path first)."""
+    if (compression is None and algorithm in _AUTO and type(x) is np.ndarray
+            and x.nbytes <= tiny.REACH):
+        # Outside _general's error sharing: the tiny path rejects by returning None,
+        # and anything it raises comes after the exchange.
+        y = tiny.allreduce(chan, x, op, name, inplace, out, _raise_tiny_mismatch)
+        if y is not None:
+            return y
+    return _general(chan, x, op, algorithm, compression, name, out, inplace)
+
+
+@agree.guarded("allreduce")
+def _general(chan, x, op, algorithm, compression, name, out, inplace) -> np.ndarray:
+    t0 = timeline.now() if timeline.on else 0
+    who = chan.who
+    op = _as_op(op, who)
+    algorithm = policy.requested(algorithm, who)
+    # Out of place on the host: the copy of x into the result waits until the algorithm
+    # is known, because shm reads x directly and saves that pass over memory.
+    pending = x if not inplace and type(x) is np.ndarray and x is not out else None
+    buf = _prepare_output(chan, x, out, name, inplace, defer=pending is not None)
+    if is_integer(buf.dtype) and op == Average:
+        raise RingReduceError(
+            f"{who}: op Average on integer tensor{' ' + repr(name) if name else ''} "
+            f"({buf.dtype}) would truncate; use rr.Sum and divide, or a float dtype")
+    comp = resolve_compression(compression, who)
+    flat = buf.reshape(-1)
+    if algorithm == "auto" and comp is None:
+        algorithm = policy.choose(chan.plan, flat.nbytes, flat.dtype, chan.size, op, agree.enabled())
+    if algorithm == "mpi" and buf.dtype in HALF_DTYPES and comp is None:
+        native_allreduce(chan, flat, op, name)   # raises the clear half-type error
+    if comp is not None:
+        validate_compression(chan, flat, op, comp, name)
+    src = None
+    if pending is not None:
+        if registry.supports_source(algorithm) and comp is None and pending.flags.c_contiguous:
+            src = pending.reshape(-1)
+        else:
+            np.copyto(buf, pending)
+    seq = chan.next_seq()
+    if _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp):
+        if timeline.on:
+            timeline.complete("allreduce", t0, {"name": name, "algorithm": "piggyback",
+                                                "bytes": flat.nbytes, "call": seq})
+        return buf
+    _dispatch(chan, flat, op, algorithm, comp, name, src)
+    if timeline.on:
+        timeline.complete("allreduce", t0, {"name": name, "algorithm": algorithm, "bytes": flat.nbytes,
+                                            "compression": repr(comp) if comp else None, "call": seq})
+    return buf
+
+
+def _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp) -> bool:
+    """The fingerprint exchange; True when the payload rode in it and the result is done."""
+    if not agree.enabled():
+        return False
+    on_device = device.is_device_array(flat)
+    label = device_path.label(algorithm) if on_device else algorithm
+    header = agree.fingerprint(seq, "allreduce", flat.size, dtype_code(buf.dtype), int(op),
+                               label, name, buf.shape, comp)
+    piggyback = (algorithm == "allgather" and not on_device
+                 and flat.nbytes <= allgather.piggyback_bytes(chan.size))
+    table, rows = agree.exchange(chan, header, flat if piggyback else None, name=name)
+    _raise_if_mismatch(chan, table, "allreduce", buf, op, label, name, seq, comp)
+    if piggyback:
+        allgather.reduce_rows(rows[:, :flat.nbytes], flat, op)
+    return piggyback
+
+
+def _dispatch(chan, flat, op, algorithm, comp, name, src) -> None:
+    """Run the agreed call: device path, compressed, hierarchical-compressed or an algorithm."""
+    if device.is_device_array(flat):
+        device_path.allreduce(chan, flat, op, algorithm, comp, name)
+    elif comp is not None and comp.two_sided and algorithm == "hierarchical":
+        # Compressed between the node leaders, exact inside the nodes.
+        hierarchical.allreduce(chan, flat, op, across=lambda leaders, b, o: compressed_allreduce(
+            leaders, b, o, "ring", comp, name))
+    elif comp is not None:
+        compressed_allreduce(chan, flat, op, algorithm, comp, name)
+    elif algorithm == "mpi":
+        native_allreduce(chan, flat, op, name, src=src)
+    else:
+        registry.run(chan, algorithm, flat, op, src=src)
+
+
+def _raise_tiny_mismatch(chan, table, x, op, name, seq) -> None:
+    _raise_if_mismatch(chan, table, "allreduce", x, op, "allgather", name, seq)
+
+
+def _raise_if_mismatch(chan, table, kind, buf, op, algorithm, name, seq, compression=None) -> None:
+    if agree.all_same(table):
+        return
+    shape = buf.shape if buf is not None else ()
+    dtype = buf.dtype if buf is not None else None
+    count = buf.size if buf is not None else 0
+    readable = agree.describe(kind, count, dtype, op, algorithm, name, shape, compression, seq)
+    agree.raise_if_mismatch(table, chan, readable, name)
+
+
+def _agree(chan, header: np.ndarray, kind, buf, op, algorithm, name, seq) -> None:
+    table, _ = agree.exchange(chan, header, name=name)
+    _raise_if_mismatch(chan, table, kind, buf, op, algorithm, name, seq)
+
+
+def allreduce(x, op=Average, algorithm: str = "auto", compression=None, name: str | None = None,
+              out: np.ndarray | None = None, comm=None) -> np.ndarray:
+    """Reduce `x` across all ranks and return the result (a new array, or `out`).
+
+    Parameters
+    ----------
+    x : numpy.ndarray or cupy.ndarray
+        Any shape; float16, bfloat16, float32, float64, int8, uint8, int32 or int64.
+        Non-contiguous input is copied.
+    op : rr.Sum, rr.Average, rr.Min or rr.Max
+    algorithm : "auto", "ring", "tree", "mpi", "shm" or "hierarchical"
+        "auto" picks by message size; RINGREDUCE_ALGORITHM overrides it.
+    compression : rr.Compression.* or None
+    name : str, optional
+        A stable tensor name, used in error messages and the mismatch check
+        (required with error-feedback compression).
+    out : numpy.ndarray, optional
+        Where to write the result (same shape and dtype as x).
+    comm : mpi4py communicator, optional
+        A sub-communicator; default the one given to rr.init().
+
+    Every rank gets bit-identical results; NaN anywhere stays NaN (Min/Max included).
+
+    Example::
+
+        import numpy as np, ringreduce as rr
+        rr.init()
+        y = rr.allreduce(np.arange(10, dtype=np.float32) * rr.rank(), op=rr.Average)
+    """
+    return allreduce_on(context(comm).main, x, op, algorithm, compression, name, out)
+
+
+def allreduce_(x: np.ndarray, op=Average, algorithm: str = "auto", compression=None,
+               name: str | None = None, comm=None) -> np.ndarray:
+    """In-place allreduce: `x` (contiguous, writable) is overwritten and returned.
+
+    Example::
+
+        grad = np.ones(1000, dtype=np.float32)
+        rr.allreduce_(grad, op=rr.Sum)     # grad == rr.size() everywhere
+    """
+    return allreduce_on(context(comm).main, x, op, algorithm, compression, name, inplace=True)
+
+
+def _check_root(chan, root_rank) -> None:
+    if not isinstance(root_rank, (int, np.integer)) or not 0 <= root_rank < chan.size:
+        raise RingReduceError(f"{chan.who}: root_rank {root_rank!r} is out of range for "
+                              f"{chan.size} ranks")
+
+
+@agree.guarded("broadcast")
+def broadcast_on(chan, x: np.ndarray, root_rank: int = 0, name=None) -> np.ndarray:
+    _check_root(chan, root_rank)
+    x = check_array(x, chan.who, name, writable=True)
+    on_device = device.is_device_array(x)
+    label = device_path.label("bcast") if on_device else "bcast"
+    seq = chan.next_seq()
+    if agree.enabled():
+        header = agree.fingerprint(seq, "broadcast", x.size, dtype_code(x.dtype), root_rank,
+                                   label, name, x.shape, None)
+        _agree(chan, header, "broadcast", x, f"root {root_rank}", label, name, seq)
+    if on_device:
+        device_path.broadcast(chan, x, root_rank, _bcast_bytes)
+    else:
+        _bcast_bytes(chan, x, root_rank)
+    return x
+
+
+def _bcast_bytes(chan, x, root_rank: int, what: str = "broadcast") -> None:
+    raw = x.reshape(-1).view(np.uint8)
+    reqs = [chan.comm.Ibcast([raw[lo:hi], MPI.BYTE], root=root_rank)
+            for lo, hi in message_slices(raw.size)]
+    chan.wait(reqs, what)
+
+
+def broadcast_(x: np.ndarray, root_rank: int = 0, comm=None, name: str | None = None) -> np.ndarray:
+    """Overwrite `x` on every rank with root_rank's `x`, in place (Horovod's name and argument).
+
+    Example::
+
+        w = np.random.default_rng(rr.rank()).random(10)
+        rr.broadcast_(w, root_rank=0)      # every rank now holds rank 0's w
+    """
+    return broadcast_on(context(comm).main, x, root_rank, name)
+
+
+# -- Python objects: pickled here, moved as bytes through the supervised wait --------------
+
+def _object_check(chan, kind: str, root_rank: int) -> None:
+    seq = chan.next_seq()
+    if agree.enabled():
+        header = agree.fingerprint(seq, kind, op=root_rank)
+        _agree(chan, header, kind, None, f"root {root_rank}", "", None, seq)
+
+
+def _pickle(chan, obj, kind: str) -> tuple[np.ndarray | None, str | None]:
+    """(bytes as uint8, None), or (None, the reason) when obj cannot be pickled."""
+    try:
+        return np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8), None
+    except Exception as exc:  # any pickling failure must reach the other ranks
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+@agree.guarded("broadcast_object")
+def _broadcast_object_on(chan, obj, root_rank: int = 0):
+    _check_root(chan, root_rank)
+    _object_check(chan, "broadcast_object", root_rank)
+    data, reason = _pickle(chan, obj, "broadcast_object") if chan.rank == root_rank else (None, None)
+    # First the length (-1: the root could not pickle), then the bytes: every rank
+    # learns of a failure on the root instead of waiting for bytes that never come.
+    length = np.array([-1 if reason else (data.size if data is not None else 0)], np.int64)
+    _bcast_bytes(chan, length, root_rank, "broadcast_object (length)")
+    if length[0] < 0:
+        where = f"{chan.who}" if chan.rank == root_rank else f"{chan.who}: root rank {root_rank}"
+        raise RingReduceError(f"{where} could not pickle the object for broadcast_object"
+                              + (f": {reason}" if reason else ""))
+    buf = data.copy() if chan.rank == root_rank else np.empty(int(length[0]), np.uint8)
+    _bcast_bytes(chan, buf, root_rank, "broadcast_object")
+    return obj if chan.rank == root_rank else pickle.loads(buf.tobytes())
+
+
+def broadcast_object(obj, root_rank: int = 0, comm=None):
+    """Return root_rank's picklable `obj` on every rank.
+
+    A root that cannot pickle `obj` raises RingReduceError, and so does every other
+    rank (naming the root), within the same call.
+
+    Example::
+
+        cfg = rr.broadcast_object({"lr": 0.1} if rr.rank() == 0 else None)
+    """
+    return _broadcast_object_on(context(comm).main, obj, root_rank)
+
+
+@agree.guarded("allgather_object")
+def _allgather_object_on(chan, obj) -> list:
+    _object_check(chan, "allgather_object", 0)
+    data, reason = _pickle(chan, obj, "allgather_object")
+    n = chan.size
+    lengths = np.empty(n, np.int64)
+    mine = np.array([-1 if data is None else data.size], np.int64)
+    chan.wait([chan.comm.Iallgather(mine, lengths)], "allgather_object (lengths)")
+    bad = [r for r in range(n) if lengths[r] < 0]
+    if bad:
+        detail = f": {reason}" if reason else ""
+        raise RingReduceError(f"{chan.who}: {agree._ranks(bad)} could not pickle the object for "
+                              f"allgather_object{detail if chan.rank in bad else ''}")
+    counts = lengths.astype(np.int64)
+    displs = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    recv = np.empty(int(counts.sum()), np.uint8)
+    if int(counts.max(initial=0)) < 2**31 and int(counts.sum()) < 2**31:
+        req = chan.comm.Iallgatherv([data, MPI.BYTE], [recv, (counts, displs), MPI.BYTE])
+        chan.wait([req], "allgather_object")
+    else:   # huge objects: one broadcast per rank, each split into countable messages
+        for r in range(n):
+            part = recv[displs[r]:displs[r] + counts[r]]
+            if r == chan.rank:
+                part[...] = data
+            _bcast_bytes(chan, part, r, "allgather_object")
+    return [pickle.loads(recv[displs[r]:displs[r] + counts[r]].tobytes()) for r in range(n)]
+
+
+def allgather_object(obj, comm=None) -> list:
+    """Return the list of every rank's picklable `obj`, in rank order.
+
+    A rank that cannot pickle its `obj` raises RingReduceError, and so does every
+    other rank (naming it), within the same call.
+
+    Example::
+
+        counts = rr.allgather_object(len(my_shard))
+    """
+    return _allgather_object_on(context(comm).main, obj)
+
+
+def compression_state(comm=None) -> CompressionState:
+    """This rank's error-feedback state for `comm` (default: the init communicator).
+
+    Example::
+
+        import ringreduce as rr
+        y = rr.allreduce(g, compression=rr.Compression.int8, name="w")
+        ckpt = {"residuals": rr.compression_state().state_dict()}
+        rr.compression_state().load_state_dict(ckpt["residuals"])
+    """
+    return state_for(context(comm).main)

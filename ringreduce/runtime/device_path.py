@@ -1,0 +1,89 @@
+"""The GPU path of the collectives: cupy buffers through CUDA-aware MPI or pinned staging.
+
+``collectives.allreduce_on`` / ``broadcast_on`` validate, run the mismatch check
+(whose algorithm field names the device mode, see :func:`label`) and then hand
+device arrays here:
+
+* CUDA-aware MPI: the very same algorithms run on the cupy arrays. Their
+  reductions are cupy kernels (numpy ufuncs dispatch to cupy through
+  ``__array_ufunc__``), their scratch comes from the channel's pool on the
+  device (``ScratchPool.using(cupy)``), and mpi4py gives MPI the device
+  pointers (``__cuda_array_interface__``).
+* otherwise, and for the shared-memory algorithms ("shm", "hierarchical",
+  which reduce in host windows): ``staging.Stager`` pipes the buffer through
+  pinned host slots and each segment is reduced by the host engine.
+
+Stream rule (``device`` module docstring): the caller's current stream is
+synchronized before MPI first reads the buffer and again before returning, so
+the result is complete on the device when the call returns.
+
+Example::
+
+    import cupy as cp, ringreduce as rr
+    g = cp.ones(1 << 20, cp.float32)
+    rr.allreduce_(g, op=rr.Sum)           # g == rr.size() everywhere, still on the GPU
+"""
+from __future__ import annotations
+
+from ..algorithms import registry
+from ..compression.algorithm import compressed_allreduce
+from ..core import device
+from ..transport import staging
+
+__all__ = ["label", "allreduce", "broadcast"]
+
+# Algorithms that reduce in host shared memory (MPI windows): always staged.
+HOST_ONLY = ("shm", "hierarchical")
+
+
+def label(algorithm: str) -> str:
+    """The algorithm field of a device call's fingerprint, e.g. 'ring on device (staged)'."""
+    return f"{algorithm} on device ({device.mode().name})"
+
+
+def allreduce(chan, flat, op, algorithm: str, comp, name) -> None:
+    """Reduce the flat cupy array in place, every rank with the same bits."""
+    with flat.device:   # the engine thread's current device may be another one
+        _allreduce(chan, flat, op, algorithm, comp, name)
+
+
+def _allreduce(chan, flat, op, algorithm: str, comp, name) -> None:
+    device.synchronize(flat)
+    try:
+        if device.mode().aware and algorithm not in HOST_ONLY:
+            with chan.pool.using(device.array_module(flat)):
+                if comp is not None:
+                    compressed_allreduce(chan, flat, op, algorithm, comp, name)
+                else:
+                    registry.run(chan, algorithm, flat, op)
+        elif comp is not None:
+            # Error feedback keeps one residual per tensor: stage the tensor in one piece.
+            staging.stager_for(chan, flat).run(
+                flat, lambda host, _k: compressed_allreduce(chan, host, op, algorithm, comp, name),
+                segment_bytes=max(flat.nbytes, 1))
+        else:
+            # Each segment is its own host allreduce, in the same order on every rank.
+            staging.stager_for(chan, flat).run(
+                flat, lambda host, _k: registry.run(chan, algorithm, host, op))
+    finally:
+        device.synchronize(flat)
+
+
+def broadcast(chan, x, root_rank: int, bcast_bytes) -> None:
+    """Broadcast cupy array x in place; bcast_bytes(chan, arr, root) moves one buffer's bytes."""
+    with x.device:
+        _broadcast(chan, x, root_rank, bcast_bytes)
+
+
+def _broadcast(chan, x, root_rank: int, bcast_bytes) -> None:
+    device.synchronize(x)
+    try:
+        if device.mode().aware:
+            bcast_bytes(chan, x, root_rank)
+        else:
+            root = chan.rank == root_rank   # the root only sends, the others only receive
+            staging.stager_for(chan, x).run(
+                x.reshape(-1), lambda host, _k: bcast_bytes(chan, host, root_rank),
+                download=root, upload=not root)
+    finally:
+        device.synchronize(x)

@@ -1,0 +1,179 @@
+"""The engine's background thread: asynchronous collectives that overlap the caller's work.
+
+One worker thread per process runs submitted collectives in submission order on
+each communicator context's "background" channel (its own duplicated
+communicator), so they never interleave with collectives made on the user's
+thread. Ranks must submit in the same order, as with any collective.
+Without MPI_THREAD_MULTIPLE the work runs on the calling thread instead.
+
+Errors in a collective are delivered to the caller's Handle.wait(). An error in
+the thread itself (outside any collective) reaches threading.excepthook, which
+ringreduce.liveness.faults turns into an abort of the job naming the rank. Shutdown
+drains the queue and stops the thread; if it cannot (a collective still waits
+for peers past RINGREDUCE_TIMEOUT) the job is aborted rather than left to hang
+in MPI_Finalize.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+
+import numpy as np
+
+from ..core import device as _device
+from ..core.errors import RingReduceError
+from ..core.ops import Average
+from ..liveness.faults import abort
+from ..transport.wait import SPIN_SECONDS
+from . import context as _comm
+from .collectives import allreduce_on
+
+__all__ = ["Handle", "allreduce_async"]
+
+
+class Handle:
+    """A pending asynchronous collective.
+
+    Example::
+
+        h = rr.allreduce_async(grad, name="layer1.weight")
+        ...                                  # compute while it runs
+        avg = h.wait()
+    """
+
+    def __init__(self, description: str, runtime=None):
+        self.description = description
+        self._runtime = runtime
+        self._event = threading.Event()
+        self._result = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        """True once the collective has finished (successfully or not)."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None):
+        """Block until finished and return the result; re-raises an error from the engine thread.
+
+        While it blocks, the wait takes part in liveness like any supervised wait: it
+        answers peers' stall and deadlock queries, and raises if every rank is
+        deadlocked (e.g. this rank waits for an async call its peers make blocking).
+        """
+        if not self._event.wait(SPIN_SECONDS):
+            self._wait_slowly(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def _wait_slowly(self, timeout: float | None) -> None:
+        rt = self._runtime
+        start = time.monotonic()
+        with rt.supervisor.blocked(f"the engine thread's {self.description}") as entry:
+            while not self._event.wait(0.005):
+                waited = time.monotonic() - start
+                if timeout is not None and waited >= timeout:
+                    raise RingReduceError(f"{self.description} did not finish within {timeout} s")
+                worker = rt.worker
+                if worker is None or not worker.alive():
+                    raise RingReduceError(f"{self.description} will never finish: the engine thread "
+                                          "has stopped")
+                rt.supervisor.tick(entry)
+
+    def _run(self, fn) -> None:
+        try:
+            self._result = fn()
+        except BaseException as exc:  # delivered to the waiting caller, never lost
+            self._error = exc
+        finally:
+            self._event.set()
+
+
+class _Worker:
+    """The engine thread: runs submitted collectives one at a time, in submission order."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="ringreduce-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, handle: Handle, fn) -> None:
+        self._queue.put((handle, fn))
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            handle, fn = item
+            handle._run(fn)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float | None) -> bool:
+        """Finish the queued work and end the thread; False if it is still running after `timeout`."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+_worker_lock = threading.Lock()
+
+
+def _get_worker() -> _Worker | None:
+    rt = _comm.RUNTIME
+    if not _comm.thread_multiple():
+        return None
+    with _worker_lock:
+        if rt.worker is None:
+            rt.worker = _Worker()
+            if stop_worker not in rt.shutdown_hooks:
+                _comm.add_shutdown_hook(stop_worker)
+    return rt.worker
+
+
+def stop_worker() -> None:
+    """Stop the engine thread (at shutdown); abort the job if a collective keeps it from stopping."""
+    rt = _comm.RUNTIME
+    with _worker_lock:
+        worker, rt.worker = rt.worker, None
+    if worker is None:
+        return
+    # Its waits time out on their own after RINGREDUCE_TIMEOUT; allow that and a margin.
+    timeout = rt.supervisor.timeout
+    limit = timeout + 10 if math.isfinite(timeout) else None
+    if not worker.stop(limit):
+        abort(f"the engine thread did not stop within {limit:.0f} s: a collective is still "
+              "waiting for other ranks")
+
+
+def submit(description: str, fn) -> Handle:
+    """Run fn() on the engine thread (or right here without thread support); return its Handle."""
+    handle = Handle(description, _comm.RUNTIME)
+    worker = _get_worker()
+    if worker is None:
+        handle._run(fn)
+    else:
+        worker.submit(handle, fn)
+    return handle
+
+
+def allreduce_async(x, op=Average, algorithm: str = "auto", compression=None,
+                    name: str | None = None, out: np.ndarray | None = None, comm=None) -> Handle:
+    """Start an allreduce on the engine's background thread; returns a Handle.
+
+    Same arguments and result as rr.allreduce. Do not modify `x` (or `out`) until
+    the handle is done.
+
+    Example::
+
+        h = rr.allreduce_async(np.ones(4, np.float32), op=rr.Sum, name="ones")
+        assert h.wait()[0] == rr.size()
+    """
+    chan = _comm.context(comm).background
+    label = f"allreduce of tensor '{name}'" if name else "allreduce"
+    _device.synchronize(x)   # the caller's stream wrote x; the engine thread has its own stream
+    return submit(f"{chan.who}: {label}",
+                  lambda: allreduce_on(chan, x, op, algorithm, compression, name, out))

@@ -1,0 +1,55 @@
+"""rr.info(): what this ringreduce is running on, for humans and bug reports."""
+from __future__ import annotations
+
+from ..compression import kernels
+from ..core import config
+from ..core import device as _device
+from ..core.mpi import MPI
+from . import context as _comm
+
+
+def mpi_vendor() -> tuple[str, str]:
+    """(vendor, version string) of the MPI library mpi4py loaded."""
+    name, version = MPI.get_vendor()
+    return name, ".".join(map(str, version))
+
+
+def info() -> dict:
+    """A dict describing the MPI library, ranks and nodes, extensions and the algorithm table.
+
+    Example::
+
+        import ringreduce as rr, pprint
+        pprint.pprint(rr.info())
+    """
+    ctx = _comm.context()
+    vendor, version = mpi_vendor()
+    extensions = {"cpu": kernels.available(), "cuda": kernels.cuda_available()}
+    return {
+        "version": _package_version(),
+        "mpi_vendor": vendor,
+        "mpi_version": version,
+        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
+        "mpi4py": __import__("mpi4py").__version__,
+        "thread_level": _comm.thread_level(),
+        "async": "background thread" if _comm.thread_multiple() else "calling thread (no overlap)",
+        "rank": ctx.rank,
+        "size": ctx.size,
+        "local_rank": ctx.local_rank,
+        "local_size": ctx.local_size,
+        "nodes": ctx.num_nodes,
+        "node_id_source": "RINGREDUCE_NODE_ID" if _comm.RUNTIME.settings.node_id else "MPI COMM_TYPE_SHARED",
+        "extensions": extensions,
+        "cuda": _device.describe(),   # device buffers: cuda-aware or staged, and why
+        "mismatch_check": config.check_enabled(),
+        "algorithm_override": config.algorithm_override(),
+        "algorithm_table": ctx.plan.describe(),
+    }
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("ringreduce")
+    except Exception:
+        return "unknown"
