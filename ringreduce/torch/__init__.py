@@ -25,6 +25,8 @@ from .functions import (
     join,
 )
 from .optimizer import DistributedOptimizer
+from .localsgd import LocalSGD, SyncRecord, SyncTotals
+from .diloco import DiLoCo
 
 # Horovod-style access to the engine's names from the torch module.
 _ENGINE_NAMES = ["init", "shutdown", "rank", "size", "local_rank", "local_size",
@@ -51,3 +53,4 @@ __all__ = [
     "allreduce_",
     "join",
 ] + _ENGINE_NAMES
+__all__ += ["LocalSGD", "DiLoCo", "SyncRecord", "SyncTotals"]
