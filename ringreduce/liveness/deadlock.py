@@ -31,6 +31,7 @@ Example::
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -42,6 +43,7 @@ __all__ = ["DeadlockDetector", "QUERY_TAG", "REPLY_TAG"]
 
 QUERY_TAG = 32004
 REPLY_TAG = 32005
+VERDICT_TAG = 32006      # a rank that found the deadlock tells the others (UTF-8 message)
 _ENGINE_THREAD = "ringreduce-engine"
 _ROUND_GAP = 0.5         # seconds between the two rounds of a probe
 _REPLY_PATIENCE = 2.0    # a round with replies missing after this long is dropped
@@ -92,7 +94,8 @@ class DeadlockDetector:
                 row += [chan.seq, w.seq if w is not None else -1]
                 if w is not None:
                     scope = "" if ctx.is_world else " of a sub-communicator"
-                    text.append(f"{w.what} (call {w.seq} on the {chan.label} channel{scope})")
+                    what = re.sub(r" \(call \d+\)$", "", w.what)
+                    text.append(f"{what} (call {w.seq} on the {chan.label} channel{scope})")
             rows.append(row)
         head = [int(stuck), signature, len(rows)]
         ints = np.array(head + [v for row in rows for v in row], np.int64)
@@ -139,12 +142,33 @@ class DeadlockDetector:
     def check(self, waiting) -> str | None:
         """Watcher: run this rank's probe a step further; the deadlock message, or None."""
         ctl = self.notices.ctl
-        if ctl is None or ctl.Get_size() == 1 or not self._lock.acquire(blocking=False):
+        if ctl is None or ctl.Get_size() == 1:
+            return None
+        told = self._verdict_received(ctl)
+        if told is not None:
+            return told
+        if not self._lock.acquire(blocking=False):
             return None
         try:
-            return self._step(ctl)
+            found = self._step(ctl)
+            if found is not None:
+                # The others may not conclude on their own once this rank stops answering.
+                raw = np.frombuffer(found.encode(), np.uint8).copy()
+                for peer in range(ctl.Get_size()):
+                    if peer != ctl.Get_rank():
+                        self._keep(ctl.Isend([raw, MPI.BYTE], peer, VERDICT_TAG), raw)
+            return found
         finally:
             self._lock.release()
+
+    def _verdict_received(self, ctl) -> str | None:
+        status = MPI.Status()
+        msg = ctl.improbe(MPI.ANY_SOURCE, VERDICT_TAG, status)
+        if msg is None:
+            return None
+        buf = np.empty(status.Get_count(MPI.BYTE), np.uint8)
+        msg.Recv([buf, MPI.BYTE])
+        return f"{buf.tobytes().decode('utf-8', 'replace')} (found by rank {status.Get_source()})"
 
     def _step(self, ctl) -> str | None:
         now = time.monotonic()
