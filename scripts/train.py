@@ -11,6 +11,7 @@ Example::
     mpirun -np 2 python scripts/train.py                      # tiny default run
     mpirun -np 2 python scripts/train.py --model-size large --steps 30 --compare-ddp
     mpirun -np 2 python scripts/train.py --compression int8 --plot loss.png
+    mpirun -np 2 python scripts/train.py --sync diloco --sync-every 8 --compression int8
 """
 from __future__ import annotations
 
@@ -79,6 +80,21 @@ def parse_args(argv=None):
     p.add_argument("--data-bytes", type=int, default=4_000_000,
                    help="bytes of stdlib source to read (train, over all ranks)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--sync", choices=["step", "local-sgd", "diloco"], default="step",
+                   help="step: average gradients every step (DistributedOptimizer); local-sgd: "
+                        "average parameters every --sync-every steps; diloco: an outer Nesterov "
+                        "step on the averaged parameter change every --sync-every steps "
+                        "(--compression then compresses what is synchronised)")
+    p.add_argument("--sync-every", type=int, default=8, metavar="H",
+                   help="local-sgd/diloco: optimizer steps between synchronisations")
+    p.add_argument("--outer-lr", type=float, default=0.7, help="diloco: outer learning rate")
+    p.add_argument("--outer-momentum", type=float, default=0.9,
+                   help="diloco: outer Nesterov momentum (0: plain outer SGD)")
+    p.add_argument("--fragments", type=int, default=1, metavar="F",
+                   help="diloco: sync the parameters in F fragments at staggered steps")
+    p.add_argument("--overlap-sync", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="diloco: run each fragment's exchange behind the next K inner steps "
+                        "(default K=1; unrelated to --overlap, the per-step bucket launch)")
     return p.parse_args(argv)
 
 
@@ -249,26 +265,75 @@ def compression_of(name):
     return getattr(comp, name)
 
 
+def make_sync(model, args, target):
+    """--sync local-sgd / diloco: the periodic synchroniser around the inner optimizer."""
+    inner = make_optimizer(model, args)
+    if args.sync == "local-sgd":
+        return rrt.LocalSGD(model, inner, sync_every=args.sync_every, compression=target)
+    return rrt.DiLoCo(model, inner, sync_every=args.sync_every, outer_lr=args.outer_lr,
+                      outer_momentum=args.outer_momentum, nesterov=args.outer_momentum > 0,
+                      compression=target, fragments=args.fragments, overlap=args.overlap_sync)
+
+
+class WireMeter:
+    """Bytes this rank sent through ringreduce since start(): rr.wire_stats() where the engine
+    has it, else the synchroniser's own count (local-sgd/diloco) or, for per-step sync, the
+    ring's 2(n-1)/n x the gradient bytes per step divided by the compression ratio."""
+
+    def __init__(self, sync, grad_bytes, size):
+        self.sync, self.grad_bytes, self.size = sync, grad_bytes, size
+        self.exact = hasattr(rr, "wire_stats")
+        self.steps, self.base = 0, 0.0
+
+    def _raw(self):
+        if self.exact:
+            return float(rr.wire_stats()["total"]["sent"])
+        if self.sync is not None:
+            return float(self.sync.sync_totals.bytes)
+        st = rr.last_stats() if hasattr(rr, "last_stats") else None
+        ratio = st.ratio if st is not None and st.ratio else 1.0
+        return 2.0 * (self.size - 1) / self.size * self.grad_bytes / ratio * self.steps
+
+    def start(self):
+        self.base = self._raw()
+
+    def step(self):
+        self.steps += 1
+
+    def sent(self):
+        return self._raw() - self.base
+
+
 def train_ringreduce(args, shard, valid, rank, size):
     preset = PRESETS[args.model_size]
     model = make_model(args)
     nparams = sum(p.numel() for p in model.parameters())
-    opt = make_optimizer(model, args)
     target = compression_of(args.compression)
     warm = args.compression_warmup if target is not None else 0
-    opt = rrt.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
-                                   compression=None if warm > 0 else target,
-                                   algorithm=args.algorithm,
-                                   overlap={"on": True, "off": False}.get(args.overlap, "auto"),
-                                   backward_passes_per_step=args.backward_passes_per_step)
-    sched = make_schedule(opt, args.steps)
+    sync = None
+    if args.sync != "step":
+        if warm > 0:
+            raise SystemExit("--compression-warmup applies to --sync step only")
+        sync = make_sync(model, args, target)   # broadcasts rank 0's model and state
+        opt = sync
+        inner = sync.optimizer
+    else:
+        opt = inner = make_optimizer(model, args)
+        opt = rrt.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                       compression=None if warm > 0 else target,
+                                       algorithm=args.algorithm,
+                                       overlap={"on": True, "off": False}.get(args.overlap, "auto"),
+                                       backward_passes_per_step=args.backward_passes_per_step)
+        inner = opt
+    sched = make_schedule(inner, args.steps)
     rng = np.random.default_rng([args.seed, rank])
     start = 0
     if args.resume:
-        start = resume(args, model, opt, sched, rank, size)
+        start = resume(args, model, opt, sched, rank, size, sync)
         rng.bit_generator.state = STATE["rng"]
-    rrt.broadcast_parameters(model.state_dict(), root_rank=0)
-    rrt.broadcast_optimizer_state(opt, root_rank=0)
+    if sync is None:   # local modes broadcast at construction; after a resume ranks differ
+        rrt.broadcast_parameters(model.state_dict(), root_rank=0)
+        rrt.broadcast_optimizer_state(opt, root_rank=0)
 
     def reduce_sum(vals):
         t = rrt.allreduce(torch.tensor(vals, dtype=torch.float64), op=rr.Sum, name="eval")
@@ -276,8 +341,12 @@ def train_ringreduce(args, shard, valid, rank, size):
 
     if rank == 0:
         after = f" after {warm} uncompressed steps" if warm else ""
+        how = {"step": "per-step sync", "local-sgd": f"local-sgd every {args.sync_every} steps",
+               "diloco": f"diloco every {args.sync_every} steps (outer lr {args.outer_lr}, "
+                         f"momentum {args.outer_momentum}, {args.fragments} fragment(s), "
+                         f"overlap {args.overlap_sync})"}[args.sync]
         print(f"ringreduce: {size} rank(s), model {args.model_size} ({nparams / 1e6:.2f} M params), "
-              f"compression {args.compression}{after}, "
+              f"{how}, compression {args.compression}{after}, "
               f"optimizer {args.optimizer}, algorithm {args.algorithm}, "
               f"{len(shard)} train bytes on rank 0, {len(valid)} validation bytes", flush=True)
     init_loss = evaluate(model, valid, args, rank, size, reduce_sum)
@@ -287,7 +356,10 @@ def train_ringreduce(args, shard, valid, rank, size):
     per_step = args.batch_size * k * size
     losses, timed_from, busy = [], min(2, max(args.steps - start - 1, 0)), 0.0
     step_times = []   # (step, seconds) of the timed steps: throughput after a warm-up too
-    frozen = FrozenVariance(opt, warm) if args.freeze_variance and target is not None else None
+    frozen = FrozenVariance(inner, warm) if args.freeze_variance and target is not None else None
+    wire = WireMeter(sync, sum(p.numel() * p.element_size() for p in model.parameters()), size)
+    wire.start()
+    wire_curve = []   # (step, bytes sent so far): loss vs wire bytes
     pb = bar(args, rank, args.steps, start)
     for step in range(start, args.steps):
         yield  # --compare-ddp interleaves the two frameworks step by step
@@ -302,10 +374,12 @@ def train_ringreduce(args, shard, valid, rank, size):
             loss.backward()
             loss_val += loss.item()
         opt.step()
+        wire.step()
         if frozen is not None:
             frozen.after_step(step)
         sched.step()
         losses.append((step + 1, loss_val))
+        wire_curve.append((step + 1, wire.sent()))
         done = step - start + 1 - timed_from
         if done > 0:  # the first steps (allocation, layouts) are not timed
             dt = time.perf_counter() - t_step
@@ -315,6 +389,11 @@ def train_ringreduce(args, shard, valid, rank, size):
             sps = per_step * done / busy if done > 0 else 0.0
             pb.set_postfix(loss=f"{loss_val:.3f}", samples_s=f"{sps:.0f}")
             pb.update(1)
+    if sync is not None and start < args.steps:
+        t_sync = time.perf_counter()
+        sync.sync()   # fragments not synced at the last step: every rank ends on the global model
+        busy += time.perf_counter() - t_sync
+    wire_sent = wire.sent()
     elapsed = busy
     if pb is not None:
         pb.close()
@@ -328,16 +407,33 @@ def train_ringreduce(args, shard, valid, rank, size):
     if len(set(every)) != 1:
         raise rr.RingReduceError(f"rank {rank}: parameters differ across ranks: {every}")
     if args.checkpoint:
-        save_checkpoint(args, model, opt, sched, rng, rank, size)
+        save_checkpoint(args, model, opt, sched, rng, rank, size, sync)
     return dict(init=init_loss, final=final, sps=sps, losses=losses, nparams=nparams,
-                checksum=mine, step_times=step_times, per_step=per_step)
+                checksum=mine, step_times=step_times, per_step=per_step, wire=wire_curve,
+                wire_sent=wire_sent, wire_exact=wire.exact,
+                sync_totals=None if sync is None else sync.sync_totals.as_dict())
 
 
 STATE = {}
 
 
-def save_checkpoint(args, model, opt, sched, rng, rank, size):
-    """Model and optimizer from rank 0, every rank's residuals and data-RNG state."""
+def save_checkpoint(args, model, opt, sched, rng, rank, size, sync=None):
+    """Model and optimizer from rank 0, every rank's residuals and data-RNG state.
+
+    local-sgd/diloco: every rank's model and synchroniser state (they differ between syncs).
+    """
+    if sync is not None:
+        gathered = rr.allgather_object((model.state_dict(), sync.state_dict(),
+                                        rng.bit_generator.state))
+        if rank == 0:
+            ckpt = {"step": args.steps, "size": size, "sync": args.sync,
+                    "local": [(m, s) for m, s, _ in gathered], "scheduler": sched.state_dict(),
+                    "rng": [r for _, _, r in gathered], "model_size": args.model_size}
+            tmp = args.checkpoint + ".tmp"
+            torch.save(ckpt, tmp)
+            os.replace(tmp, args.checkpoint)
+            print(f"checkpoint written to {args.checkpoint}", flush=True)
+        return
     sd = opt.state_dict()
     extra = sd.pop("ringreduce", None)
     residuals = extra["compression_state"] if extra else {}
@@ -356,7 +452,7 @@ def save_checkpoint(args, model, opt, sched, rng, rank, size):
         print(f"checkpoint written to {args.checkpoint}", flush=True)
 
 
-def resume(args, model, opt, sched, rank, size):
+def resume(args, model, opt, sched, rank, size, sync=None):
     ckpt = None
     if rank == 0:
         ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
@@ -366,6 +462,18 @@ def resume(args, model, opt, sched, rank, size):
                                  f"{ckpt['size']} ranks; resume with mpirun -np {ckpt['size']}")
     if ckpt["model_size"] != args.model_size:
         raise rr.RingReduceError(f"rank {rank}: checkpoint holds a {ckpt['model_size']!r} model")
+    if ckpt.get("sync", "step") != args.sync:
+        raise rr.RingReduceError(f"rank {rank}: checkpoint {args.resume} was written with --sync "
+                                 f"{ckpt.get('sync', 'step')}, not {args.sync}")
+    if sync is not None:
+        model_sd, sync_sd = ckpt["local"][rank]
+        model.load_state_dict(model_sd)
+        sync.load_state_dict(sync_sd)
+        sched.load_state_dict(ckpt["scheduler"])
+        STATE["rng"] = ckpt["rng"][rank]
+        if rank == 0:
+            print(f"resumed from step {ckpt['step']}", flush=True)
+        return ckpt["step"]
     model.load_state_dict(ckpt["model"])
     sd = dict(ckpt["optimizer"])
     sd["ringreduce"] = ckpt["ringreduce"]  # each rank restores its own residuals
@@ -526,12 +634,22 @@ def main(argv=None):
     if rank == 0:
         print(f"final loss {res['final']:.4f}")
         print(f"samples/s {res['sps']:.1f}")
+        print(f"wire MiB/rank {res['wire_sent'] / 2**20:.3f}"
+              + ("" if res["wire_exact"] else " (ringreduce's own count; rr.wire_stats absent)"))
+        if res["sync_totals"] is not None:
+            t = res["sync_totals"]
+            print(f"syncs {t['syncs']}, {t['seconds']:.3f} s blocked in them", flush=True)
         print(f"checksum {res['checksum']} (identical on all ranks)", flush=True)
     label = args.compression
     if args.compression != "none" and (args.compression_warmup or args.freeze_variance):
         label += " (" + ", ".join(
             ([f"warm-up {args.compression_warmup}"] if args.compression_warmup else [])
             + (["frozen variance"] if args.freeze_variance else [])) + ")"
+    if args.sync == "local-sgd":
+        label = f"local-sgd H={args.sync_every}, {label}"
+    elif args.sync == "diloco":
+        label = (f"diloco H={args.sync_every}" + (f" F={args.fragments}" if args.fragments > 1 else "")
+                 + (f" overlap {args.overlap_sync}" if args.overlap_sync else "") + f", {label}")
     runs = {f"{args.optimizer}, {label}": res}
     if args.compare_ddp:
         runs["torch DDP (gloo)"] = ddp
@@ -549,7 +667,10 @@ def main(argv=None):
         import json
 
         Path(args.save_losses).write_text(json.dumps(
-            {"label": next(iter(runs)), "final": res["final"], "losses": res["losses"]}))
+            {"label": next(iter(runs)), "final": res["final"], "losses": res["losses"],
+             "sync": args.sync, "sync_every": args.sync_every, "compression": args.compression,
+             "wire_mib": res["wire_sent"] / 2**20, "wire": res["wire"], "sps": res["sps"],
+             "steps": args.steps, "ranks": size}))
     if args.plot and rank == 0:
         import json
 
