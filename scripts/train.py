@@ -648,7 +648,8 @@ def main(argv=None):
     if args.sync == "local-sgd":
         label = f"local-sgd H={args.sync_every}, {label}"
     elif args.sync == "diloco":
-        label = (f"diloco H={args.sync_every}" + (f" F={args.fragments}" if args.fragments > 1 else "")
+        label = (f"diloco H={args.sync_every} outer {args.outer_lr:g}/{args.outer_momentum:g}"
+                 + (f" F={args.fragments}" if args.fragments > 1 else "")
                  + (f" overlap {args.overlap_sync}" if args.overlap_sync else "") + f", {label}")
     runs = {f"{args.optimizer}, {label}": res}
     if args.compare_ddp:
@@ -670,7 +671,9 @@ def main(argv=None):
             {"label": next(iter(runs)), "final": res["final"], "losses": res["losses"],
              "sync": args.sync, "sync_every": args.sync_every, "compression": args.compression,
              "wire_mib": res["wire_sent"] / 2**20, "wire": res["wire"], "sps": res["sps"],
-             "steps": args.steps, "ranks": size}))
+             "steps": args.steps, "ranks": size, "outer_lr": args.outer_lr,
+             "outer_momentum": args.outer_momentum, "fragments": args.fragments,
+             "overlap_sync": args.overlap_sync}))
     if args.plot and rank == 0:
         import json
 
