@@ -6,13 +6,20 @@ Example::
     rr.init()
     y = rr.allreduce(np.arange(10, dtype=np.float32) * rr.rank(), op=rr.Average)
 """
-from .core import mpi as _mpi  # noqa: F401  first: MPI's thread level is set before MPI_Init
+# First: the MPI thread level and Open MPI's osc setting must precede MPI_Init.
+from .core import mpi as _mpi  # noqa: F401  # isort: skip
 from .compression import Compression, last_stats
 from .core.errors import RingReduceError
 from .core.ops import Average, Max, Min, ReduceOp, Sum
-from .runtime.collectives import (allgather_object, allreduce, allreduce_, broadcast_,
-                                  broadcast_object, compression_state)
-from .runtime.context import init, local_rank, local_size, rank, shutdown, size
+from .runtime.collectives import (
+                                  allgather_object,
+                                  allreduce,
+                                  allreduce_,
+                                  broadcast_,
+                                  broadcast_object,
+                                  compression_state,
+)
+from .runtime.context import init, local_rank, local_size, rank, shutdown, size, wire_stats
 from .runtime.engine import Handle, allreduce_async
 from .runtime.info import info
 
@@ -22,5 +29,5 @@ __all__ = [
     "allreduce", "allreduce_", "allreduce_async", "Handle",
     "broadcast_", "broadcast_object", "allgather_object",
     "info", "RingReduceError",
-    "Compression", "compression_state", "last_stats",
+    "Compression", "compression_state", "last_stats", "wire_stats",
 ]

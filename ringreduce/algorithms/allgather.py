@@ -43,5 +43,6 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
         return
     recv = chan.pool.get("ag-recv", np.uint8, chan.size * width)
     req = chan.comm.Iallgather([buf.reshape(-1).view(np.uint8), MPI.BYTE], [recv, MPI.BYTE])
+    chan.count(width, (chan.size - 1) * width)
     chan.wait([req], "allgather-reduce")
     reduce_rows(recv.reshape(chan.size, width), buf, op)

@@ -25,7 +25,7 @@ prices it cheapest: on 2 nodes x 2 ranks, above about 128 KiB.
 
 The node and leaders' sub-communicators are split once per channel (collectively,
 on the first hierarchical call, which every rank makes in the same order) and
-kept in chan.layout; chan.free() frees them.
+kept in chan.node_channels; chan.free() frees them.
 
 Example::
 
@@ -41,14 +41,14 @@ from ..core import config
 from ..core.mpi import MPI
 from ..core.ops import ReduceOp, finish_average, reduce_into
 from ..transport.channel import Channel
-from ..transport.topology import split_by_node
 from ..transport.p2p import chunk_bounds, message_slices, waitall
+from ..transport.topology import split_by_node
 from . import ring, shm
 
-__all__ = ["allreduce", "Layout", "layout", "cost_terms"]
+__all__ = ["allreduce", "NodeChannels", "node_channels", "cost_terms"]
 
 
-class Layout:
+class NodeChannels:
     """A channel's node split: its node's channel, the leaders' channel, and counts.
 
     ``node`` is a Channel over the ranks of this rank's node; ``leaders`` a Channel
@@ -90,11 +90,11 @@ def _node_index(chan) -> int:
     return index
 
 
-def layout(chan) -> Layout:
-    """The channel's Layout (split collectively on first use, then cached in chan.layout)."""
-    if chan.layout is None:
-        chan.layout = Layout(chan, _node_index(chan))
-    return chan.layout
+def node_channels(chan) -> NodeChannels:
+    """The channel's NodeChannels (split collectively on first use, then cached in chan.node_channels)."""
+    if chan.node_channels is None:
+        chan.node_channels = NodeChannels(chan, _node_index(chan))
+    return chan.node_channels
 
 
 def allreduce(chan, buf: np.ndarray, op: ReduceOp, across=None) -> None:
@@ -121,7 +121,7 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, across=None) -> None:
         else:
             ring.allreduce(chan, buf, op)
         return
-    lay = layout(chan)
+    lay = node_channels(chan)
     inner = ReduceOp.SUM if op == ReduceOp.AVERAGE else op
     node, leaders = lay.node, lay.leaders
     if lay.num_nodes == 1 and across is None:
@@ -192,6 +192,7 @@ def _bcast_from_leader(node, buf) -> None:
     """The leader's buf to every rank of the node, by messages (no shared memory)."""
     raw = buf.reshape(-1).view(np.uint8)
     reqs = [node.comm.Ibcast([raw[lo:hi], MPI.BYTE], root=0) for lo, hi in message_slices(raw.size)]
+    node.count(raw.size if node.rank == 0 else 0, 0 if node.rank == 0 else raw.size)
     waitall(chan, reqs, "hierarchical broadcast inside the node")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from ..core import device
 from ..core.dtypes import HALF_DTYPES
 from ..core.errors import RingReduceError
 from ..core.mpi import MPI
@@ -52,6 +53,8 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, name: str | None = None,
     nans = None
     if nan_fix:
         nans = np.isnan(flat if src is None else src).view(np.uint8)
+        if type(nans) is not np.ndarray:
+            device.synchronize(nans)      # the stream rule: MPI reads it next
     step = max(1, p2p.MAX_MESSAGE_BYTES // buf.itemsize)
     if src is not None and flat.nbytes > p2p.MAX_MESSAGE_BYTES:
         np.copyto(flat, src)
@@ -65,7 +68,8 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, name: str | None = None,
         for lo in range(0, max(nans.size, 1), p2p.MAX_MESSAGE_BYTES):
             reqs.append(chan.comm.Iallreduce(MPI.IN_PLACE, [nans[lo:lo + p2p.MAX_MESSAGE_BYTES],
                                                             MPI.UINT8_T], MPI.MAX))
+    chan.count(flat.nbytes, flat.nbytes)    # the payload handed to MPI's own algorithm
     chan.wait(reqs, "native MPI_Allreduce" + (f" of tensor '{name}'" if name else ""))
-    if nans is not None and nans.any():
-        flat[nans.view(bool)] = np.nan
+    if nans is not None and bool(np.any(nans)):
+        np.copyto(flat, np.nan, where=nans.view(bool))
     finish_average(op, buf, chan.size)

@@ -55,14 +55,14 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
     def post_recv(h: int, k: int) -> list:
         c = (r - h - 1) % n
         if h < n - 1:
-            return irecv(comm, scratch_segment(h, c, k), left, _TAG)
+            return irecv(chan, scratch_segment(h, c, k), left, _TAG)
         # Allgather hops land straight in buf: first let our own earlier send of it finish.
         waitall(chan, pending_sends.pop((c, k), []))
-        return irecv(comm, segment(c, k), left, _TAG)
+        return irecv(chan, segment(c, k), left, _TAG)
 
     def post_send(h: int, k: int) -> None:
         c = (r - h) % n
-        pending_sends.setdefault((c, k), []).extend(isend(comm, segment(c, k), right, _TAG))
+        pending_sends.setdefault((c, k), []).extend(isend(chan, segment(c, k), right, _TAG))
 
     recvs = [post_recv(0, k) for k in range(nseg)]
     for k in range(nseg):

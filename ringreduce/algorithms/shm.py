@@ -28,7 +28,6 @@ with its barrier), "shm gather" (phase 3), per block.
 from __future__ import annotations
 
 import numpy as np
-from ..core.mpi import MPI
 
 from ..core import timeline
 from ..core.log import logger

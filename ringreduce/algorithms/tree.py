@@ -38,8 +38,8 @@ def _exchange_reduce(chan, buf: np.ndarray, tmp: np.ndarray, peer: int, op: Redu
         reduce_into(op, buf, tmp, src_first=src_first)
         return
     spans = [(lo, min(lo + step, buf.size)) for lo in range(0, buf.size, step)]
-    recvs = [irecv(comm, tmp[lo:hi], peer, _TAG) for lo, hi in spans]
-    sends = [isend(comm, buf[lo:hi], peer, _TAG) for lo, hi in spans]
+    recvs = [irecv(chan, tmp[lo:hi], peer, _TAG) for lo, hi in spans]
+    sends = [isend(chan, buf[lo:hi], peer, _TAG) for lo, hi in spans]
     for (lo, hi), rq, sq in zip(spans, recvs, sends):
         waitall(chan, rq + sq)
         reduce_into(op, buf[lo:hi], tmp[lo:hi], src_first=src_first)
@@ -58,15 +58,15 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
 
     if r < 2 * extra:
         if r % 2 == 0:   # folded away: hand over the data, receive the answer
-            waitall(chan, isend(comm, buf, r + 1, _TAG))
+            waitall(chan, isend(chan, buf, r + 1, _TAG))
             if t0:
                 timeline.complete("tree fold", t0, {"bytes": buf.nbytes, "peer": r + 1})
                 t0 = timeline.now()
-            waitall(chan, irecv(comm, buf, r + 1, _TAG))
+            waitall(chan, irecv(chan, buf, r + 1, _TAG))
             if t0:
                 timeline.complete("tree unfold", t0, {"bytes": buf.nbytes, "peer": r + 1})
             return
-        waitall(chan, irecv(comm, tmp, r - 1, _TAG))
+        waitall(chan, irecv(chan, tmp, r - 1, _TAG))
         reduce_into(op, buf, tmp, src_first=True)
         vrank = r // 2
         if t0:
@@ -91,6 +91,6 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
     if r < 2 * extra:
         if t0:
             t0 = timeline.now()
-        waitall(chan, isend(comm, buf, r - 1, _TAG))
+        waitall(chan, isend(chan, buf, r - 1, _TAG))
         if t0:
             timeline.complete("tree unfold", t0, {"bytes": buf.nbytes, "peer": r - 1})

@@ -21,6 +21,7 @@ import statistics
 import time
 
 import numpy as np
+
 from ..core.mpi import MPI
 
 __all__ = ["measure", "main"]
@@ -60,6 +61,7 @@ def measure(sizes_mib=(1, 16, 64), methods=METHODS, iters: int = 5) -> list[dict
     codec_ms, speedup_vs_ring, speedup_vs_mpi.
     """
     import ringreduce as rr
+
     from ..compression import Compression, measure_error
 
     rr.init()

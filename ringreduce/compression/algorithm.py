@@ -36,17 +36,17 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from ..core.mpi import MPI
 
-from . import kernels
 from ..algorithms import registry
-from ..policy import plan as policy_plan
-from ..transport.p2p import chunk_bounds, irecv, isend, waitall
-from ..core.dtypes import HALF_DTYPES
 from ..core.device import array_module
+from ..core.dtypes import HALF_DTYPES
 from ..core.errors import RingReduceError
 from ..core.log import logger
+from ..core.mpi import MPI
 from ..core.ops import ReduceOp
+from ..policy import plan as policy_plan
+from ..transport.p2p import chunk_bounds, irecv, isend, waitall
+from . import kernels
 from . import stats as _stats
 from .state import state_for
 
@@ -192,9 +192,9 @@ def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
         return buf[off[j * S + s]:off[j * S + s + 1]]
 
     # Every receive is posted up front; messages of one pair and tag match in order.
-    precv = [[irecv(comm, piece(i, s), i, _TAG_SCATTER) if i != r and psz[r][s] else []
+    precv = [[irecv(chan, piece(i, s), i, _TAG_SCATTER) if i != r and psz[r][s] else []
               for s in range(S)] for i in range(n)]
-    grecv = [[irecv(comm, packed(gather, j, s), j, _TAG_GATHER) if j != r and psz[j][s] else []
+    grecv = [[irecv(chan, packed(gather, j, s), j, _TAG_GATHER) if j != r and psz[j][s] else []
               for s in range(S)] for j in range(n)]
     my_pieces = [[q for i in range(n) for q in precv[i][s]] for s in range(S)]
     sends: list = []
@@ -217,7 +217,7 @@ def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
         nb = comp.compress(part, out, None if sres is None else sres[a - lo:b - lo],
                            counter=scounter, offset=a, name=name)
         for k in range(1, n):
-            sends.extend(isend(comm, out, (r + k) % n, _TAG_GATHER))
+            sends.extend(isend(chan, out, (r + k) % n, _TAG_GATHER))
         comp.decompress(out, b - a, flat[a:b], name=name)
         return nb
 
@@ -252,7 +252,7 @@ def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
             bad += comp.compress(flat[a:b], dst, None if wres is None else wres[a:b],
                                  counter=wcounter, offset=a, name=name)
             if j != r:
-                sends.extend(isend(comm, dst, j, _TAG_SCATTER))
+                sends.extend(isend(chan, dst, j, _TAG_SCATTER))
         bad += advance(s + 1)
     while reduced < S:                   # the others are waiting for these: first
         bad += reduce_mine(reduced)
@@ -277,7 +277,8 @@ def _half_ring(chan, flat, op, algorithm, comp, name, ts) -> tuple[int, str]:
     count = flat.size
     wire_dtype = comp.wire_dtype
     if algorithm == "auto":
-        algorithm = policy_plan.choose(chan.plan, 2 * count, wire_dtype, chan.size)
+        # The shipped defaults' plan (no shm): the half-type ring's traffic is what it reports.
+        algorithm = policy_plan.choose(None, 2 * count, wire_dtype, chan.size)
     if flat.dtype == wire_dtype and not comp.error_feedback and comp.clip is None:
         registry.run(chan, algorithm, flat, op)     # already in the wire type
         return 0, algorithm

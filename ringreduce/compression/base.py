@@ -18,8 +18,8 @@ import math
 
 import numpy as np
 
-from . import kernels
 from ..core.errors import RingReduceError
+from . import kernels
 
 __all__ = ["Compressor", "Quantizer"]
 

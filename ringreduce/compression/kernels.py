@@ -39,7 +39,6 @@ True
 from __future__ import annotations
 
 import importlib
-
 import logging
 from typing import Any
 

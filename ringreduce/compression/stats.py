@@ -14,8 +14,9 @@ get a clear mismatch error rather than a hang.
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
+
+from ..core import config
 
 __all__ = ["CompressionStats", "last_stats", "measure_error", "measuring_error"]
 
@@ -105,5 +106,4 @@ def measure_error(on: bool = True) -> None:
 
 def measuring_error() -> bool:
     """Whether the next compressed calls measure their error (switch or RINGREDUCE_STATS_ERROR)."""
-    env = os.environ.get("RINGREDUCE_STATS_ERROR", "0").strip().lower()
-    return _measure or env in ("1", "true", "on", "yes")
+    return _measure or config.flag("RINGREDUCE_STATS_ERROR")

@@ -99,16 +99,20 @@ def text(name: str) -> str | None:
 
 @dataclass(frozen=True)
 class Settings:
-    """The settings rr.init() reads once (the per-call ones are functions above)."""
+    """The settings rr.init() reads once.
+
+    The others are read where they take effect, through the functions above:
+    RINGREDUCE_CHECK and RINGREDUCE_ALGORITHM per call, RINGREDUCE_NODE_ID and
+    RINGREDUCE_TUNING per new communicator context, RINGREDUCE_STATS_ERROR per
+    compressed call, RINGREDUCE_STAGING_BYTES per stager, RINGREDUCE_CUDA_AWARE
+    when the device mode is first detected (core.device).
+    """
 
     stall_warning: float = 60.0        # RINGREDUCE_STALL_WARNING, seconds
     timeout: float = 600.0             # RINGREDUCE_TIMEOUT, seconds
     deadlock_after: float = 2.0        # RINGREDUCE_DEADLOCK_SECONDS: ask peers after this long
     timeline: str | None = None        # RINGREDUCE_TIMELINE, a path (may hold "{rank}")
     log_level: str = "WARNING"         # RINGREDUCE_LOG_LEVEL
-    node_id: str | None = None         # RINGREDUCE_NODE_ID
-    tuning: str | None = None          # RINGREDUCE_TUNING, a path
-    stats_error: bool = False          # RINGREDUCE_STATS_ERROR
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -118,7 +122,4 @@ class Settings:
             deadlock_after=seconds("RINGREDUCE_DEADLOCK_SECONDS", 2.0),
             timeline=text("RINGREDUCE_TIMELINE"),
             log_level=(text("RINGREDUCE_LOG_LEVEL") or "WARNING").upper(),
-            node_id=text("RINGREDUCE_NODE_ID"),
-            tuning=text("RINGREDUCE_TUNING"),
-            stats_error=flag("RINGREDUCE_STATS_ERROR"),
         )

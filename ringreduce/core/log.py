@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-import os
+
+from . import config
 
 logger = logging.getLogger("ringreduce")
 _configured = False
@@ -14,7 +15,7 @@ def configure(rank: int) -> None:
     if _configured:
         return
     _configured = True
-    level = os.environ.get("RINGREDUCE_LOG_LEVEL", "WARNING").upper()
+    level = (config.text("RINGREDUCE_LOG_LEVEL") or "WARNING").upper()
     logger.setLevel(getattr(logging, level, logging.WARNING))
     if not logger.handlers:
         handler = logging.StreamHandler()

@@ -37,6 +37,8 @@ import os
 import threading
 import time
 
+from . import config
+
 __all__ = ["on", "now", "complete", "instant", "configure", "flush", "events"]
 
 on = False                  # the module flag every call site tests
@@ -83,7 +85,7 @@ def events() -> list:
 def configure(rank: int) -> None:
     """Turn the timeline on if RINGREDUCE_TIMELINE is set (called by rr.init())."""
     global on, _path, _rank
-    path = os.environ.get("RINGREDUCE_TIMELINE", "").strip()
+    path = config.text("RINGREDUCE_TIMELINE") or ""
     _rank = rank
     _path = path or None
     on = bool(path)

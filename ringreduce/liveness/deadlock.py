@@ -38,6 +38,7 @@ import time
 import numpy as np
 
 from ..core.mpi import MPI
+from ..transport.p2p import arrived
 
 __all__ = ["DeadlockDetector", "QUERY_TAG", "REPLY_TAG"]
 
@@ -121,16 +122,11 @@ class DeadlockDetector:
         ctl = self.notices.ctl
         if ctl is None or MPI.Is_finalized():
             return
-        status = MPI.Status()
-        while True:
-            msg = ctl.improbe(MPI.ANY_SOURCE, QUERY_TAG, status)
-            if msg is None:
-                break
-            query = np.empty(2, np.int64)
-            msg.Recv([query, MPI.BYTE])
+        for source, raw in arrived(ctl, QUERY_TAG):
+            query = raw.view(np.int64)
             ints, text = self.snapshot()
             reply = self._encode(int(query[0]), int(query[1]), ints, text)
-            self._keep(ctl.Isend([reply, MPI.BYTE], status.Get_source(), REPLY_TAG), reply)
+            self._keep(ctl.Isend([reply, MPI.BYTE], source, REPLY_TAG), reply)
 
     def _keep(self, req, buf) -> None:
         self._sends.append((req, buf))
@@ -162,13 +158,9 @@ class DeadlockDetector:
             self._lock.release()
 
     def _verdict_received(self, ctl) -> str | None:
-        status = MPI.Status()
-        msg = ctl.improbe(MPI.ANY_SOURCE, VERDICT_TAG, status)
-        if msg is None:
-            return None
-        buf = np.empty(status.Get_count(MPI.BYTE), np.uint8)
-        msg.Recv([buf, MPI.BYTE])
-        return f"{buf.tobytes().decode('utf-8', 'replace')} (found by rank {status.Get_source()})"
+        for source, buf in arrived(ctl, VERDICT_TAG):
+            return f"{buf.tobytes().decode('utf-8', 'replace')} (found by rank {source})"
+        return None
 
     def _step(self, ctl) -> str | None:
         now = time.monotonic()
@@ -207,16 +199,10 @@ class DeadlockDetector:
                 self._keep(ctl.Isend([query, MPI.BYTE], peer, QUERY_TAG), query)
 
     def _collect(self, ctl, rnd: dict) -> None:
-        status = MPI.Status()
-        while True:
-            msg = ctl.improbe(MPI.ANY_SOURCE, REPLY_TAG, status)
-            if msg is None:
-                return
-            buf = np.empty(status.Get_count(MPI.BYTE), np.uint8)
-            msg.Recv([buf, MPI.BYTE])
+        for source, buf in arrived(ctl, REPLY_TAG):
             probe, number, ints, text = self._decode(buf)
             if probe == rnd["probe"] and number == rnd["number"]:
-                rnd["replies"][status.Get_source()] = (ints, text)
+                rnd["replies"][source] = (ints, text)
 
     def _verdict(self, first: dict, second: dict) -> str | None:
         ranks = sorted(second)

@@ -40,6 +40,7 @@ import zlib
 import numpy as np
 
 from ..core.mpi import MPI
+from ..transport.p2p import arrived
 
 __all__ = ["ExitNotices", "TAG", "world_ranks"]
 
@@ -132,15 +133,9 @@ class ExitNotices:
             time.sleep(1e-3)
 
     def _receive(self) -> None:
-        status = MPI.Status()
-        while True:
-            msg = self.ctl.improbe(MPI.ANY_SOURCE, TAG, status)
-            if msg is None:
-                return
-            buf = np.empty(status.Get_count(MPI.BYTE) // 8, np.int64)
-            msg.Recv([buf, MPI.BYTE])
-            rows = buf.reshape(-1, 5)
-            self.exited[status.Get_source()] = {tuple(int(v) for v in row[:3]): (int(row[3]), int(row[4]))
+        for source, raw in arrived(self.ctl, TAG):
+            rows = raw.view(np.int64).reshape(-1, 5)
+            self.exited[source] = {tuple(int(v) for v in row[:3]): (int(row[3]), int(row[4]))
                                                 for row in rows}
 
     def peers_exited(self) -> dict:

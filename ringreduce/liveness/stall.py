@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.mpi import MPI
+from ..transport.p2p import arrived
 
 __all__ = ["Inspector", "StallService", "QUERY_TAG", "REPLY_TAG"]
 
@@ -73,18 +74,11 @@ class Inspector:
         """Take in any replies that have arrived (replies to older queries are dropped)."""
         if not self.asked:
             return
-        comm = self.chan.comm
-        status = MPI.Status()
-        while True:
-            msg = comm.improbe(MPI.ANY_SOURCE, REPLY_TAG, status)
-            if msg is None:
-                return
-            buf = np.empty(status.Get_count(MPI.BYTE), np.uint8)
-            msg.Recv([buf, MPI.BYTE])
+        for source, buf in arrived(self.chan.comm, REPLY_TAG):
             qseq, their_seq = (int(v) for v in buf[:16].view(np.int64))
             doing = [d for d in buf[16:].tobytes().decode("utf-8", "replace").split("\n") if d]
             if qseq == self.seq:
-                self.replies[status.Get_source()] = (their_seq, doing)
+                self.replies[source] = (their_seq, doing)
 
     def missing(self) -> list[int]:
         """Ranks that have not entered the call, as far as the replies tell."""
@@ -125,18 +119,12 @@ class StallService:
         self._sends = _Sends()
 
     def serve(self) -> None:
-        status = MPI.Status()
         for chan in self.channels():
             if chan.comm == MPI.COMM_NULL:
                 continue
-            while True:
-                msg = chan.comm.improbe(MPI.ANY_SOURCE, QUERY_TAG, status)
-                if msg is None:
-                    break
-                query = np.empty(1, np.int64)
-                msg.Recv([query, MPI.BYTE])
+            for source, raw in arrived(chan.comm, QUERY_TAG):
+                query = raw.view(np.int64)
                 doing = "\n".join(w.what for w in list(self.supervisor.waiting.values()))
                 reply = np.concatenate([np.array([query[0], chan.seq], np.int64).view(np.uint8),
                                         np.frombuffer(doing.encode(), np.uint8)])
-                self._sends.keep(chan.comm.Isend([reply, MPI.BYTE], status.Get_source(), REPLY_TAG),
-                                 reply)
+                self._sends.keep(chan.comm.Isend([reply, MPI.BYTE], source, REPLY_TAG), reply)

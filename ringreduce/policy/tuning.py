@@ -34,6 +34,8 @@ import os
 import time
 from pathlib import Path
 
+from ..core import config
+
 logger = logging.getLogger("ringreduce")
 
 __all__ = ["DEFAULTS", "default_path", "load", "save"]
@@ -58,7 +60,7 @@ DEFAULTS = {
 
 def default_path() -> Path:
     """Where the tuning file lives: $RINGREDUCE_TUNING, else the user's cache directory."""
-    env = os.environ.get("RINGREDUCE_TUNING")
+    env = config.text("RINGREDUCE_TUNING")
     if env:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

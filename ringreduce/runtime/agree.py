@@ -104,6 +104,7 @@ def exchange(chan, header: np.ndarray, payload: np.ndarray | None = None, name: 
         raw = payload.reshape(-1).view(np.uint8)
         send[hbytes:hbytes + raw.size] = raw
     seq = int(header[0])
+    chan.count(width, (chan.size - 1) * width)
     finish(chan, chan.comm.Iallgather(send, recv), seq, int(header[1]), name)
     rows = recv.reshape(chan.size, width)
     if timeline.on:

@@ -22,7 +22,8 @@ import numpy as np
 from ..algorithms import allgather, hierarchical, registry
 from ..algorithms.native import allreduce as native_allreduce
 from ..compression import resolve as resolve_compression
-from ..compression.algorithm import compressed_allreduce, validate as validate_compression
+from ..compression.algorithm import compressed_allreduce
+from ..compression.algorithm import validate as validate_compression
 from ..compression.state import CompressionState, state_for
 from ..core import device, timeline
 from ..core.dtypes import HALF_DTYPES, check_array, dtype_code, is_integer
@@ -256,6 +257,8 @@ def _bcast_bytes(chan, x, root_rank: int, what: str = "broadcast") -> None:
     raw = x.reshape(-1).view(np.uint8)
     reqs = [chan.comm.Ibcast([raw[lo:hi], MPI.BYTE], root=root_rank)
             for lo, hi in message_slices(raw.size)]
+    root = chan.rank == root_rank
+    chan.count(raw.size if root else 0, 0 if root else raw.size)
     chan.wait(reqs, what)
 
 
@@ -325,6 +328,7 @@ def _allgather_object_on(chan, obj) -> list:
     n = chan.size
     lengths = np.empty(n, np.int64)
     mine = np.array([-1 if data is None else data.size], np.int64)
+    chan.count(8, 8 * (n - 1))
     chan.wait([chan.comm.Iallgather(mine, lengths)], "allgather_object (lengths)")
     bad = [r for r in range(n) if lengths[r] < 0]
     if bad:
@@ -336,6 +340,7 @@ def _allgather_object_on(chan, obj) -> list:
     recv = np.empty(int(counts.sum()), np.uint8)
     if int(counts.max(initial=0)) < 2**31 and int(counts.sum()) < 2**31:
         req = chan.comm.Iallgatherv([data, MPI.BYTE], [recv, (counts, displs), MPI.BYTE])
+        chan.count(data.size, int(counts.sum()) - data.size)
         chan.wait([req], "allgather_object")
     else:   # huge objects: one broadcast per rank, each split into countable messages
         for r in range(n):

@@ -29,7 +29,8 @@ import numpy as np
 from ..compression.state import CompressionState
 from ..core import config, timeline
 from ..core.errors import RingReduceError
-from ..core.log import configure as configure_logging, logger
+from ..core.log import configure as configure_logging
+from ..core.log import logger
 from ..core.mpi import MPI
 from ..liveness.deadlock import DeadlockDetector
 from ..liveness.exits import ExitNotices
@@ -41,7 +42,7 @@ from ..transport.topology import NodeTopology
 from ..transport.wait import Supervisor
 
 __all__ = ["init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
-           "context", "CommContext", "Runtime", "RUNTIME"]
+           "context", "CommContext", "Runtime", "RUNTIME", "wire_stats"]
 
 _THREAD_LEVELS = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
                   MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
@@ -70,14 +71,15 @@ class CommContext:
         self.rank = self.main.rank
         self.size = self.main.size
         self.who = who
-        self.topology = NodeTopology.of(self.main.comm, runtime.settings.node_id)
+        # Read per context: a program may set RINGREDUCE_NODE_ID for one sub-communicator.
+        self.topology = NodeTopology.of(self.main.comm, config.text("RINGREDUCE_NODE_ID"))
         self.node_index = self.topology.node_index
         self.num_nodes = self.topology.num_nodes
         self.local_rank = self.topology.local_rank
         self.local_size = self.topology.local_size
         # Matches this context with the peers' in their exit notices and deadlock probes.
         self.exit_key, self.exit_ranks = runtime.notices.key_of(user_comm)
-        self.plan = plan_for(self.main.comm, self.topology, runtime.settings.tuning)
+        self.plan = plan_for(self.main.comm, self.topology)
         self.compression = CompressionState(self.rank, self.size)
         for chan in (self.main, self.background):
             chan.topology = self.topology
@@ -85,9 +87,24 @@ class CommContext:
             chan.compression_state = self.compression
         self._freed = False
         self._notices = runtime.notices
+        self._retire_wire = runtime.retire_wire
 
     def channels(self) -> tuple:
         return (self.main, self.background)
+
+    @property
+    def label(self) -> str:
+        """How wire_stats names this communicator: "world", or its world ranks."""
+        if self.is_world:
+            return "world"
+        return "ranks " + ",".join(map(str, sorted(self.exit_ranks)))
+
+    def wire(self) -> tuple[int, int]:
+        return (self.main.sent + self.background.sent, self.main.received + self.background.received)
+
+    def reset_wire(self) -> None:
+        for chan in self.channels():
+            chan.sent = chan.received = 0
 
     def free(self) -> None:
         """Free the duplicates and windows (idempotent: shutdown and the user's Comm.Free both call it)."""
@@ -95,6 +112,7 @@ class CommContext:
             return
         self._freed = True
         self._notices.retire(self)
+        self._retire_wire(self.label, self.wire())
         self.main.free()
         self.background.free()
         self.topology.close()
@@ -120,6 +138,12 @@ class Runtime:
         self.supervisor.servers += [self.stall.serve, self.deadlock.serve]
         self.supervisor.watchers += [self.notices.check, self.deadlock.check]
         self._exit_hook = False
+        self.retired_wire: dict[str, list] = {}   # freed communicators' wire bytes, by label
+
+    def retire_wire(self, label: str, wire: tuple) -> None:
+        total = self.retired_wire.setdefault(label, [0, 0])
+        total[0] += wire[0]
+        total[1] += wire[1]
 
     def context_list(self) -> list:
         return list(self.contexts.values())
@@ -284,6 +308,42 @@ def shutdown() -> None:
 
 
 atexit.register(shutdown)
+
+
+def wire_stats(reset: bool = False) -> dict:
+    """Bytes this rank sent and received through ringreduce since init (or the last reset).
+
+    Counted where the engine hands bytes to MPI: every point-to-point message of
+    our algorithms and the compressed paths, the agreement's allgather, and the
+    payload given to MPI's own collectives (native allreduce: the message size in
+    each direction; broadcast: sent by the root, received by the others).
+    Shared-memory steps move no bytes over a wire and count nothing. With
+    reset=True the counters restart at zero after being read.
+
+    Returns ``{"total": {"sent": int, "received": int}, "per_comm": {label: {...}}}``,
+    label "world" for the init communicator, "ranks 0,2" for a sub-communicator.
+
+    Example::
+
+        before = rr.wire_stats()["total"]["sent"]
+        rr.allreduce(grad, name="w")
+        print(rr.wire_stats()["total"]["sent"] - before, "bytes sent")
+    """
+    rt = RUNTIME
+    with rt.lock:
+        per = {label: list(v) for label, v in rt.retired_wire.items()}
+        for ctx in list(rt.contexts.values()):
+            s, r = ctx.wire()
+            cur = per.setdefault(ctx.label, [0, 0])
+            cur[0] += s
+            cur[1] += r
+            if reset:
+                ctx.reset_wire()
+        if reset:
+            rt.retired_wire.clear()
+    total = [sum(v[0] for v in per.values()), sum(v[1] for v in per.values())]
+    return {"total": {"sent": total[0], "received": total[1]},
+            "per_comm": {k: {"sent": v[0], "received": v[1]} for k, v in per.items()}}
 
 
 def rank() -> int:

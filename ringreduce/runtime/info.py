@@ -38,7 +38,7 @@ def info() -> dict:
         "local_rank": ctx.local_rank,
         "local_size": ctx.local_size,
         "nodes": ctx.num_nodes,
-        "node_id_source": "RINGREDUCE_NODE_ID" if _comm.RUNTIME.settings.node_id else "MPI COMM_TYPE_SHARED",
+        "node_id_source": "RINGREDUCE_NODE_ID" if config.text("RINGREDUCE_NODE_ID") else "MPI COMM_TYPE_SHARED",
         "extensions": extensions,
         "cuda": _device.describe(),   # device buffers: cuda-aware or staged, and why
         "mismatch_check": config.check_enabled(),

@@ -93,6 +93,7 @@ def allreduce(chan, x: np.ndarray, op, name, inplace: bool, out, raise_mismatch)
         tail, rest = rows.tail_views(nbytes - rows.limit, chan.size)
     C.small_pack(rows.send, x, seq, codes[0], ops[0], _AUTO_HASH,
                  0 if name is None else agree._hash(name), shape_hash, tail)
+    chan.count(rows.width, (chan.size - 1) * rows.width)
     req = chan.comm.Iallgather(rows.send, rows.recv)
     if not req.Test():
         agree.finish(chan, req, seq, 1, name)
@@ -104,6 +105,7 @@ def allreduce(chan, x: np.ndarray, op, name, inplace: bool, out, raise_mismatch)
         if agree.enabled() or not agree.all_same(table[:, 2:4].copy()):
             raise_mismatch(chan, table, x, ReduceOp(ops[0]), name, seq)
     if tail is not None:
+        chan.count(tail.size, (chan.size - 1) * tail.size)
         agree.finish(chan, chan.comm.Iallgather(tail, rest), seq, 1, name)
     buf = x if inplace else out if out is not None else np.empty_like(x)
     C.small_reduce(rows.recv, rows.width, chan.size, buf, codes[1], ops[1], ops[2], rest)

@@ -115,7 +115,7 @@ class _Bucket:
         self.out_arr = to_array(self.out)
 
 
-class _Layout:
+class _Buckets:
     """Bucket assignment for one set of gradient-carrying parameters."""
 
     def __init__(self, idxs, params, names, prefix, first_cap, cap):
@@ -222,7 +222,7 @@ class _SyncState:
         ``passes_per_step``); earlier passes only accumulate into ``.grad``.
     passes : int
         Backward passes since the last synchronize.
-    layout : _Layout or None
+    layout : _Buckets or None
         The layout of the communicating pass, until synchronize.
     next_bucket : int
         Index of the next bucket to launch (buckets launch strictly in order).
@@ -274,12 +274,12 @@ class _SyncState:
         self.names: list[str] = []
         self.index: dict[torch.Tensor, int] = {}
         self.hooks: dict = {}
-        self.layouts: dict[tuple, _Layout] = {}
+        self.layouts: dict[tuple, _Buckets] = {}
 
         self.in_pass = False
         self.comm_pass = False
         self.passes = 0
-        self.layout: _Layout | None = None
+        self.layout: _Buckets | None = None
         self.next_bucket = 0
         self.launched: list[_Bucket] = []
         self.arrived: set[int] = set()
@@ -390,7 +390,7 @@ class _DistributedOptimizerMixin:
         key = tuple(idxs)
         lay = st.layouts.get(key)
         if lay is None:
-            lay = _Layout(idxs, st.params, st.names, st.prefix, st.first_bucket_cap,
+            lay = _Buckets(idxs, st.params, st.names, st.prefix, st.first_bucket_cap,
                           st.bucket_cap)
             st.layouts[key] = lay
             log.debug("rank %d: %s layout with %d bucket(s) for %d parameter(s)", rr.rank(),

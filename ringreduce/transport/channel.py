@@ -57,26 +57,35 @@ class Channel:
         self.topology = None          # transport.topology.NodeTopology (context channels)
         self.plan = None              # policy.plan.Plan, set by the runtime
         self.window = None            # transport.window.SharedWindow, made on first shm call
-        self.layout = None            # algorithms.hierarchical.Layout, made on first use
+        self.node_channels = None     # algorithms.hierarchical.NodeChannels, made on first use
         self.rows = None              # runtime.agree.Rows: the fingerprint rows
         self.tiny = None              # runtime.tiny.TinyRows: the tiny path's buffers
         self.stagers: dict = {}       # GPU id -> transport.staging.Stager
         self.compression_state = None  # compression.state.CompressionState (shared per context)
         self.warned_shm_fallback = False
+        self.sent = 0                 # payload bytes this rank handed to MPI on this channel
+        self.received = 0             # (sub-channels count into their root: rr.wire_stats())
 
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
+
+    def count(self, sent: int, received: int) -> None:
+        """Add to the root channel's wire counters (bytes this rank sends and receives)."""
+        if self.size > 1:             # one rank: nothing crosses a wire
+            root = self.root
+            root.sent += sent
+            root.received += received
 
     def wait(self, reqs: list, what="", inspector=None) -> None:
         """Wait for the requests under supervision (stall warning, timeout, liveness checks)."""
         self.supervisor.wait(reqs, what, inspector, self)
 
     def free(self) -> None:
-        for res in (self.window, self.layout):
+        for res in (self.window, self.node_channels):
             if res is not None:
                 res.close()
-        self.window = self.layout = self.tiny = self.rows = None
+        self.window = self.node_channels = self.tiny = self.rows = None
         self.stagers.clear()
         self.pool.clear()
         if self.comm != MPI.COMM_NULL:

@@ -32,10 +32,10 @@ import contextlib
 import threading
 import time
 
+from ..core import timeline
 from ..core.errors import RingReduceError
 from ..core.log import logger
 from ..core.mpi import MPI
-from ..core import timeline
 
 __all__ = ["Supervisor", "Waiting", "SPIN_SECONDS"]
 

@@ -11,10 +11,9 @@ from cases_allreduce import check_allreduce
 from mpi4py import MPI
 
 import ringreduce as rr
-from ringreduce.policy import tuning
 from ringreduce.algorithms import shm
+from ringreduce.policy import cost, tuning
 from ringreduce.policy import plan as select
-from ringreduce.policy import cost
 from ringreduce.runtime.context import context
 
 rr.init()
@@ -188,3 +187,27 @@ def test_shm_on_the_background_thread(monkeypatch):
         inputs = [make_input(r, c, np.float32, f"bg{c}") for r in range(N)]
         assert everyone(max_error(rr.Sum, y, inputs) <= 1e-5 * (N + 1))
         assert all_ranks_identical(y)
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "shm", "mpi"])
+def test_wire_stats_count_what_moves(algorithm, monkeypatch):
+    """Bytes sent equal bytes received over all ranks; ring moves 2(n-1) x the message in all."""
+    monkeypatch.setenv("RINGREDUCE_CHECK", "0")       # no fingerprint rows in the counts
+    x = np.ones(12345, np.float32)
+    rr.wire_stats(reset=True)
+    rr.allreduce(x, op=rr.Sum, algorithm=algorithm)
+    ws = rr.wire_stats()
+    sent = MPI.COMM_WORLD.allreduce(ws["total"]["sent"])
+    received = MPI.COMM_WORLD.allreduce(ws["total"]["received"])
+    assert ws["per_comm"]["world"] == ws["total"]
+    assert sent == received
+    if N == 1 or algorithm == "shm":
+        assert sent == 0                           # one rank, or shared memory: nothing on a wire
+    elif algorithm == "ring":
+        assert sent == 2 * (N - 1) * x.nbytes
+    elif algorithm == "mpi":
+        assert sent == N * x.nbytes                # the payload handed to MPI, per rank
+    else:
+        assert sent >= (N - 1) * x.nbytes
+    rr.wire_stats(reset=True)
+    assert rr.wire_stats()["total"] == {"sent": 0, "received": 0}

@@ -154,3 +154,18 @@ def test_init_is_idempotent_and_rejects_other_comm():
     if N > 1:
         expect_everywhere(lambda: rr.init(other), "already initialised")
     other.Free()
+
+
+@pytest.mark.skipif(N < 3, reason="needs a sub-communicator that renumbers ranks")
+def test_sub_communicator_errors_say_which_numbering():
+    from mpi4py import MPI
+    sub = MPI.COMM_WORLD.Split(0 if R == 0 else 1, N - R)      # reversed: sub ranks differ
+    try:
+        if R == 0:
+            return
+        me = sub.Get_rank()
+        with pytest.raises(rr.RingReduceError) as info:
+            rr.allreduce(np.ones(4, np.int32 if me == 0 else np.float32), name="sub.w", comm=sub)
+        assert f"rank {me} of the sub-communicator (world rank {R})" in str(info.value), str(info.value)
+    finally:
+        sub.Free()

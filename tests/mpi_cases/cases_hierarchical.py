@@ -70,7 +70,7 @@ def test_layout_seen(name):
     ctx = context(COMMS[name])
     expected = len({LAYOUTS[name](r) for r in range(N)})
     assert ctx.num_nodes == expected
-    lay = hierarchical.layout(ctx.main)
+    lay = hierarchical.node_channels(ctx.main)
     assert lay.num_nodes == expected
     assert lay.node.size == sum(LAYOUTS[name](r) == LAYOUTS[name](R) for r in range(N))
     assert (lay.leaders is not None) == (lay.node.rank == 0)
