@@ -193,11 +193,11 @@ def _bcast_from_leader(node, buf) -> None:
     raw = buf.reshape(-1).view(np.uint8)
     reqs = [node.comm.Ibcast([raw[lo:hi], MPI.BYTE], root=0) for lo, hi in message_slices(raw.size)]
     node.count(raw.size if node.rank == 0 else 0, 0 if node.rank == 0 else raw.size)
-    waitall(chan, reqs, "hierarchical broadcast inside the node")
+    waitall(node, reqs, "hierarchical broadcast inside the node")
 
 
 def cost_terms(m: float, n: int, nodes: int, max_local: int) -> tuple[float, float, float]:
-    """(L, B, G) for the cost model (select.py's form) of m bytes on n ranks in `nodes` nodes.
+    """(L, B, G) for the cost model (policy.cost's form) of m bytes on n ranks in `nodes` nodes.
 
     B counts only the bytes a leader sends across its node's link, 2(N-1)/N * m,
     to be priced at the inter-node beta; the node-local work (a reduce-scatter, a

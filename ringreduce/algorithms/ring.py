@@ -29,7 +29,7 @@ _TAG = 71
 
 def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
     """Ring-allreduce the flat contiguous array `buf` in place over chan.comm."""
-    comm, n, r = chan.comm, chan.size, chan.rank
+    n, r = chan.size, chan.rank
     count = buf.size
     if n == 1 or count == 0:
         finish_average(op, buf, n)

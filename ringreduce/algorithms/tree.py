@@ -31,7 +31,6 @@ def _exchange_reduce(chan, buf: np.ndarray, tmp: np.ndarray, peer: int, op: Redu
 
     A segment of buf is overwritten only once our own send of it has completed.
     """
-    comm = chan.comm
     step = max(1, SEGMENT_BYTES // buf.itemsize)
     if buf.size <= step:
         sendrecv(chan, buf, peer, tmp, peer, _TAG)
@@ -47,7 +46,7 @@ def _exchange_reduce(chan, buf: np.ndarray, tmp: np.ndarray, peer: int, op: Redu
 
 def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
     """Recursive-doubling allreduce of the flat contiguous array `buf`, in place."""
-    comm, n, r = chan.comm, chan.size, chan.rank
+    n, r = chan.size, chan.rank
     if n == 1 or buf.size == 0:
         finish_average(op, buf, n)
         return

@@ -158,7 +158,7 @@ def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
     arrived. Per segment the arithmetic is that of the unsegmented scheme (pieces
     accumulated in rank order, the same blocks, counters and offsets).
     """
-    comm, n, r = chan.comm, chan.size, chan.rank
+    n, r = chan.size, chan.rank
     count = flat.size
     bounds = chunk_layout(count, n, comp.block_size)
     B = comp.block_size

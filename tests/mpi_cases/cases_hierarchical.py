@@ -13,7 +13,7 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
-from _common import FLOATS, RTOL, all_ranks_identical, everyone, make_input, max_error, check_allreduce
+from _common import all_ranks_identical, everyone, make_input, check_allreduce
 from mpi4py import MPI
 
 import ringreduce as rr
