@@ -29,61 +29,79 @@ _TAG = 71
 
 def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
     """Ring-allreduce the flat contiguous array `buf` in place over chan.comm."""
-    n, r = chan.size, chan.rank
-    count = buf.size
-    if n == 1 or count == 0:
+    n = chan.size
+    if n == 1 or buf.size == 0:
         finish_average(op, buf, n)
         return
-    right, left = (r + 1) % n, (r - 1) % n
-    bounds = chunk_bounds(count, n)
-    largest = int(bounds[1] - bounds[0])
-    nseg = max(1, -(-largest * buf.itemsize // SEGMENT_BYTES))
-    # seg_bounds[c] = element offsets of chunk c's segments (absolute in buf)
-    seg_bounds = [chunk_bounds(int(bounds[c + 1] - bounds[c]), nseg) + bounds[c] for c in range(n)]
-    scratch = chan.pool.get("ring", buf.dtype, 2 * largest)   # two halves, alternating by hop
-    hops = 2 * (n - 1)
-    pending_sends: dict[tuple[int, int], list] = {}
-    t0 = timeline.now() if timeline.on else 0
+    _Ring(chan, buf, op).run()
 
-    def segment(c: int, k: int) -> np.ndarray:
-        return buf[seg_bounds[c][k]:seg_bounds[c][k + 1]]
 
-    def scratch_segment(h: int, c: int, k: int) -> np.ndarray:
-        lo = seg_bounds[c][k] - bounds[c] + (h % 2) * largest
-        return scratch[lo:lo + seg_bounds[c][k + 1] - seg_bounds[c][k]]
+class _Ring:
+    """One ring allreduce: 2(n-1) hops, each moving every segment of one chunk to the right.
 
-    def post_recv(h: int, k: int) -> list:
-        c = (r - h - 1) % n
-        if h < n - 1:
-            return irecv(chan, scratch_segment(h, c, k), left, _TAG)
+    Hop h < n-1 (reduce-scatter) receives chunk (r-h-1) into scratch and adds it in;
+    the later hops (allgather) receive finished chunks straight into buf.
+    """
+
+    def __init__(self, chan, buf: np.ndarray, op: ReduceOp):
+        self.chan, self.buf, self.op = chan, buf, op
+        n, r = self.n, self.r = chan.size, chan.rank
+        self.right, self.left = (r + 1) % n, (r - 1) % n
+        self.bounds = bounds = chunk_bounds(buf.size, n)
+        self.largest = largest = int(bounds[1] - bounds[0])
+        self.nseg = max(1, -(-largest * buf.itemsize // SEGMENT_BYTES))
+        # seg_bounds[c] = element offsets of chunk c's segments (absolute in buf)
+        self.seg_bounds = [chunk_bounds(int(bounds[c + 1] - bounds[c]), self.nseg) + bounds[c]
+                           for c in range(n)]
+        self.scratch = chan.pool.get("ring", buf.dtype, 2 * largest)   # two halves, by hop parity
+        self.hops = 2 * (n - 1)
+        self.pending_sends: dict[tuple[int, int], list] = {}
+
+    def segment(self, c: int, k: int) -> np.ndarray:
+        sb = self.seg_bounds[c]
+        return self.buf[sb[k]:sb[k + 1]]
+
+    def scratch_segment(self, h: int, c: int, k: int) -> np.ndarray:
+        sb = self.seg_bounds[c]
+        lo = sb[k] - self.bounds[c] + (h % 2) * self.largest
+        return self.scratch[lo:lo + sb[k + 1] - sb[k]]
+
+    def post_recv(self, h: int, k: int) -> list:
+        c = (self.r - h - 1) % self.n
+        if h < self.n - 1:
+            return irecv(self.chan, self.scratch_segment(h, c, k), self.left, _TAG)
         # Allgather hops land straight in buf: first let our own earlier send of it finish.
-        waitall(chan, pending_sends.pop((c, k), []))
-        return irecv(chan, segment(c, k), left, _TAG)
+        waitall(self.chan, self.pending_sends.pop((c, k), []))
+        return irecv(self.chan, self.segment(c, k), self.left, _TAG)
 
-    def post_send(h: int, k: int) -> None:
-        c = (r - h) % n
-        pending_sends.setdefault((c, k), []).extend(isend(chan, segment(c, k), right, _TAG))
+    def post_send(self, h: int, k: int) -> None:
+        c = (self.r - h) % self.n
+        self.pending_sends.setdefault((c, k), []).extend(
+            isend(self.chan, self.segment(c, k), self.right, _TAG))
 
-    recvs = [post_recv(0, k) for k in range(nseg)]
-    for k in range(nseg):
-        post_send(0, k)
-    for h in range(hops):
-        c = (r - h - 1) % n
-        upcoming = []
+    def run(self) -> None:
+        n, nseg, op = self.n, self.nseg, self.op
+        t0 = timeline.now() if timeline.on else 0
+        recvs = [self.post_recv(0, k) for k in range(nseg)]
         for k in range(nseg):
-            waitall(chan, recvs[k])
-            if h < n - 1:
-                reduce_into(op, segment(c, k), scratch_segment(h, c, k))
-                if h == n - 2:
-                    finish_average(op, segment(c, k), n)
-            if h + 1 < hops:
-                upcoming.append(post_recv(h + 1, k))
-                post_send(h + 1, k)
-        recvs = upcoming
-        if t0 and h == n - 2:
-            timeline.complete("ring reduce-scatter", t0, {"bytes": buf.nbytes, "segments": nseg})
-            t0 = timeline.now()
-    for reqs in pending_sends.values():
-        waitall(chan, reqs)
-    if t0:
-        timeline.complete("ring allgather", t0, {"bytes": buf.nbytes, "segments": nseg})
+            self.post_send(0, k)
+        for h in range(self.hops):
+            c = (self.r - h - 1) % n
+            upcoming = []
+            for k in range(nseg):
+                waitall(self.chan, recvs[k])
+                if h < n - 1:
+                    reduce_into(op, self.segment(c, k), self.scratch_segment(h, c, k))
+                    if h == n - 2:
+                        finish_average(op, self.segment(c, k), n)
+                if h + 1 < self.hops:        # forward at once: the next transfer overlaps
+                    upcoming.append(self.post_recv(h + 1, k))
+                    self.post_send(h + 1, k)
+            recvs = upcoming
+            if t0 and h == n - 2:
+                timeline.complete("ring reduce-scatter", t0, {"bytes": self.buf.nbytes, "segments": nseg})
+                t0 = timeline.now()
+        for reqs in self.pending_sends.values():
+            waitall(self.chan, reqs)
+        if t0:
+            timeline.complete("ring allgather", t0, {"bytes": self.buf.nbytes, "segments": nseg})

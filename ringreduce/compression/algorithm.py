@@ -50,7 +50,7 @@ from . import kernels
 from . import stats as _stats
 from .state import state_for
 
-__all__ = ["compressed_allreduce", "validate", "chunk_layout", "segment_layout"]
+__all__ = ["compressed_allreduce", "validate", "chunk_layout", "segment_layout", "TwoSided"]
 
 _TAG_SCATTER = 81
 _TAG_GATHER = 82
@@ -149,121 +149,143 @@ def segment_layout(bounds: np.ndarray, block_size: int, packed_per_element: floa
 
 
 def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
-    """The pipelined two-sided allreduce; returns the non-finite blocks met.
+    """The pipelined two-sided allreduce; returns the non-finite blocks met."""
+    return TwoSided(chan, flat, op, comp, name, ts, calls).run()
+
+
+class TwoSided:
+    """One pipelined two-sided allreduce, as its steps: scatter, reduce, decode.
 
     Each owner chunk is cut into S block-aligned segments and the three phases run
-    per segment, overlapped: round s compresses and sends segment s of every chunk,
-    then reduces (and re-compresses and sends back) whichever of this rank's
-    segments have all their pieces, and decompresses whichever results have
-    arrived. Per segment the arithmetic is that of the unsegmented scheme (pieces
-    accumulated in rank order, the same blocks, counters and offsets).
+    per segment, overlapped: round s compresses and sends segment s of every chunk
+    (``scatter``), then reduces, re-compresses and sends back whichever of this
+    rank's segments have all their pieces (``reduce_mine``), and decompresses
+    whichever results have arrived (``decode``). Per segment the arithmetic is that
+    of the unsegmented scheme (pieces accumulated in rank order, the same blocks,
+    counters and offsets).
     """
-    n, r = chan.size, chan.rank
-    count = flat.size
-    bounds = chunk_layout(count, n, comp.block_size)
-    B = comp.block_size
-    segs = segment_layout(bounds, B, comp.packed_nbytes(64 * B) / (64 * B))
-    S = segs.shape[1] - 1
-    psz = [[comp.packed_nbytes(int(segs[j, s + 1] - segs[j, s])) for s in range(S)]
-           for j in range(n)]
-    # Packed offsets of segment (j, s) in the by-owner buffers, and of my segments in a piece.
-    off = np.concatenate(([0], np.cumsum([p for row in psz for p in row]))).astype(np.int64)
-    lo, hi = int(bounds[r]), int(bounds[r + 1])
-    moff = off[r * S:(r + 1) * S + 1] - off[r * S]
-    mine = int(moff[-1])
-    pool = chan.pool
-    send = pool.get("cmp-send", np.uint8, int(off[-1]))          # worker-packed, by owner
-    pieces = pool.get("cmp-pieces", np.uint8, n * mine)           # my chunk from every rank
-    gather = pool.get("cmp-gather", np.uint8, int(off[-1]))       # server-packed, by owner
-    acc = pool.get("cmp-acc", np.float32, hi - lo)
-    ef = comp.error_feedback and ts is not None
-    xp = array_module(flat)
-    wres = ts.worker_residual(count, xp) if ef else None
-    sres = ts.server_residual(lo, hi, xp) if ef else None
-    # Distinct RNG streams per call, per rank (workers) and for the server side.
-    base = (calls % 2**32) << 32
-    wcounter, scounter = base | (r + 1), base
-    what = f"compressed allreduce of {_label(name)}"
 
-    def piece(i: int, s: int) -> np.ndarray:
-        return pieces[i * mine + moff[s]:i * mine + moff[s + 1]]
+    def __init__(self, chan, flat, op, comp, name, ts, calls):
+        self.chan, self.flat, self.op, self.comp, self.name = chan, flat, op, comp, name
+        n, r = self.n, self.r = chan.size, chan.rank
+        bounds = chunk_layout(flat.size, n, comp.block_size)
+        B = comp.block_size
+        self.segs = segs = segment_layout(bounds, B, comp.packed_nbytes(64 * B) / (64 * B))
+        self.S = S = segs.shape[1] - 1
+        psz = [[comp.packed_nbytes(int(segs[j, s + 1] - segs[j, s])) for s in range(S)]
+               for j in range(n)]
+        # Packed offsets of segment (j, s) in the by-owner buffers, and of my segments in a piece.
+        self.off = off = np.concatenate(([0], np.cumsum([p for row in psz for p in row]))).astype(np.int64)
+        self.lo, self.hi = lo, hi = int(bounds[r]), int(bounds[r + 1])
+        self.moff = off[r * S:(r + 1) * S + 1] - off[r * S]
+        self.mine = int(self.moff[-1])
+        pool = chan.pool
+        self.send = pool.get("cmp-send", np.uint8, int(off[-1]))          # worker-packed, by owner
+        self.pieces = pool.get("cmp-pieces", np.uint8, n * self.mine)     # my chunk from every rank
+        self.gather = pool.get("cmp-gather", np.uint8, int(off[-1]))      # server-packed, by owner
+        self.acc = pool.get("cmp-acc", np.float32, hi - lo)
+        ef = comp.error_feedback and ts is not None
+        xp = array_module(flat)
+        self.wres = ts.worker_residual(flat.size, xp) if ef else None
+        self.sres = ts.server_residual(lo, hi, xp) if ef else None
+        # Distinct RNG streams per call, per rank (workers) and for the server side.
+        base = (calls % 2**32) << 32
+        self.wcounter, self.scounter = base | (r + 1), base
+        self.what = f"compressed allreduce of {_label(name)}"
+        # Every receive is posted up front; messages of one pair and tag match in order.
+        precv = [[irecv(chan, self.piece(i, s), i, _TAG_SCATTER) if i != r and psz[r][s] else []
+                  for s in range(S)] for i in range(n)]
+        self.grecv = [[irecv(chan, self.packed(self.gather, j, s), j, _TAG_GATHER)
+                       if j != r and psz[j][s] else [] for s in range(S)] for j in range(n)]
+        self.my_pieces = [[q for i in range(n) for q in precv[i][s]] for s in range(S)]
+        self.sends: list = []
+        self.reduced = 0             # my segments reduced, re-compressed and sent so far
+        self.decoded = [0] * n       # results decompressed so far, per owner
 
-    def packed(buf: np.ndarray, j: int, s: int) -> np.ndarray:
-        return buf[off[j * S + s]:off[j * S + s + 1]]
+    def piece(self, i: int, s: int) -> np.ndarray:
+        """Rank i's compressed piece of segment s of my chunk."""
+        lo = i * self.mine
+        return self.pieces[lo + self.moff[s]:lo + self.moff[s + 1]]
 
-    # Every receive is posted up front; messages of one pair and tag match in order.
-    precv = [[irecv(chan, piece(i, s), i, _TAG_SCATTER) if i != r and psz[r][s] else []
-              for s in range(S)] for i in range(n)]
-    grecv = [[irecv(chan, packed(gather, j, s), j, _TAG_GATHER) if j != r and psz[j][s] else []
-              for s in range(S)] for j in range(n)]
-    my_pieces = [[q for i in range(n) for q in precv[i][s]] for s in range(S)]
-    sends: list = []
-    bad = 0
-    reduced = 0                 # my segments reduced, re-compressed and sent so far
-    decoded = [0] * n           # results decompressed so far, per owner
+    def packed(self, buf: np.ndarray, j: int, s: int) -> np.ndarray:
+        """Segment s of owner j's chunk in a by-owner packed buffer."""
+        k = j * self.S + s
+        return buf[self.off[k]:self.off[k + 1]]
 
-    def reduce_mine(s: int) -> int:
-        a, b = int(segs[r, s]), int(segs[r, s + 1])
-        if a == b:
-            return 0
-        waitall(chan, my_pieces[s], what)
-        part = acc[a - lo:b - lo]
-        part.fill(0.0)
-        for i in range(n):       # rank order, so the sum is the same whoever computes it
-            comp.decompress(piece(i, s), b - a, part, accumulate=True, name=name)
-        if op == ReduceOp.AVERAGE and n > 1:
-            part /= np.float32(n)
-        out = packed(gather, r, s)
-        nb = comp.compress(part, out, None if sres is None else sres[a - lo:b - lo],
-                           counter=scounter, offset=a, name=name)
-        for k in range(1, n):
-            sends.extend(isend(chan, out, (r + k) % n, _TAG_GATHER))
-        comp.decompress(out, b - a, flat[a:b], name=name)
-        return nb
+    def run(self) -> int:
+        bad = 0
+        for s in range(self.S):
+            bad += self.scatter(s)
+            bad += self.advance(s + 1)
+        while self.reduced < self.S:         # the others are waiting for these: first
+            bad += self.reduce_mine(self.reduced)
+            self.reduced += 1
+            bad += self.advance(self.S)
+        for j in range(self.n):
+            if j != self.r:
+                for s in range(self.decoded[j], self.S):
+                    self.decode(j, s)
+        waitall(self.chan, self.sends, self.what)
+        return bad
 
-    def decode(j: int, s: int) -> None:
-        a, b = int(segs[j, s]), int(segs[j, s + 1])
-        if a < b:
-            waitall(chan, grecv[j][s], what)
-            comp.decompress(packed(gather, j, s), b - a, flat[a:b], name=name)
+    def scatter(self, s: int) -> int:
+        """Compress segment s of every owner's chunk (+ worker residual) and send it to its owner.
 
-    def advance(limit: int) -> int:
-        """Without blocking: reduce my segments below limit whose pieces are in, decode results."""
-        nonlocal reduced
-        nb = 0
-        while reduced < limit and _ready(my_pieces[reduced]):
-            nb += reduce_mine(reduced)
-            reduced += 1
-        for j in range(n):
-            while j != r and decoded[j] < S and _ready(grecv[j][decoded[j]]):
-                decode(j, decoded[j])
-                decoded[j] += 1
-        return nb
-
-    # A result segment (j, s) arrives only after owner j had this rank's piece (j, s),
-    # i.e. after flat[segment] was compressed here, so decoding into flat is safe.
-    for s in range(S):
-        for k in range(1, n + 1):        # the other owners first, mine last
+        A result segment (j, s) arrives only after owner j had this rank's piece (j, s),
+        i.e. after flat[segment] was compressed here, so decoding into flat is safe.
+        """
+        bad, n, r, comp = 0, self.n, self.r, self.comp
+        for k in range(1, n + 1):            # the other owners first, mine last
             j = (r + k) % n
-            a, b = int(segs[j, s]), int(segs[j, s + 1])
+            a, b = int(self.segs[j, s]), int(self.segs[j, s + 1])
             if a == b:
                 continue
-            dst = piece(r, s) if j == r else packed(send, j, s)
-            bad += comp.compress(flat[a:b], dst, None if wres is None else wres[a:b],
-                                 counter=wcounter, offset=a, name=name)
+            dst = self.piece(r, s) if j == r else self.packed(self.send, j, s)
+            bad += comp.compress(self.flat[a:b], dst, None if self.wres is None else self.wres[a:b],
+                                 counter=self.wcounter, offset=a, name=self.name)
             if j != r:
-                sends.extend(isend(chan, dst, j, _TAG_SCATTER))
-        bad += advance(s + 1)
-    while reduced < S:                   # the others are waiting for these: first
-        bad += reduce_mine(reduced)
-        reduced += 1
-        bad += advance(S)
-    for j in range(n):
-        if j != r:
-            for s in range(decoded[j], S):
-                decode(j, s)
-    waitall(chan, sends, what)
-    return bad
+                self.sends.extend(isend(self.chan, dst, j, _TAG_SCATTER))
+        return bad
+
+    def reduce_mine(self, s: int) -> int:
+        """Average the n pieces of my segment s in fp32, re-compress it, send it to every rank."""
+        n, r, comp, lo = self.n, self.r, self.comp, self.lo
+        a, b = int(self.segs[r, s]), int(self.segs[r, s + 1])
+        if a == b:
+            return 0
+        waitall(self.chan, self.my_pieces[s], self.what)
+        part = self.acc[a - lo:b - lo]
+        part.fill(0.0)
+        for i in range(n):       # rank order, so the sum is the same whoever computes it
+            comp.decompress(self.piece(i, s), b - a, part, accumulate=True, name=self.name)
+        if self.op == ReduceOp.AVERAGE and n > 1:
+            part /= np.float32(n)
+        out = self.packed(self.gather, r, s)
+        nb = comp.compress(part, out, None if self.sres is None else self.sres[a - lo:b - lo],
+                           counter=self.scounter, offset=a, name=self.name)
+        for k in range(1, n):
+            self.sends.extend(isend(self.chan, out, (r + k) % n, _TAG_GATHER))
+        comp.decompress(out, b - a, self.flat[a:b], name=self.name)
+        return nb
+
+    def decode(self, j: int, s: int) -> None:
+        """Decompress owner j's result for segment s into the output."""
+        a, b = int(self.segs[j, s]), int(self.segs[j, s + 1])
+        if a < b:
+            waitall(self.chan, self.grecv[j][s], self.what)
+            self.comp.decompress(self.packed(self.gather, j, s), b - a, self.flat[a:b], name=self.name)
+
+    def advance(self, limit: int) -> int:
+        """Without blocking: reduce my segments below limit whose pieces are in, decode results."""
+        nb = 0
+        while self.reduced < limit and _ready(self.my_pieces[self.reduced]):
+            nb += self.reduce_mine(self.reduced)
+            self.reduced += 1
+        for j in range(self.n):
+            while j != self.r and self.decoded[j] < self.S and _ready(self.grecv[j][self.decoded[j]]):
+                self.decode(j, self.decoded[j])
+                self.decoded[j] += 1
+        return nb
 
 
 def _ready(reqs: list) -> bool:
