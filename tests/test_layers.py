@@ -92,3 +92,21 @@ def test_no_import_cycle_even_inside_functions():
         if v not in index:
             visit(v)
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_engine_messages_use_no_pickle():
+    """Exit notices, stall and deadlock queries, the plan and mismatch reports are fixed-layout
+    bytes; only the user's object collectives pickle (their objects, not ours)."""
+    engine_modules = [*(PKG / "liveness").glob("*.py"), *(PKG / "transport").glob("*.py"),
+                      *(PKG / "policy").glob("*.py"), PKG / "runtime" / "agree.py",
+                      PKG / "runtime" / "tiny.py", PKG / "runtime" / "context.py"]
+    for path in engine_modules:
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                 for a in n.names} | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "pickle" not in names, f"{path.relative_to(ROOT)} imports pickle"
+        lowercase = [n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call)
+                     and isinstance(n.func, ast.Attribute)
+                     and n.func.attr in ("allgather", "bcast", "gather", "isend", "recv", "sendrecv")
+                     and not (isinstance(n.func.value, ast.Name) and n.func.value.id in ("p2p",))]
+        assert not lowercase, f"{path.relative_to(ROOT)} uses mpi4py's pickling calls {lowercase}"

@@ -8,6 +8,7 @@ collective the others never entered with the same arguments.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 import struct
@@ -19,6 +20,7 @@ from ..algorithms.allgather import piggyback_bytes
 from ..core import config, timeline
 from ..core.errors import RingReduceError
 from ..liveness.stall import Inspector
+from ..transport.p2p import allgather_bytes
 
 FIELDS = ("call number", "collective", "count", "dtype", "op", "algorithm", "name", "shape",
           "compression")
@@ -190,14 +192,14 @@ def raise_if_mismatch(table: np.ndarray, chan, readable: tuple, name: str | None
     """
     if all_same(table):
         return
-    comm, rank, who = chan.comm, chan.rank, chan.who
-    everyone = comm.allgather(readable)   # the error path only: every rank is here
+    rank, who = chan.rank, chan.who
+    everyone = _exchange_readable(chan, readable)
     kinds = table[:, 1]
     label_row = next((d for d, k in zip(everyone, kinds) if k != ERROR_KIND), everyone[rank])
-    label = f"tensor '{name}'" if name else f"unnamed {label_row[1]}"
+    label = f"tensor '{name}'" if name else f"unnamed {ast.literal_eval(label_row[1])}"
     rejected = [r for r, k in enumerate(kinds) if k == ERROR_KIND]
     if rejected:
-        reasons = "; ".join(f"rank {r}: {everyone[r][1]}" for r in rejected)
+        reasons = "; ".join(f"rank {r}: {ast.literal_eval(everyone[r][1])}" for r in rejected)
         raise RingReduceError(f"{who}: {_ranks(rejected)} rejected {label} [{reasons}]")
     problems = []
     for f, field in enumerate(FIELDS):
@@ -206,10 +208,20 @@ def raise_if_mismatch(table: np.ndarray, chan, readable: tuple, name: str | None
             continue
         groups: dict[str, list[int]] = {}
         for r, desc in enumerate(everyone):
-            groups.setdefault(repr(desc[f]), []).append(r)
+            groups.setdefault(desc[f], []).append(r)
         parts = [f"{_ranks(rs)}: {val}" for val, rs in groups.items()]
         problems.append(f"{field} ({'; '.join(parts)})")
     raise RingReduceError(f"{who}: ranks disagree on {label}: " + ", ".join(problems))
+
+
+_SEP = "\x1f"     # between the fields of a readable row (never inside a repr)
+
+
+def _exchange_readable(chan, readable: tuple) -> list[list[str]]:
+    """Every rank's readable description, each field as its repr (bytes, supervised, no pickle)."""
+    text = _SEP.join(repr(v).replace(_SEP, " ") for v in readable)
+    parts, _ = allgather_bytes(chan, np.frombuffer(text.encode(), np.uint8), "mismatch report")
+    return [p.tobytes().decode("utf-8", "replace").split(_SEP) for p in parts]
 
 
 def _ranks(rs: list[int]) -> str:

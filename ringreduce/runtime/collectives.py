@@ -31,7 +31,7 @@ from ..core.errors import RingReduceError
 from ..core.mpi import MPI
 from ..core.ops import Average, ReduceOp
 from ..policy import plan as policy
-from ..transport.p2p import message_slices
+from ..transport.p2p import allgather_bytes, message_slices
 from . import agree, device_path, tiny
 from .context import context
 
@@ -325,30 +325,12 @@ def broadcast_object(obj, root_rank: int = 0, comm=None):
 def _allgather_object_on(chan, obj) -> list:
     _object_check(chan, "allgather_object", 0)
     data, reason = _pickle(chan, obj, "allgather_object")
-    n = chan.size
-    lengths = np.empty(n, np.int64)
-    mine = np.array([-1 if data is None else data.size], np.int64)
-    chan.count(8, 8 * (n - 1))
-    chan.wait([chan.comm.Iallgather(mine, lengths)], "allgather_object (lengths)")
-    bad = [r for r in range(n) if lengths[r] < 0]
+    parts, bad = allgather_bytes(chan, data, "allgather_object")
     if bad:
         detail = f": {reason}" if reason else ""
         raise RingReduceError(f"{chan.who}: {agree._ranks(bad)} could not pickle the object for "
                               f"allgather_object{detail if chan.rank in bad else ''}")
-    counts = lengths.astype(np.int64)
-    displs = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    recv = np.empty(int(counts.sum()), np.uint8)
-    if int(counts.max(initial=0)) < 2**31 and int(counts.sum()) < 2**31:
-        req = chan.comm.Iallgatherv([data, MPI.BYTE], [recv, (counts, displs), MPI.BYTE])
-        chan.count(data.size, int(counts.sum()) - data.size)
-        chan.wait([req], "allgather_object")
-    else:   # huge objects: one broadcast per rank, each split into countable messages
-        for r in range(n):
-            part = recv[displs[r]:displs[r] + counts[r]]
-            if r == chan.rank:
-                part[...] = data
-            _bcast_bytes(chan, part, r, "allgather_object")
-    return [pickle.loads(recv[displs[r]:displs[r] + counts[r]].tobytes()) for r in range(n)]
+    return [pickle.loads(part.tobytes()) for part in parts]
 
 
 def allgather_object(obj, comm=None) -> list:

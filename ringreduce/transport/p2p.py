@@ -68,3 +68,38 @@ def arrived(comm, tag: int):
         buf = np.empty(status.Get_count(MPI.BYTE), np.uint8)
         msg.Recv([buf, MPI.BYTE])
         yield status.Get_source(), buf
+
+
+def allgather_bytes(chan, data: np.ndarray | None, what: str):
+    """Every rank's bytes, under supervision: (list of n uint8 arrays, []) or (None, bad ranks).
+
+    `data` is this rank's uint8 payload, or None when it has none to give (it could
+    not be produced, e.g. an unpicklable object): then every rank gets (None, the
+    ranks that gave None), so a failure on one rank is seen by all in the same call.
+    The lengths travel first, then the bytes (MPI_Iallgatherv, or one broadcast per
+    rank when a count would pass 2**31 - 1).
+    """
+    n = chan.size
+    lengths = np.empty(n, np.int64)
+    mine = np.array([-1 if data is None else data.size], np.int64)
+    chan.count(8, 8 * (n - 1))
+    chan.wait([chan.comm.Iallgather(mine, lengths)], f"{what} (lengths)")
+    bad = [r for r in range(n) if lengths[r] < 0]
+    if bad:
+        return None, bad
+    displs = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+    recv = np.empty(int(lengths.sum()), np.uint8)
+    if int(lengths.sum()) <= MAX_MESSAGE_BYTES:
+        req = chan.comm.Iallgatherv([data, MPI.BYTE], [recv, (lengths, displs), MPI.BYTE])
+        chan.count(data.size, int(lengths.sum()) - data.size)
+        chan.wait([req], what)
+    else:
+        for r in range(n):
+            part = recv[displs[r]:displs[r] + lengths[r]]
+            if r == chan.rank:
+                part[...] = data
+            reqs = [chan.comm.Ibcast([part[lo:hi], MPI.BYTE], root=r)
+                    for lo, hi in message_slices(part.size)]
+            chan.count(part.size if r == chan.rank else 0, 0 if r == chan.rank else part.size)
+            chan.wait(reqs, what)
+    return [recv[displs[r]:displs[r] + lengths[r]] for r in range(n)], []

@@ -62,12 +62,25 @@ class NodeTopology:
             self.node_comm.Free()
 
 
+def _allgather_text(comm, text: str | None) -> list:
+    """Every rank's string (or None), as UTF-8 bytes: lengths first (-1: None), then the bytes."""
+    raw = np.frombuffer((text or "").encode(), np.uint8)
+    lengths = np.empty(comm.Get_size(), np.int64)
+    comm.Allgather(np.array([-1 if text is None else raw.size], np.int64), lengths)
+    counts = np.maximum(lengths, 0)
+    displs = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+    recv = np.empty(int(counts.sum()), np.uint8)
+    comm.Allgatherv([raw, MPI.BYTE], [recv, (counts, displs), MPI.BYTE])
+    return [None if lengths[r] < 0 else recv[displs[r]:displs[r] + counts[r]].tobytes().decode()
+            for r in range(comm.Get_size())]
+
+
 def split_by_node(comm, node_id: str | None):
     """Group ranks by node: `node_id` if set on every rank, else MPI's shared-memory split.
 
     Returns (node communicator, index of this node, number of nodes).
     """
-    ids = comm.allgather(node_id)     # at init only: strings of any length, once
+    ids = _allgather_text(comm, node_id)
     if all(i is not None for i in ids):
         order = list(dict.fromkeys(ids))           # first-appearance order, same on every rank
         node_comm = comm.Split(order.index(node_id), comm.Get_rank())
