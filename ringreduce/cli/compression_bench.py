@@ -11,7 +11,7 @@ communication: the compute cost of the format alone.
 
 Example::
 
-    mpirun -np 2 python -m ringreduce.compression.bench --sizes 1 16 64
+    mpirun -np 2 python -m ringreduce.cli.compression_bench --sizes 1 16 64
 """
 from __future__ import annotations
 

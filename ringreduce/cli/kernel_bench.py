@@ -7,7 +7,7 @@ prints both with their ratio.  Bytes counted are everything the kernel reads
 and writes: input, residual (read and written), packed output or input, and
 the fp32 accumulator (read and written).
 
-Run as ``ringreduce-bench --kernels`` or ``python -m ringreduce.bench_kernels``.
+Run as ``ringreduce-bench --kernels`` or ``python -m ringreduce.cli.kernel_bench``.
 
 Example
 -------
@@ -108,7 +108,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    """Command line: ``python -m ringreduce.bench_kernels [--sizes ...] [--json FILE]``."""
+    """Command line: ``python -m ringreduce.cli.kernel_bench [--sizes ...] [--json FILE]``."""
     p = argparse.ArgumentParser(prog="ringreduce-bench --kernels", description=__doc__.split(
         "\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1 << 20, 1 << 24],

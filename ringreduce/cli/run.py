@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ringreduce-run: {exc}", file=sys.stderr)
             return 2
     if args.check:
-        np_, command = 1, [sys.executable, "-m", "ringreduce.run", _CHECK_CHILD]
+        np_, command = 1, [sys.executable, "-m", "ringreduce.cli.run", _CHECK_CHILD]
         print(f"{'launcher:':<26}{launcher.path} ({launcher.vendor})")
     else:
         if args.np is None or args.np < 1:

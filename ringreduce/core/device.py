@@ -10,7 +10,7 @@ Two ways to move device buffers, decided once per process (:func:`mode`):
 * ``cuda-aware``: the MPI library accepts device pointers; the algorithms run on
   the cupy arrays themselves (reductions are cupy kernels) and mpi4py hands
   the pointers (``__cuda_array_interface__``) to MPI.
-* ``staged``: the MPI library only takes host memory; ``ringreduce.staging``
+* ``staged``: the MPI library only takes host memory; ``ringreduce.transport.staging``
   copies segments through pinned host buffers, overlapping the copies with the
   host allreduce of the neighbouring segments.
 

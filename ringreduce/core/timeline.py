@@ -8,23 +8,23 @@ Open the file in https://ui.perfetto.dev or chrome://tracing.
 Events (complete events with a duration, on a track per thread, unless noted):
 
 - "allreduce": the whole call (name, algorithm, bytes, compression, call number);
-- "fingerprint check": the mismatch check's exchange (ringreduce.check);
+- "fingerprint check": the mismatch check's exchange (ringreduce.runtime.agree);
 - "algorithm <name>": the algorithm's run, and inside it one event per phase:
   "ring reduce-scatter" and "ring allgather"; "tree fold", one "tree
   exchange" per recursive-doubling round, "tree unfold"; "shm copy in",
   "shm reduce", "shm gather" (per block);
 - "compress", "decompress": each kernel call of the compressed paths
-  (ringreduce.kernels; format, elements, packed bytes);
+  (ringreduce.compression.kernels; format, elements, packed bytes);
 - "bucket ready": an instant event when the torch DistributedOptimizer launches
   a bucket's allreduce (bucket index, name, bytes, tensor count);
-- "wait": an MPI wait that did not finish at once (ringreduce.progress).
+- "wait": an MPI wait that did not finish at once (ringreduce.transport.wait).
 
 Cheap when off: every call site tests the module flag ``timeline.on`` first,
 so the cost is one attribute load.
 
 Example::
 
-    from ringreduce import timeline
+    from ringreduce.core import timeline
     t0 = timeline.now() if timeline.on else 0
     ...                                       # the work
     if timeline.on:

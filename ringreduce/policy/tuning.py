@@ -21,7 +21,7 @@ resulting decision table, so every rank chooses alike.
 
 Example::
 
-    from ringreduce import tuning
+    from ringreduce.policy import tuning
     params = tuning.load()            # the file if present, else the defaults
     params["algorithms"]["ring"]["alpha"]
 """

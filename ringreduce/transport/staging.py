@@ -29,7 +29,7 @@ tests/test_staging.py); :class:`CupyCopier` is the CUDA implementation.
 Example
 -------
 >>> import numpy as np
->>> from ringreduce.staging import HostCopier, Stager
+>>> from ringreduce.transport.staging import HostCopier, Stager
 >>> dev = np.arange(10, dtype=np.float32)          # stands in for a device array
 >>> st = Stager(HostCopier(), segment_bytes=16)
 >>> st.run(dev, lambda host, k: np.multiply(host, 2, out=host))
