@@ -11,7 +11,7 @@ Run as ``ringreduce-bench --kernels`` or ``python -m ringreduce.cli.kernel_bench
 
 Example
 -------
->>> from ringreduce import bench_kernels
+>>> from ringreduce.cli import kernel_bench as bench_kernels
 >>> rows = bench_kernels.run(sizes=[4096], formats=["int8"], repeats=2)
 >>> rows[0]["format"], rows[0]["direction"]
 ('int8', 'compress')
