@@ -42,37 +42,34 @@ def test_deadlock_async_against_blocking_is_named_on_every_rank(np_):
     assert took < 60, took
 
 
+def _raised_then_in_step(out: str, n: int, raised: int, needle, step: str) -> None:
+    """Every rank printed `raised` errors containing needle(rank), then `step` as its last line."""
+    res = _results(out)
+    for r in range(n):
+        errors = [x for x in res.get(r, []) if x.startswith("raised")]
+        assert len(errors) == raised and all(needle(r) in e for e in errors), (r, out[-5000:])
+        assert res[r][-1] == step, (r, out[-5000:])
+
+
 @pytest.mark.parametrize("check", ["1", "0"])
 def test_unpicklable_broadcast_object_raises_everywhere(check):
     code, out, took = _run(3, "unpicklable_broadcast", RINGREDUCE_CHECK=check)
     assert code == 0 and took < 60, (code, took, out[-5000:])
-    res = _results(out)
-    for r in range(3):
-        raised = [x for x in res[r] if x.startswith("raised")]
-        assert len(raised) == 2, out[-5000:]
-        assert "could not pickle" in raised[0], raised
-        if r != 0:
-            assert "root rank 0" in raised[0], raised
-        assert res[r][-1] == "in step 3", out[-5000:]
+    _raised_then_in_step(out, 3, 2, lambda r: "could not pickle" if r == 0 else
+                         "root rank 0 could not pickle", "in step 3")
 
 
 @pytest.mark.parametrize("check", ["1", "0"])
 def test_unpicklable_allgather_object_raises_everywhere(check):
     code, out, took = _run(3, "unpicklable_allgather", RINGREDUCE_CHECK=check)
     assert code == 0 and took < 60, (code, took, out[-5000:])
-    res = _results(out)
-    for r in range(3):
-        assert res[r][0].startswith("raised") and "rank 2 could not pickle" in res[r][0], out[-5000:]
-        assert res[r][1] == "in step [0, 10, 20]", out[-5000:]
+    _raised_then_in_step(out, 3, 1, lambda r: "rank 2 could not pickle", "in step [0, 10, 20]")
 
 
 def test_out_of_range_root_keeps_every_rank_in_step():
     code, out, took = _run(3, "bad_root_object")
     assert code == 0, out[-5000:]
-    res = _results(out)
-    for r in range(3):
-        assert res[r][0].startswith("raised") and "root_rank 6 is out of range" in res[r][0], out[-5000:]
-        assert res[r][1] == "in step from 0", out[-5000:]
+    _raised_then_in_step(out, 3, 1, lambda r: "root_rank 6 is out of range", "in step from 0")
 
 
 def test_check_set_differently_is_an_error_at_init():

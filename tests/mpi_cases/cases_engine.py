@@ -211,3 +211,10 @@ def test_wire_stats_count_what_moves(algorithm, monkeypatch):
         assert sent >= (N - 1) * x.nbytes
     rr.wire_stats(reset=True)
     assert rr.wire_stats()["total"] == {"sent": 0, "received": 0}
+
+
+@pytest.mark.parametrize("value, on", [("no", False), ("off", False), ("0", False), ("1", True),
+                                       ("yes", True)])
+def test_info_reports_the_check_as_the_engine_reads_it(value, on, monkeypatch):
+    monkeypatch.setenv("RINGREDUCE_CHECK", value)
+    assert rr.info()["mismatch_check"] is on
