@@ -28,7 +28,7 @@ _MPI_TYPES = {
     np.dtype(np.int8): MPI.INT8_T, np.dtype(np.uint8): MPI.UINT8_T,
 }
 _MPI_OPS = {ReduceOp.SUM: MPI.SUM, ReduceOp.AVERAGE: MPI.SUM, ReduceOp.MIN: MPI.MIN,
-            ReduceOp.MAX: MPI.MAX}
+            ReduceOp.MAX: MPI.MAX, ReduceOp.PRODUCT: MPI.PROD}
 _HALF = frozenset(HALF_DTYPES) | {np.dtype(ml_dtypes.bfloat16)}
 
 

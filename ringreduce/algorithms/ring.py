@@ -33,28 +33,47 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
     if n == 1 or buf.size == 0:
         finish_average(op, buf, n)
         return
-    _Ring(chan, buf, op).run()
+    bounds = chunk_bounds(buf.size, n)
+    _Ring(chan, buf, op, bounds[:-1], bounds[1:], 2 * (n - 1)).run()
+
+
+def reduce_scatter(chan, buf: np.ndarray, op: ReduceOp, offsets: np.ndarray) -> None:
+    """Ring reduce-scatter: rank r ends with the reduced buf[offsets[r]:offsets[r+1]], in place.
+
+    The other parts of buf hold partial sums afterwards. `offsets` (n + 1, ascending)
+    may split buf unevenly. After n-1 hops rank r holds the finished chunk (r+1) % n,
+    so chunk c is rank (c-1)'s part.
+    """
+    n = chan.size
+    if n == 1 or buf.size == 0:
+        finish_average(op, buf, n)
+        return
+    owner = [(c - 1) % n for c in range(n)]
+    starts = np.array([offsets[o] for o in owner], np.int64)
+    stops = np.array([offsets[o + 1] for o in owner], np.int64)
+    _Ring(chan, buf, op, starts, stops, n - 1).run()
 
 
 class _Ring:
-    """One ring allreduce: 2(n-1) hops, each moving every segment of one chunk to the right.
+    """One ring pass: `hops` hops, each moving every segment of one chunk to the right.
 
     Hop h < n-1 (reduce-scatter) receives chunk (r-h-1) into scratch and adds it in;
-    the later hops (allgather) receive finished chunks straight into buf.
+    the later hops (allgather) receive finished chunks straight into buf. Chunk c is
+    buf[starts[c]:stops[c]].
     """
 
-    def __init__(self, chan, buf: np.ndarray, op: ReduceOp):
+    def __init__(self, chan, buf: np.ndarray, op: ReduceOp, starts, stops, hops: int):
         self.chan, self.buf, self.op = chan, buf, op
         n, r = self.n, self.r = chan.size, chan.rank
         self.right, self.left = (r + 1) % n, (r - 1) % n
-        self.bounds = bounds = chunk_bounds(buf.size, n)
-        self.largest = largest = int(bounds[1] - bounds[0])
+        self.starts = starts
+        self.largest = largest = int(max(int(b - a) for a, b in zip(starts, stops)))
         self.nseg = max(1, -(-largest * buf.itemsize // SEGMENT_BYTES))
         # seg_bounds[c] = element offsets of chunk c's segments (absolute in buf)
-        self.seg_bounds = [chunk_bounds(int(bounds[c + 1] - bounds[c]), self.nseg) + bounds[c]
+        self.seg_bounds = [chunk_bounds(int(stops[c] - starts[c]), self.nseg) + starts[c]
                            for c in range(n)]
         self.scratch = chan.pool.get("ring", buf.dtype, 2 * largest)   # two halves, by hop parity
-        self.hops = 2 * (n - 1)
+        self.hops = hops
         self.pending_sends: dict[tuple[int, int], list] = {}
 
     def segment(self, c: int, k: int) -> np.ndarray:
@@ -63,7 +82,7 @@ class _Ring:
 
     def scratch_segment(self, h: int, c: int, k: int) -> np.ndarray:
         sb = self.seg_bounds[c]
-        lo = sb[k] - self.bounds[c] + (h % 2) * self.largest
+        lo = sb[k] - self.starts[c] + (h % 2) * self.largest
         return self.scratch[lo:lo + sb[k + 1] - sb[k]]
 
     def post_recv(self, h: int, k: int) -> list:
@@ -98,10 +117,11 @@ class _Ring:
                     upcoming.append(self.post_recv(h + 1, k))
                     self.post_send(h + 1, k)
             recvs = upcoming
-            if t0 and h == n - 2:
+            if t0 and h == n - 2 and self.hops > n - 1:
                 timeline.complete("ring reduce-scatter", t0, {"bytes": self.buf.nbytes, "segments": nseg})
                 t0 = timeline.now()
         for reqs in self.pending_sends.values():
             waitall(self.chan, reqs)
         if t0:
-            timeline.complete("ring allgather", t0, {"bytes": self.buf.nbytes, "segments": nseg})
+            phase = "ring allgather" if self.hops > n - 1 else "ring reduce-scatter"
+            timeline.complete(phase, t0, {"bytes": self.buf.nbytes, "segments": nseg})

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import device as _device
 
-__all__ = ["ReduceOp", "Sum", "Average", "Min", "Max", "reduce_into", "combine"]
+__all__ = ["ReduceOp", "Sum", "Average", "Min", "Max", "Product", "reduce_into", "combine"]
 
 
 class ReduceOp(enum.IntEnum):
@@ -17,6 +17,7 @@ class ReduceOp(enum.IntEnum):
     AVERAGE = 1
     MIN = 2
     MAX = 3
+    PRODUCT = 4
 
     def __repr__(self) -> str:
         return f"rr.{self.name.capitalize()}"
@@ -26,10 +27,11 @@ Sum = ReduceOp.SUM
 Average = ReduceOp.AVERAGE
 Min = ReduceOp.MIN
 Max = ReduceOp.MAX
+Product = ReduceOp.PRODUCT
 
 # Average travels as a sum; the division happens once, on the reduced result.
 _UFUNC = {ReduceOp.SUM: np.add, ReduceOp.AVERAGE: np.add,
-          ReduceOp.MIN: np.minimum, ReduceOp.MAX: np.maximum}
+          ReduceOp.MIN: np.minimum, ReduceOp.MAX: np.maximum, ReduceOp.PRODUCT: np.multiply}
 
 
 def ufunc(op: ReduceOp):

@@ -31,6 +31,7 @@ HEADER_BYTES = 8 * NFIELDS
 HEADER = struct.Struct(f"={NFIELDS}q")
 _HEADER = HEADER
 KINDS = {"allreduce": 1, "broadcast": 2, "broadcast_object": 3, "allgather_object": 4,
+         "allgather": 5, "reducescatter": 6, "alltoall": 7, "barrier": 8, "grouped_allreduce": 9,
          "error": 99}
 ERROR_KIND = KINDS["error"]
 _KIND_NAMES = {v: k for k, v in KINDS.items()}

@@ -34,6 +34,7 @@ from ..policy import plan as policy
 from ..transport.p2p import allgather_bytes, message_slices
 from . import agree, device_path, tiny
 from .context import context
+from .process_sets import resolve_comm
 
 __all__ = ["allreduce", "allreduce_", "allreduce_on", "broadcast_", "broadcast_object",
            "allgather_object", "compression_state"]
@@ -50,7 +51,7 @@ def _as_op(op, who: str) -> ReduceOp:
         return ReduceOp(op)
     except ValueError:
         raise RingReduceError(f"{who}: unknown reduction op {op!r} "
-                              "(use rr.Sum, rr.Average, rr.Min or rr.Max)") from None
+                              "(use rr.Sum, rr.Average, rr.Min, rr.Max or rr.Product)") from None
 
 
 def _prepare_output(chan, x, out, name, inplace: bool, defer: bool = False) -> np.ndarray:
@@ -80,20 +81,40 @@ def _prepare_output(chan, x, out, name, inplace: bool, defer: bool = False) -> n
 
 
 def allreduce_on(chan, x, op=Average, algorithm="auto", compression=None,
-                 name=None, out=None, inplace=False) -> np.ndarray:
+                 name=None, out=None, inplace=False, prescale_factor=1.0,
+                 postscale_factor=1.0) -> np.ndarray:
     """allreduce on a given channel: the one entry point for both threads (tiny path first)."""
     if (compression is None and algorithm in _AUTO and type(x) is np.ndarray
-            and x.nbytes <= tiny.REACH):
+            and x.nbytes <= tiny.REACH and prescale_factor == 1.0 and postscale_factor == 1.0):
         # Outside _general's error sharing: the tiny path rejects by returning None,
         # and anything it raises comes after the exchange.
         y = tiny.allreduce(chan, x, op, name, inplace, out, _raise_tiny_mismatch)
         if y is not None:
             return y
-    return _general(chan, x, op, algorithm, compression, name, out, inplace)
+    return _general(chan, x, op, algorithm, compression, name, out, inplace,
+                    prescale_factor, postscale_factor)
+
+
+def _scales(who, dtype, name, pre, post) -> tuple[float, float] | None:
+    """(pre, post) when either differs from 1, else None; integer tensors take no factors."""
+    if pre == 1.0 and post == 1.0:
+        return None
+    if is_integer(dtype):
+        raise RingReduceError(f"{who}: prescale_factor/postscale_factor on integer tensor"
+                              f"{' ' + repr(name) if name else ''} ({dtype}); scale a float tensor")
+    return float(pre), float(post)
+
+
+def _scale(buf, factor: float) -> None:
+    if factor != 1.0 and buf.size:
+        np.multiply(buf, buf.dtype.type(factor), out=buf)
+        if type(buf) is not np.ndarray:
+            device.synchronize(buf)
 
 
 @agree.guarded("allreduce")
-def _general(chan, x, op, algorithm, compression, name, out, inplace) -> np.ndarray:
+def _general(chan, x, op, algorithm, compression, name, out, inplace,
+             prescale_factor=1.0, postscale_factor=1.0) -> np.ndarray:
     t0 = timeline.now() if timeline.on else 0
     who = chan.who
     op = _as_op(op, who)
@@ -107,6 +128,7 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace) -> np.ndar
             f"{who}: op Average on integer tensor{' ' + repr(name) if name else ''} "
             f"({buf.dtype}) would truncate; use rr.Sum and divide, or a float dtype")
     comp = resolve_compression(compression, who)
+    scales = _scales(who, buf.dtype, name, prescale_factor, postscale_factor)
     flat = buf.reshape(-1)
     if algorithm == "auto" and comp is None:
         algorithm = policy.choose(chan.plan, flat.nbytes, flat.dtype, chan.size, op, agree.enabled())
@@ -116,35 +138,48 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace) -> np.ndar
         validate_compression(chan, flat, op, comp, name)
     src = None
     if pending is not None:
-        if registry.supports_source(algorithm) and comp is None and pending.flags.c_contiguous:
+        if (registry.supports_source(algorithm) and comp is None and scales is None
+                and pending.flags.c_contiguous):
             src = pending.reshape(-1)
         else:
             np.copyto(buf, pending)
     seq = chan.next_seq()
-    if _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp):
+    if scales is not None:
+        _scale(flat, scales[0])
+    if _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp, scales):
+        if scales is not None:
+            _scale(flat, scales[1])
         if timeline.on:
             timeline.complete("allreduce", t0, {"name": name, "algorithm": "piggyback",
                                                 "bytes": flat.nbytes, "call": seq})
         return buf
     _dispatch(chan, flat, op, algorithm, comp, name, src)
+    if scales is not None:
+        _scale(flat, scales[1])
     if timeline.on:
         timeline.complete("allreduce", t0, {"name": name, "algorithm": algorithm, "bytes": flat.nbytes,
                                             "compression": repr(comp) if comp else None, "call": seq})
     return buf
 
 
-def _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp) -> bool:
+def op_code(op, scales) -> int:
+    """The fingerprint's op field: the op, and the scale factors when there are any."""
+    return int(op) if scales is None else agree._hash((int(op), scales))
+
+
+def _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp, scales=None) -> bool:
     """The fingerprint exchange; True when the payload rode in it and the result is done."""
     if not agree.enabled():
         return False
     on_device = device.is_device_array(flat)
     label = device_path.label(algorithm) if on_device else algorithm
-    header = agree.fingerprint(seq, "allreduce", flat.size, dtype_code(buf.dtype), int(op),
+    header = agree.fingerprint(seq, "allreduce", flat.size, dtype_code(buf.dtype), op_code(op, scales),
                                label, name, buf.shape, comp)
     piggyback = (algorithm == "allgather" and not on_device
                  and flat.nbytes <= allgather.piggyback_bytes(chan.size))
     table, rows = agree.exchange(chan, header, flat if piggyback else None, name=name)
-    _raise_if_mismatch(chan, table, "allreduce", buf, op, label, name, seq, comp)
+    shown = op if scales is None else f"{op!r} x{scales[0]:g} then x{scales[1]:g}"
+    _raise_if_mismatch(chan, table, "allreduce", buf, shown, label, name, seq, comp)
     if piggyback:
         allgather.reduce_rows(rows[:, :flat.nbytes], flat, op)
     return piggyback
@@ -186,7 +221,8 @@ def _agree(chan, header: np.ndarray, kind, buf, op, algorithm, name, seq) -> Non
 
 
 def allreduce(x, op=Average, algorithm: str = "auto", compression=None, name: str | None = None,
-              out: np.ndarray | None = None, comm=None) -> np.ndarray:
+              out: np.ndarray | None = None, comm=None, prescale_factor: float = 1.0,
+              postscale_factor: float = 1.0, process_set=None) -> np.ndarray:
     """Reduce `x` across all ranks and return the result (a new array, or `out`).
 
     Parameters
@@ -194,7 +230,7 @@ def allreduce(x, op=Average, algorithm: str = "auto", compression=None, name: st
     x : numpy.ndarray or cupy.ndarray
         Any shape; float16, bfloat16, float32, float64, int8, uint8, int32 or int64.
         Non-contiguous input is copied.
-    op : rr.Sum, rr.Average, rr.Min or rr.Max
+    op : rr.Sum, rr.Average, rr.Min, rr.Max or rr.Product
     algorithm : "auto", "ring", "tree", "mpi", "shm" or "hierarchical"
         "auto" picks by message size; RINGREDUCE_ALGORITHM overrides it.
     compression : rr.Compression.* or None
@@ -205,6 +241,11 @@ def allreduce(x, op=Average, algorithm: str = "auto", compression=None, name: st
         Where to write the result (same shape and dtype as x).
     comm : mpi4py communicator, optional
         A sub-communicator; default the one given to rr.init().
+    prescale_factor, postscale_factor : float
+        Multiply the input before the reduction and the result after it (float
+        tensors; Horovod's arguments).
+    process_set : rr.ProcessSet, optional
+        Another spelling of comm= (Horovod's).
 
     Every rank gets bit-identical results; NaN anywhere stays NaN (Min/Max included).
 
@@ -214,11 +255,14 @@ def allreduce(x, op=Average, algorithm: str = "auto", compression=None, name: st
         rr.init()
         y = rr.allreduce(np.arange(10, dtype=np.float32) * rr.rank(), op=rr.Average)
     """
-    return allreduce_on(context(comm).main, x, op, algorithm, compression, name, out)
+    chan = context(resolve_comm(comm, process_set)).main
+    return allreduce_on(chan, x, op, algorithm, compression, name, out, False,
+                        prescale_factor, postscale_factor)
 
 
 def allreduce_(x: np.ndarray, op=Average, algorithm: str = "auto", compression=None,
-               name: str | None = None, comm=None) -> np.ndarray:
+               name: str | None = None, comm=None, prescale_factor: float = 1.0,
+               postscale_factor: float = 1.0, process_set=None) -> np.ndarray:
     """In-place allreduce: `x` (contiguous, writable) is overwritten and returned.
 
     Example::
@@ -226,7 +270,9 @@ def allreduce_(x: np.ndarray, op=Average, algorithm: str = "auto", compression=N
         grad = np.ones(1000, dtype=np.float32)
         rr.allreduce_(grad, op=rr.Sum)     # grad == rr.size() everywhere
     """
-    return allreduce_on(context(comm).main, x, op, algorithm, compression, name, inplace=True)
+    chan = context(resolve_comm(comm, process_set)).main
+    return allreduce_on(chan, x, op, algorithm, compression, name, None, True,
+                        prescale_factor, postscale_factor)
 
 
 def _check_root(chan, root_rank) -> None:
@@ -262,7 +308,8 @@ def _bcast_bytes(chan, x, root_rank: int, what: str = "broadcast") -> None:
     chan.wait(reqs, what)
 
 
-def broadcast_(x: np.ndarray, root_rank: int = 0, comm=None, name: str | None = None) -> np.ndarray:
+def broadcast_(x: np.ndarray, root_rank: int = 0, comm=None, name: str | None = None,
+               process_set=None) -> np.ndarray:
     """Overwrite `x` on every rank with root_rank's `x`, in place (Horovod's name and argument).
 
     Example::
@@ -270,7 +317,7 @@ def broadcast_(x: np.ndarray, root_rank: int = 0, comm=None, name: str | None = 
         w = np.random.default_rng(rr.rank()).random(10)
         rr.broadcast_(w, root_rank=0)      # every rank now holds rank 0's w
     """
-    return broadcast_on(context(comm).main, x, root_rank, name)
+    return broadcast_on(context(resolve_comm(comm, process_set)).main, x, root_rank, name)
 
 
 # -- Python objects: pickled here, moved as bytes through the supervised wait --------------
@@ -308,7 +355,7 @@ def _broadcast_object_on(chan, obj, root_rank: int = 0):
     return obj if chan.rank == root_rank else pickle.loads(buf.tobytes())
 
 
-def broadcast_object(obj, root_rank: int = 0, comm=None):
+def broadcast_object(obj, root_rank: int = 0, comm=None, process_set=None):
     """Return root_rank's picklable `obj` on every rank.
 
     A root that cannot pickle `obj` raises RingReduceError, and so does every other
@@ -318,7 +365,7 @@ def broadcast_object(obj, root_rank: int = 0, comm=None):
 
         cfg = rr.broadcast_object({"lr": 0.1} if rr.rank() == 0 else None)
     """
-    return _broadcast_object_on(context(comm).main, obj, root_rank)
+    return _broadcast_object_on(context(resolve_comm(comm, process_set)).main, obj, root_rank)
 
 
 @agree.guarded("allgather_object")
@@ -333,7 +380,7 @@ def _allgather_object_on(chan, obj) -> list:
     return [pickle.loads(part.tobytes()) for part in parts]
 
 
-def allgather_object(obj, comm=None) -> list:
+def allgather_object(obj, comm=None, process_set=None) -> list:
     """Return the list of every rank's picklable `obj`, in rank order.
 
     A rank that cannot pickle its `obj` raises RingReduceError, and so does every
@@ -343,7 +390,7 @@ def allgather_object(obj, comm=None) -> list:
 
         counts = rr.allgather_object(len(my_shard))
     """
-    return _allgather_object_on(context(comm).main, obj)
+    return _allgather_object_on(context(resolve_comm(comm, process_set)).main, obj)
 
 
 def compression_state(comm=None) -> CompressionState:

@@ -29,6 +29,7 @@ from ..liveness.faults import abort
 from ..transport.wait import SPIN_SECONDS
 from . import context as _comm
 from .collectives import allreduce_on
+from .process_sets import resolve_comm
 
 __all__ = ["Handle", "allreduce_async"]
 
@@ -161,7 +162,9 @@ def submit(description: str, fn) -> Handle:
 
 
 def allreduce_async(x, op=Average, algorithm: str = "auto", compression=None,
-                    name: str | None = None, out: np.ndarray | None = None, comm=None) -> Handle:
+                    name: str | None = None, out: np.ndarray | None = None, comm=None,
+                    prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                    process_set=None) -> Handle:
     """Start an allreduce on the engine's background thread; returns a Handle.
 
     Same arguments and result as rr.allreduce. Do not modify `x` (or `out`) until
@@ -172,8 +175,17 @@ def allreduce_async(x, op=Average, algorithm: str = "auto", compression=None,
         h = rr.allreduce_async(np.ones(4, np.float32), op=rr.Sum, name="ones")
         assert h.wait()[0] == rr.size()
     """
-    chan = _comm.context(comm).background
+    chan = _comm.context(resolve_comm(comm, process_set)).background
     label = f"allreduce of tensor '{name}'" if name else "allreduce"
     _device.synchronize(x)   # the caller's stream wrote x; the engine thread has its own stream
     return submit(f"{chan.who}: {label}",
-                  lambda: allreduce_on(chan, x, op, algorithm, compression, name, out))
+                  lambda: allreduce_on(chan, x, op, algorithm, compression, name, out, False,
+                                       prescale_factor, postscale_factor))
+
+
+def run_async(comm, label: str, fn, *arrays) -> Handle:
+    """Run fn(background channel) on the engine thread for the collectives' async forms."""
+    chan = _comm.context(comm).background
+    for a in arrays:
+        _device.synchronize(a)
+    return submit(f"{chan.who}: {label}", lambda: fn(chan))

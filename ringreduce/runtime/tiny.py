@@ -31,7 +31,7 @@ REACH = 4096     # the tiny path's reach: one row, or a row and a second allgath
 _DTYPES = {dt: (code, kernels._NP_DT[dt], dt.kind in "iu") for dt, code in SUPPORTED_DTYPES.items()}
 _KERNEL_OP = {ReduceOp.SUM: "sum", ReduceOp.AVERAGE: "sum", ReduceOp.MIN: "min", ReduceOp.MAX: "max"}
 _OPS = {key: (int(op), kernels._OPS[_KERNEL_OP[op]], op == Average)
-        for op in ReduceOp for key in (op, int(op))}
+        for op in ReduceOp if op in _KERNEL_OP for key in (op, int(op))}   # Product: general path
 _AUTO_HASH = agree._hash("allgather")
 _SHAPE_HASHES: dict = {}
 

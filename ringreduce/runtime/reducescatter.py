@@ -1,0 +1,176 @@
+"""Reduce-scatter and the grouped collectives: one fused call for many tensors.
+
+rr.reducescatter reduces every rank's x and leaves rank r with piece r along
+axis 0: split as evenly as possible (np.array_split's rule) or by explicit
+`splits`. It runs our ring's reduce-scatter phase (algorithms.ring), so every
+dtype works and each piece is computed on one rank: bit-identical whatever the
+rank count. rr.grouped_allreduce packs a list of tensors into one buffer per
+dtype and makes one allreduce of it (one fingerprint, one fused message).
+
+Example::
+
+    mine = rr.reducescatter(np.ones((8, 3), np.float32), op=rr.Sum)   # rows of this rank
+    a, b = rr.grouped_allreduce([np.ones(3, np.float32), np.zeros(2, np.float32)])
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..algorithms import ring
+from ..core import device
+from ..core.dtypes import check_array, dtype_code, is_integer
+from ..core.errors import RingReduceError
+from ..core.ops import Average, finish_average
+from . import agree
+from .collectives import _as_op, _raise_if_mismatch, _scale, _scales, allreduce_on, op_code
+from .context import context
+from .engine import Handle, run_async
+from .gather import allgather_on
+from .process_sets import resolve_comm
+
+__all__ = ["reducescatter", "reducescatter_async", "grouped_allreduce", "grouped_allreduce_async",
+           "grouped_allgather", "grouped_reducescatter", "reducescatter_on"]
+
+
+def _even(first: int, n: int) -> np.ndarray:
+    base, extra = divmod(first, n)
+    return np.array([base + (r < extra) for r in range(n)], np.int64)
+
+
+@agree.guarded("reducescatter")
+def reducescatter_on(chan, x, op=Average, splits=None, name=None, prescale_factor=1.0,
+                     postscale_factor=1.0) -> np.ndarray:
+    """reducescatter on a channel: this rank's reduced piece along axis 0."""
+    who, n = chan.who, chan.size
+    op = _as_op(op, who)
+    x = check_array(x, who, name)
+    if device.is_device_array(x):
+        raise RingReduceError(f"{who}: reducescatter takes host (numpy) arrays")
+    if x.ndim == 0:
+        raise RingReduceError(f"{who}: reducescatter needs an array with a first dimension")
+    if is_integer(x.dtype) and op == Average:
+        raise RingReduceError(f"{who}: op Average on integer tensor{' ' + repr(name) if name else ''} "
+                              f"({x.dtype}) would truncate; use rr.Sum, or a float dtype")
+    scales = _scales(who, x.dtype, name, prescale_factor, postscale_factor)
+    first = x.shape[0]
+    if splits is None:
+        rows = _even(first, n)
+    else:
+        rows = np.asarray(splits, np.int64).reshape(-1)
+        if rows.size != n or (rows < 0).any() or int(rows.sum()) != first:
+            raise RingReduceError(f"{who}: reducescatter splits {rows.tolist()} must be {n} "
+                                  f"non-negative counts summing to the first dimension ({first})")
+    buf = np.array(x, order="C", copy=True)
+    per = int(np.prod(x.shape[1:], dtype=np.int64))
+    seq = chan.next_seq()
+    if agree.enabled():
+        # The splits are part of the call: hash them into the algorithm field.
+        label = f"ring rows {rows.tolist()}" if n <= 64 else f"ring rows #{agree._hash(tuple(rows))}"
+        header = agree.fingerprint(seq, "reducescatter", x.size, dtype_code(x.dtype),
+                                   op_code(op, scales), label, name, x.shape)
+        table, _ = agree.exchange(chan, header, name=name)
+        _raise_if_mismatch(chan, table, "reducescatter", buf, op, label, name, seq)
+    flat = buf.reshape(-1)
+    if scales is not None:
+        _scale(flat, scales[0])
+    offsets = np.concatenate(([0], np.cumsum(rows))).astype(np.int64) * per
+    if n == 1:
+        finish_average(op, flat, 1)
+    else:
+        ring.reduce_scatter(chan, flat, op, offsets)
+    lo = int(rows[:chan.rank].sum())
+    out = buf[lo:lo + int(rows[chan.rank])].copy()
+    if scales is not None:
+        _scale(out.reshape(-1), scales[1])
+    return out
+
+
+def reducescatter(x, op=Average, splits=None, name: str | None = None, comm=None,
+                  prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                  process_set=None) -> np.ndarray:
+    """Reduce `x` over all ranks and return this rank's piece along axis 0.
+
+    Pieces are as even as possible (the first ranks get one row more), or
+    `splits[r]` rows for rank r. op: rr.Sum, rr.Average, rr.Min, rr.Max, rr.Product.
+
+    Example::
+
+        x = np.ones((rr.size() * 2, 4), np.float32)
+        mine = rr.reducescatter(x, op=rr.Sum)     # shape (2, 4), every value rr.size()
+    """
+    return reducescatter_on(context(resolve_comm(comm, process_set)).main, x, op, splits, name,
+                            prescale_factor, postscale_factor)
+
+
+def reducescatter_async(x, op=Average, splits=None, name: str | None = None, comm=None,
+                        prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                        process_set=None) -> Handle:
+    """rr.reducescatter on the engine thread; wait() gives this rank's piece."""
+    return run_async(resolve_comm(comm, process_set), "reducescatter",
+                     lambda ch: reducescatter_on(ch, x, op, splits, name, prescale_factor,
+                                                 postscale_factor), x)
+
+
+def _grouped_on(chan, arrays, op, name, prescale_factor, postscale_factor, algorithm="auto"):
+    """One allreduce per dtype over the tensors packed back to back, in list order."""
+    arrays = [check_array(a, chan.who, name) for a in arrays]
+    out = [None] * len(arrays)
+    by_dtype: dict = {}
+    for i, a in enumerate(arrays):
+        by_dtype.setdefault(a.dtype, []).append(i)
+    for dtype, idxs in by_dtype.items():
+        total = sum(arrays[i].size for i in idxs)
+        xp = device.array_module(arrays[idxs[0]])
+        fused = xp.empty(total, dtype)
+        at = 0
+        for i in idxs:
+            fused[at:at + arrays[i].size] = arrays[i].reshape(-1)
+            at += arrays[i].size
+        label = name if len(by_dtype) == 1 else (f"{name}.{dtype}" if name else None)
+        allreduce_on(chan, fused, op, algorithm, None, label, None, True, prescale_factor,
+                     postscale_factor)
+        at = 0
+        for i in idxs:
+            out[i] = fused[at:at + arrays[i].size].reshape(arrays[i].shape)
+            at += arrays[i].size
+    return out
+
+
+def grouped_allreduce(arrays, op=Average, name: str | None = None, comm=None,
+                      prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                      algorithm: str = "auto", process_set=None) -> list:
+    """Allreduce a list of arrays in one fused call per dtype; returns the list of results.
+
+    Example::
+
+        g1, g2 = rr.grouped_allreduce([np.ones(3, np.float32), np.ones((2, 2), np.float32)],
+                                      op=rr.Sum, name="grads")
+    """
+    chan = context(resolve_comm(comm, process_set)).main
+    return _grouped_on(chan, list(arrays), op, name, prescale_factor, postscale_factor, algorithm)
+
+
+def grouped_allreduce_async(arrays, op=Average, name: str | None = None, comm=None,
+                            prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                            algorithm: str = "auto", process_set=None) -> Handle:
+    """rr.grouped_allreduce on the engine thread; wait() gives the list of results."""
+    arrays = list(arrays)
+    return run_async(resolve_comm(comm, process_set), "grouped allreduce",
+                     lambda ch: _grouped_on(ch, arrays, op, name, prescale_factor, postscale_factor,
+                                            algorithm), *arrays)
+
+
+def grouped_allgather(arrays, name: str | None = None, comm=None, process_set=None) -> list:
+    """rr.allgather of each array, in order (one call each: first dimensions differ per tensor)."""
+    chan = context(resolve_comm(comm, process_set)).main
+    return [allgather_on(chan, a, f"{name}.{i}" if name else None) for i, a in enumerate(arrays)]
+
+
+def grouped_reducescatter(arrays, op=Average, name: str | None = None, comm=None,
+                          prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                          process_set=None) -> list:
+    """rr.reducescatter of each array, in order."""
+    chan = context(resolve_comm(comm, process_set)).main
+    return [reducescatter_on(chan, a, op, None, f"{name}.{i}" if name else None, prescale_factor,
+                             postscale_factor) for i, a in enumerate(arrays)]
+
