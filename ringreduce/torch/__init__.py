@@ -15,42 +15,98 @@ Example
 
 import ringreduce as _rr
 
+from . import elastic
+from .basics import (
+    HorovodInternalError,
+    ccl_built,
+    cross_rank,
+    cross_size,
+    cuda_built,
+    ddl_built,
+    gloo_built,
+    gloo_enabled,
+    init,
+    is_homogeneous,
+    is_initialized,
+    local_rank,
+    local_size,
+    mpi_built,
+    mpi_enabled,
+    mpi_threads_supported,
+    nccl_built,
+    rank,
+    rocm_built,
+    shutdown,
+    size,
+    start_timeline,
+    stop_timeline,
+)
+from .compression import Compression, Compressor
+from .diloco import DiLoCo
 from .functions import (
     allgather_object,
-    allreduce,
-    allreduce_,
     broadcast_object,
     broadcast_optimizer_state,
     broadcast_parameters,
     join,
 )
-from .optimizer import DistributedOptimizer
 from .localsgd import LocalSGD, SyncRecord, SyncTotals
-from .diloco import DiLoCo
+from .mpi_ops import (
+    Adasum,
+    Average,
+    Max,
+    Min,
+    Product,
+    Sum,
+    allgather,
+    allgather_async,
+    allreduce,
+    allreduce_,
+    allreduce_async,
+    allreduce_async_,
+    alltoall,
+    alltoall_async,
+    barrier,
+    broadcast,
+    broadcast_,
+    broadcast_async,
+    broadcast_async_,
+    grouped_allgather,
+    grouped_allgather_async,
+    grouped_allreduce,
+    grouped_allreduce_,
+    grouped_allreduce_async,
+    grouped_allreduce_async_,
+    grouped_reducescatter,
+    grouped_reducescatter_async,
+    poll,
+    reducescatter,
+    reducescatter_async,
+    sparse_allreduce_async,
+    synchronize,
+)
+from .optimizer import DistributedOptimizer
 
-# Horovod-style access to the engine's names from the torch module.
-_ENGINE_NAMES = ["init", "shutdown", "rank", "size", "local_rank", "local_size",
-                 "Sum", "Average", "Min", "Max", "Compression", "RingReduceError"]
-for _n in _ENGINE_NAMES:
-    if hasattr(_rr, _n):
-        globals()[_n] = getattr(_rr, _n)
+RingReduceError = _rr.RingReduceError
+ProcessSet = _rr.ProcessSet
+add_process_set = _rr.add_process_set
+remove_process_set = _rr.remove_process_set
+global_process_set = _rr.global_process_set
 
-
-def __getattr__(name):
-    # Names the engine grows later (e.g. Compression) resolve at first use.
-    if name in _ENGINE_NAMES:
-        return getattr(_rr, name)
-    raise AttributeError(f"module 'ringreduce.torch' has no attribute {name!r}")
-
-
+# Horovod's names first (docs/torch.md, "Switching from Horovod"), then ringreduce's own.
 __all__ = [
-    "DistributedOptimizer",
-    "broadcast_parameters",
-    "broadcast_optimizer_state",
-    "broadcast_object",
-    "allgather_object",
-    "allreduce",
-    "allreduce_",
-    "join",
-] + _ENGINE_NAMES
-__all__ += ["LocalSGD", "DiLoCo", "SyncRecord", "SyncTotals"]
+    "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank",
+    "cross_size", "cross_rank", "is_homogeneous", "mpi_threads_supported", "mpi_enabled",
+    "mpi_built", "gloo_enabled", "gloo_built", "nccl_built", "ddl_built", "ccl_built",
+    "cuda_built", "rocm_built", "start_timeline", "stop_timeline", "HorovodInternalError",
+    "Average", "Sum", "Min", "Max", "Product", "Adasum", "ProcessSet", "add_process_set",
+    "remove_process_set", "global_process_set", "allreduce", "allreduce_", "allreduce_async",
+    "allreduce_async_", "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async",
+    "grouped_allreduce_async_", "allgather", "allgather_async", "grouped_allgather",
+    "grouped_allgather_async", "broadcast", "broadcast_", "broadcast_async", "broadcast_async_",
+    "alltoall", "alltoall_async", "reducescatter", "reducescatter_async", "grouped_reducescatter",
+    "grouped_reducescatter_async", "sparse_allreduce_async", "poll", "synchronize", "barrier",
+    "join", "broadcast_object", "allgather_object", "broadcast_parameters",
+    "broadcast_optimizer_state", "DistributedOptimizer", "Compression", "Compressor", "elastic",
+    "RingReduceError", "LocalSGD", "DiLoCo", "SyncRecord", "SyncTotals",
+]

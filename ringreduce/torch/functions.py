@@ -5,7 +5,10 @@ Example
 >>> import ringreduce.torch as rrt
 >>> rrt.broadcast_parameters(model.state_dict(), root_rank=0)
 >>> rrt.broadcast_optimizer_state(opt, root_rank=0)
->>> val = rrt.allreduce(torch.tensor(loss), name="val_loss")   # average over ranks
+>>> epoch = rrt.broadcast_object(epoch, root_rank=0)
+
+The tensor collectives (allreduce, allgather, ...) are in
+:mod:`ringreduce.torch.mpi_ops`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 import ringreduce as rr
 
-from ._convert import byte_view, from_array, to_array
+from ._convert import byte_view, to_array
 from .optimizer import Joinable, _error, _live_optimizers
 
 __all__ = [
@@ -25,8 +28,6 @@ __all__ = [
     "broadcast_optimizer_state",
     "broadcast_object",
     "allgather_object",
-    "allreduce",
-    "allreduce_",
     "join",
 ]
 
@@ -162,68 +163,29 @@ def _collect_slots(obj, out):
             _collect_slots(v, out)
 
 
-def broadcast_object(obj, root_rank: int = 0, name=None):
+def broadcast_object(obj, root_rank: int = 0, name=None, process_set=None):
     """Return ``root_rank``'s picklable ``obj`` on every rank (Horovod's signature).
 
     Example
     -------
     >>> epoch = rrt.broadcast_object(epoch, root_rank=0)
     """
-    return rr.broadcast_object(obj, root_rank=root_rank)
+    kw = {} if process_set is None else {"process_set": process_set}
+    return rr.broadcast_object(obj, root_rank=root_rank, **kw)
 
 
-def allgather_object(obj, name=None) -> list:
-    """Return the list of every rank's ``obj``, indexed by rank.
+def allgather_object(obj, name=None, process_set=None) -> list:
+    """Return the list of every rank's ``obj``, indexed by rank (in ``process_set``).
 
     Example
     -------
     >>> counts = rrt.allgather_object(len(my_shard))
     """
-    return rr.allgather_object(obj)
+    kw = {} if process_set is None else {"process_set": process_set}
+    return rr.allgather_object(obj, **kw)
 
 
-def _reduce(tensor, op, name, compression, algorithm, inplace):
-    if op is None:
-        op = rr.Average
-    src = tensor.detach()
-    if not src.is_contiguous():
-        src = src.contiguous()
-    kw = dict(op=op, name=name, algorithm=algorithm)
-    if compression is not None:
-        kw["compression"] = compression
-    if inplace and src.data_ptr() == tensor.data_ptr():
-        rr.allreduce_(to_array(src), **kw)
-        return tensor
-    res = rr.allreduce(to_array(src), **kw)
-    out = from_array(np.ascontiguousarray(res) if isinstance(res, np.ndarray) else res)
-    out = out.to(tensor.device).view(tensor.shape)
-    if inplace:
-        with torch.no_grad():
-            tensor.copy_(out)
-        return tensor
-    return out
-
-
-def allreduce(tensor: torch.Tensor, op=None, name=None, compression=None,
-              algorithm: str = "auto") -> torch.Tensor:
-    """Return a new tensor: ``tensor`` reduced over all ranks (default: averaged).
-
-    Meant for metrics and small tensors; it does not take part in autograd.
-
-    Example
-    -------
-    >>> mean_loss = rrt.allreduce(torch.tensor([loss]), name="loss").item()
-    """
-    return _reduce(tensor, op, name, compression, algorithm, inplace=False)
-
-
-def allreduce_(tensor: torch.Tensor, op=None, name=None, compression=None,
-               algorithm: str = "auto") -> torch.Tensor:
-    """In-place :func:`allreduce`; returns ``tensor``."""
-    return _reduce(tensor, op, name, compression, algorithm, inplace=True)
-
-
-def join() -> int:
+def join(device=-1) -> int:
     """Wait here until every rank has joined, serving the others' gradient steps.
 
     A rank that runs out of data calls ``join()``. Until every rank has
@@ -237,6 +199,9 @@ def join() -> int:
     DistributedOptimizers, step them in the order they were created. Each
     live DistributedOptimizer is served through its :class:`Joinable` methods
     (``needs_synchronize``, ``active_ranks``, ``join_round``, ``end_join``).
+
+    ``device`` is Horovod's argument (where its zero tensors live); accepted
+    and unused, the zeros live in each bucket's own buffers.
 
     Returns
     -------

@@ -38,7 +38,8 @@ from torch.autograd import Variable
 import ringreduce as rr
 from ringreduce.core import timeline
 
-from ._convert import to_array
+from ._convert import from_array, to_array
+from .compression import split_compression
 
 __all__ = ["DistributedOptimizer", "Joinable"]
 
@@ -57,12 +58,16 @@ def _live_optimizers() -> list[_DistributedOptimizerMixin]:
     return [o for o in alive if o is not None]
 
 
-def _error(msg: str) -> rr.RingReduceError:
+class _NamingError(rr.RingReduceError, ValueError):
+    """A named_parameters problem: a RingReduceError that is also Horovod's ValueError."""
+
+
+def _error(msg: str, cls=rr.RingReduceError) -> rr.RingReduceError:
     try:
         who = f"rank {rr.rank()}"
     except Exception:  # engine not initialised / broken: still report the problem
         who = "rank ?"
-    return rr.RingReduceError(f"{who}: {msg}")
+    return cls(f"{who}: {msg}")
 
 
 def _hook_for(opt):
@@ -99,6 +104,7 @@ class _Bucket:
         # per-pass state
         self.missing = 0
         self.handle = None
+        self.sent = None   # (compressed tensor, ctx) with a Horovod-style compressor
 
     def add(self, idx, numel, itemsize):
         self.members.append((idx, self.numel, numel))
@@ -176,6 +182,9 @@ class _SyncState:
 
     compression : rr.Compression config or None
         What every bucket's allreduce uses (None: uncompressed).
+    compressor : Horovod-style compressor or None
+        A user's ``compress(tensor) -> (tensor, ctx)`` / ``decompress(tensor, ctx)``
+        object, run on each bucket around its allreduce (None: none).
     op : rr.Average or rr.Sum
         The reduction the user asked for.
     passes_per_step : int
@@ -240,7 +249,7 @@ class _SyncState:
         step() synchronizes first (False inside ``skip_synchronize()``).
     """
 
-    __slots__ = ("compression", "op", "passes_per_step", "algorithm", "bucket_cap",
+    __slots__ = ("compression", "compressor", "op", "passes_per_step", "algorithm", "bucket_cap",
                  "first_bucket_cap", "predivide", "sparse_as_dense", "comm", "prefix",
                  "overlap_option", "overlap",
                  "params", "names", "index", "name_of", "hooks", "layouts",
@@ -253,7 +262,7 @@ class _SyncState:
             raise ValueError("backward_passes_per_step must be >= 1")
         if gradient_predivide_factor != 1.0 and op is not rr.Average:
             raise ValueError("gradient_predivide_factor needs op=rr.Average")
-        self.compression = compression
+        self.compressor, self.compression = split_compression(compression)
         self.op = op
         self.passes_per_step = int(backward_passes_per_step)
         self.algorithm: str = algorithm
@@ -289,19 +298,30 @@ class _SyncState:
         self.should_sync = True
 
     def use_names(self, named_parameters, group_params):
-        """Name the parameters after ``named_parameters`` (checked against the optimizer's)."""
+        """Name the parameters after ``named_parameters`` (checked against the optimizer's).
+
+        The errors are both RingReduceError and ValueError (what Horovod raises),
+        with Horovod's wording in them.
+        """
         named = list(named_parameters)
+        if any(not isinstance(item, tuple) or len(item) != 2 for item in named):
+            raise _error("named_parameters should be a sequence of tuples (name, parameter), "
+                         "usually produced by model.named_parameters().", _NamingError)
         seen = {}
         for name, p in named:
             if name in seen:
                 raise _error(f"parameter name {name!r} appears twice in named_parameters; "
-                             "names must be unique")
+                             "Parameter names in named_parameters must be unique. "
+                             f"Found duplicates: {name}", _NamingError)
             seen[name] = p
         by_param = {p: n for n, p in named}
         unnamed = [p for p in group_params if p not in by_param]
         if unnamed:
             raise _error(f"named_parameters was given but {len(unnamed)} of the optimizer's "
-                         f"parameters are not in it (first shape {tuple(unnamed[0].shape)})")
+                         f"parameters are not in it (first shape {tuple(unnamed[0].shape)}): "
+                         "named_parameters was specified, but one or more model parameters "
+                         "were not named. Python object ids: "
+                         + ", ".join(str(id(p)) for p in unnamed), _NamingError)
         self.prefix = "grad"
         self.name_of = by_param
 
@@ -481,10 +501,27 @@ class _DistributedOptimizerMixin:
         if timeline.on:   # its last gradient is in (or backward ended): the allreduce starts now
             timeline.instant("bucket ready", {"bucket": b.index, "name": b.name, "bytes": b.nbytes,
                                               "tensors": len(b.members)})
-        b.handle = rr.allreduce_async(b.buf_arr, op=st.engine_op(), algorithm=st.algorithm,
-                                      compression=st.compression, name=b.name,
-                                      out=b.out_arr, comm=st.comm)
+        if st.compressor is not None:
+            # A Horovod-style compressor: what it returns travels; decompressed at the wait.
+            sent, ctx = st.compressor.compress(b.buf)
+            sent = sent.detach().contiguous()
+            b.sent = (sent, ctx)
+            b.handle = rr.allreduce_async(to_array(sent), op=st.engine_op(),
+                                          algorithm=st.algorithm, compression=st.compression,
+                                          name=b.name, comm=st.comm)
+        else:
+            b.sent = None
+            b.handle = rr.allreduce_async(b.buf_arr, op=st.engine_op(), algorithm=st.algorithm,
+                                          compression=st.compression, name=b.name,
+                                          out=b.out_arr, comm=st.comm)
         st.launched.append(b)
+
+    def _rr_decompress(self, b, result):
+        """Write a compressor-carried bucket's reduced result into ``b.out``."""
+        sent, ctx = b.sent
+        b.sent = None
+        got = from_array(result).view(sent.shape)
+        b.out.copy_(self._rr.compressor.decompress(got, ctx).reshape(-1))
 
     def _rr_launch_ready(self):
         # Strict bucket order: identical collective sequence on every rank.
@@ -531,7 +568,9 @@ class _DistributedOptimizerMixin:
         errors = []
         for b in launched:
             try:
-                b.handle.wait()
+                res = b.handle.wait()
+                if getattr(b, "sent", None) is not None:
+                    self._rr_decompress(b, res)
             except BaseException as exc:  # keep draining so nothing stays in flight
                 errors.append((b, exc))
             b.handle = None
@@ -553,8 +592,12 @@ class _DistributedOptimizerMixin:
     # ------------------------------------------------------- compression
     @property
     def compression(self):
-        """The compression the gradient buckets use (None: uncompressed)."""
-        return self._rr.compression
+        """The compression the gradient buckets use (None: uncompressed).
+
+        The engine configuration, or the Horovod-style compressor when one was given.
+        """
+        st = self._rr
+        return st.compressor if st.compressor is not None else st.compression
 
     def set_compression(self, compression):
         """Switch the gradient compression from the next backward pass on.
@@ -576,7 +619,7 @@ class _DistributedOptimizerMixin:
         if st.launched or st.in_pass:
             raise _error("set_compression() called while gradient allreduces are in flight; "
                          "call step() or synchronize() first")
-        st.compression = compression
+        st.compressor, st.compression = split_compression(compression)
 
     # ------------------------------------------------------- synchronize
     def synchronize(self):
@@ -786,7 +829,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, op=
                          backward_passes_per_step=1, algorithm="auto",
                          fusion_threshold=25 * 2**20, gradient_predivide_factor=1.0,
                          sparse_as_dense=False, comm=None,
-                         first_bucket_bytes=_FIRST_BUCKET_BYTES, overlap="auto"):
+                         first_bucket_bytes=_FIRST_BUCKET_BYTES, overlap="auto",
+                         num_groups=0, groups=None, process_set=None):
     """Wrap ``optimizer`` so that ``step()`` uses gradients averaged over all ranks.
 
     The result is still an instance of ``type(optimizer)`` (a subclass built at
@@ -800,8 +844,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, op=
     named_parameters : iterable of (str, Tensor), optional
         ``model.named_parameters()``: names make bucket names stable across runs
         (error-feedback residuals are saved under them) and errors readable.
-    compression : rr.Compression config, optional
+    compression : rr.Compression config or a Horovod compressor, optional
         Passed to the engine for every bucket (``rr.Compression.fp16`` etc.).
+        Horovod's ``Compression.none`` / ``.fp16`` map to the engine's; any other
+        object with ``compress(tensor) -> (tensor, ctx)`` and
+        ``decompress(tensor, ctx)`` runs on each fusion bucket around its allreduce.
     op : rr.Average (default) or rr.Sum
     backward_passes_per_step : int
         Accumulate this many backward passes locally, then communicate once.
@@ -817,6 +864,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, op=
         A sub-communicator (e.g. the data-parallel group).
     first_bucket_bytes : int
         Size of the first (small) bucket, so communication starts early.
+    num_groups, groups : Horovod's fusion grouping
+        Accepted and checked; the fusion buckets above already group the
+        gradients (every rank alike), so they do not change the result.
+    process_set : rr.ProcessSet, optional
+        Horovod's spelling of ``comm``: the set's communicator.
     overlap : "auto", True or False
         True launches each bucket as soon as its gradients are in (overlapping
         the rest of backward); False launches them all when backward ends.
@@ -836,6 +888,21 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, op=
         raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if op is None:
         op = rr.Average
+    if repr(op) == "hvd.Adasum":
+        raise NotImplementedError("DistributedOptimizer(op=Adasum): Adasum is not implemented in "
+                                  "ringreduce; use op=Average (default) or Sum")
+    if groups is not None and num_groups:
+        raise ValueError("Parameters num_groups and groups are mutually exclusive.")
+    if groups is not None and not isinstance(groups, (int, list, tuple)):
+        raise ValueError("groups should be a list of lists of parameters or an integer")
+    if num_groups and int(num_groups) < 0:
+        raise ValueError("num_groups must be >= 0")
+    if process_set is not None and process_set is not rr.global_process_set:
+        if comm is not None and comm is not process_set.comm:
+            raise _error("DistributedOptimizer: both comm= and process_set= given, and they differ")
+        if not process_set.included():
+            raise _error(f"DistributedOptimizer: this rank is not a member of {process_set!r}")
+        comm = process_set.comm
     base = type(optimizer)
     cls = type(base.__name__, (_DistributedOptimizerMixin, base),
                {"__module__": base.__module__, "__doc__": base.__doc__})
