@@ -339,13 +339,20 @@ def allreduce(tensor, average=None, name=None, compression=Compression.none, op=
         compressed, cctx = tensor, None
     else:
         compressed, cctx = torch_comp.compress(tensor)
+    divide = None
+    if torch_comp is not None and op == Average and not compressed.dtype.is_floating_point:
+        # An integer-compressed average: the engine sums, the mean is taken once decompressed.
+        op, divide = Sum, _set_of(process_set).size()
     if _needs_grad(compressed):
         out = HorovodAllreduce.apply(compressed, name, op, prescale_factor, postscale_factor,
                                      process_set, engine_comp, algorithm)
     else:
         out = synchronize(_allreduce_async(compressed, None, name, op, prescale_factor,
                                            postscale_factor, process_set, engine_comp, algorithm))
-    return out if torch_comp is None else torch_comp.decompress(out, cctx)
+    if torch_comp is None:
+        return out
+    out = torch_comp.decompress(out, cctx)
+    return out if divide is None else out / divide
 
 
 def allreduce_(tensor, average=None, name=None, op=None, prescale_factor=1.0,

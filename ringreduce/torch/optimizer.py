@@ -505,10 +505,13 @@ class _DistributedOptimizerMixin:
             # A Horovod-style compressor: what it returns travels; decompressed at the wait.
             sent, ctx = st.compressor.compress(b.buf)
             sent = sent.detach().contiguous()
-            b.sent = (sent, ctx)
-            b.handle = rr.allreduce_async(to_array(sent), op=st.engine_op(),
-                                          algorithm=st.algorithm, compression=st.compression,
-                                          name=b.name, comm=st.comm)
+            op, scale = st.engine_op(), 1.0
+            if op is rr.Average and not sent.dtype.is_floating_point:
+                # The engine refuses to truncate an integer average: sum, divide once decoded.
+                op, scale = rr.Sum, 1.0 / st.comm_size_rank()[0]
+            b.sent = (sent, ctx, scale)
+            b.handle = rr.allreduce_async(to_array(sent), op=op, algorithm=st.algorithm,
+                                          compression=st.compression, name=b.name, comm=st.comm)
         else:
             b.sent = None
             b.handle = rr.allreduce_async(b.buf_arr, op=st.engine_op(), algorithm=st.algorithm,
@@ -518,10 +521,12 @@ class _DistributedOptimizerMixin:
 
     def _rr_decompress(self, b, result):
         """Write a compressor-carried bucket's reduced result into ``b.out``."""
-        sent, ctx = b.sent
+        sent, ctx, scale = b.sent
         b.sent = None
         got = from_array(result).view(sent.shape)
         b.out.copy_(self._rr.compressor.decompress(got, ctx).reshape(-1))
+        if scale != 1.0:
+            b.out.mul_(scale)
 
     def _rr_launch_ready(self):
         # Strict bucket order: identical collective sequence on every rank.
