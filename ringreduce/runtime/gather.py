@@ -56,16 +56,17 @@ def allgather_on(chan, x, name=None) -> np.ndarray:
         # The first dimension may differ; the dtype and the other dimensions may not.
         header = agree.fingerprint(seq, "allgather", 0, dtype_code(x.dtype), 0, "bytes", name, tail)
         _agree(chan, header, "allgather", x, "", "bytes", name, seq)
-    parts, _ = allgather_bytes(chan, x.reshape(-1).view(np.uint8), "allgather" +
-                               (f" of tensor '{name}'" if name else ""))
-    _, per = _rows(x)
-    firsts = [p.size // per if per else 0 for p in parts]
+    first, _ = _rows(x)
+    # Each rank's first dimension rides in front of its bytes (rows may hold no bytes).
+    payload = np.concatenate([np.array([first], np.int64).view(np.uint8), x.reshape(-1).view(np.uint8)])
+    parts, _ = allgather_bytes(chan, payload, "allgather" + (f" of tensor '{name}'" if name else ""))
+    firsts = [int(p[:8].view(np.int64)[0]) for p in parts]
     out = np.empty((sum(firsts),) + tuple(tail), x.dtype)
     raw = out.reshape(-1).view(np.uint8)
     at = 0
     for p in parts:
-        raw[at:at + p.size] = p
-        at += p.size
+        raw[at:at + p.size - 8] = p[8:]
+        at += p.size - 8
     return out
 
 
