@@ -86,6 +86,7 @@ from .mpi_ops import (
     synchronize,
 )
 from .optimizer import DistributedOptimizer
+from .sync_batch_norm import SyncBatchNorm
 
 RingReduceError = _rr.RingReduceError
 ProcessSet = _rr.ProcessSet
@@ -107,6 +108,6 @@ __all__ = [
     "alltoall", "alltoall_async", "reducescatter", "reducescatter_async", "grouped_reducescatter",
     "grouped_reducescatter_async", "sparse_allreduce_async", "poll", "synchronize", "barrier",
     "join", "broadcast_object", "allgather_object", "broadcast_parameters",
-    "broadcast_optimizer_state", "DistributedOptimizer", "Compression", "Compressor", "elastic",
+    "broadcast_optimizer_state", "DistributedOptimizer", "SyncBatchNorm", "Compression", "Compressor", "elastic",
     "RingReduceError", "LocalSGD", "DiLoCo", "SyncRecord", "SyncTotals",
 ]

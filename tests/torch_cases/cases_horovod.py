@@ -9,7 +9,6 @@ definitions (horovod/torch/mpi_ops.py) by hand.
 """
 from __future__ import annotations
 
-import itertools
 import warnings
 
 import numpy as np
@@ -594,11 +593,49 @@ def test_every_horovod_name_exists():
     alltoall alltoall_async reducescatter reducescatter_async grouped_reducescatter
     grouped_reducescatter_async sparse_allreduce_async poll synchronize barrier join
     broadcast_object allgather_object broadcast_parameters broadcast_optimizer_state
-    DistributedOptimizer Compression Compressor elastic""".split()
+    DistributedOptimizer SyncBatchNorm Compression Compressor elastic""".split()
     missing = [n for n in names if not hasattr(hvd, n)]
     assert not missing, missing
     assert callable(hvd.Compression.fp16.compress) and callable(hvd.Compression.none.decompress)
     assert set(names) <= set(hvd.__all__)
 
 
-_ = itertools  # keep the import for readers extending the matrix
+# -------------------------------------------------------------- SyncBatchNorm
+@pytest.mark.parametrize("set_name", list(SETS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=ids)
+def test_sync_batch_norm_matches_full_batch(dtype, set_name):
+    """Forward, input/weight gradients and running stats equal a BatchNorm over the
+    concatenation of every member's (uneven) batch."""
+    ps = SETS[set_name]
+    ranks = members(ps)
+
+    def batch(r):
+        return data(r, (2 + r % 3, 3, 4), dtype, salt=r) / 3
+
+    def upstream_of(r):
+        return upstream(r, (2 + r % 3, 3, 4)).to(dtype)
+
+    bn = hvd.SyncBatchNorm(3, process_set=ps).to(dtype)
+    ref_bn = torch.nn.BatchNorm1d(3).to(dtype)
+    with torch.no_grad():
+        for m in (bn, ref_bn):
+            m.weight.copy_(torch.tensor([1.0, 2.0, -0.5]))
+            m.bias.copy_(torch.tensor([0.0, 0.5, 1.0]))
+    x = batch(R).requires_grad_()
+    out = bn(x)
+    (out * upstream_of(R)).sum().backward()
+    full = torch.cat([batch(r) for r in ranks]).requires_grad_()
+    ref_out = ref_bn(full)
+    (ref_out * torch.cat([upstream_of(r) for r in ranks])).sum().backward()
+    me = set_rank(ps)
+    off = sum(2 + r % 3 for r in ranks[:me])
+    rows = slice(off, off + x.shape[0])
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out, ref_out[rows].detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(x.grad, full.grad[rows], rtol=tol, atol=tol)
+    wsum = hvd.allreduce(bn.weight.grad, op=hvd.Sum, process_set=ps)
+    torch.testing.assert_close(wsum, ref_bn.weight.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=tol, atol=tol)
+    bn.eval()
+    torch.testing.assert_close(bn(x.detach()), ref_bn.eval()(x.detach()), rtol=tol, atol=tol)
