@@ -115,20 +115,24 @@ class _TensorSlot:
         self.dtype = getattr(torch, s[2])
 
 
-def broadcast_optimizer_state(optimizer, root_rank: int = 0, comm=None) -> None:
+def broadcast_optimizer_state(optimizer, root_rank: int = 0, comm=None, model=None) -> None:
     """Make every rank's optimizer state (and hyperparameters) equal to ``root_rank``'s.
 
     Works for every torch.optim optimizer, wrapped or not, including state that
     is created lazily (Adam before its first step): the root's state dict
     structure travels as a small object, its tensors as one packed broadcast,
     and the other ranks load it with ``load_state_dict``. No dummy step is taken,
-    so parameters and step counters are untouched.
+    so parameters and step counters are untouched. ``model`` is Horovod's
+    (it finds sparse parameters there); accepted, not needed.
 
     Example
     -------
     >>> rrt.broadcast_optimizer_state(opt, root_rank=0)
     """
     from .optimizer import _DistributedOptimizerMixin
+
+    if isinstance(comm, torch.nn.Module):   # Horovod's third positional argument is model
+        comm = None
 
     me = rr.rank() if comm is None else comm.Get_rank()
     base_sd = (super(_DistributedOptimizerMixin, optimizer).state_dict

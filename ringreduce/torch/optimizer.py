@@ -891,6 +891,9 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, op=
         raise _error("optimizer is already a DistributedOptimizer")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if type(op) is int and isinstance(backward_passes_per_step, (rr.ReduceOp, type(None))):
+        # Horovod's positional order: (..., compression, backward_passes_per_step, op, ...).
+        op, backward_passes_per_step = backward_passes_per_step, op
     if op is None:
         op = rr.Average
     if repr(op) == "hvd.Adasum":

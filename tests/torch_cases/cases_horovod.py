@@ -558,6 +558,13 @@ def test_distributed_optimizer_compressors_and_process_set():
     assert torch.equal(same, plain)
     crcs = hvd.allgather_object(plain.numpy().tobytes())
     assert len(set(crcs)) == 1
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    # Horovod's positional order (compression, backward_passes_per_step, op) works too.
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   model.named_parameters(), hvd.Compression.none, 2, hvd.Sum)
+    assert opt._rr.passes_per_step == 2 and opt._rr.op == hvd.Sum
+    hvd.broadcast_optimizer_state(opt, 0, model)        # Horovod's model= positional
     mine = _train(None, process_set=MINE)
     crcs = hvd.allgather_object(mine.numpy().tobytes(), process_set=MINE)
     assert len(set(crcs)) == 1
