@@ -108,6 +108,38 @@ def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+# dtypes the engine does not carry but whose bytes it can move (allgather, broadcast,
+# alltoall): sent as uint8 views, zero-copy, and viewed back.
+_AS_BYTES = (torch.int16, torch.bool)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (contiguous) as uint8 with one trailing byte dimension, rows unchanged."""
+    if t.dtype == torch.bool:
+        return t.view(torch.uint8)
+    return t.unsqueeze(-1).view(torch.uint8)
+
+
+def _from_bytes(t: torch.Tensor, dtype) -> torch.Tensor:
+    if dtype == torch.bool:
+        return t.view(torch.bool)
+    if t.numel() == 0:   # an empty result's strides need not allow the view
+        return torch.empty(t.shape[:-1], dtype=dtype, device=t.device)
+    return t.contiguous().view(dtype).squeeze(-1)
+
+
+def _int_average(op, tensors, process_set):
+    """Horovod averages integer tensors (floor division); the engine refuses to.
+
+    Returns ``(engine op, divisor)``: Sum and the set size for an integer
+    Average, else ``(op, None)``.
+    """
+    if op == Average and tensors and not tensors[0].dtype.is_floating_point \
+            and not tensors[0].dtype.is_complex:
+        return Sum, _set_of(process_set).size()
+    return op, None
+
+
 def _tensor(a) -> torch.Tensor:
     """The engine's result as a tensor sharing its memory."""
     if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
@@ -250,6 +282,7 @@ def _allreduce_async(tensor, output, name, op, prescale_factor, postscale_factor
     """Start an allreduce of ``tensor`` into ``output`` (None: a new tensor; ``tensor``: in place)."""
     _check_name("allreduce", name)
     src = _contiguous(tensor)
+    op, divisor = _int_average(op, [src], process_set)
     inplace = output is tensor
     if inplace and src.data_ptr() == tensor.data_ptr():
         dst = src
@@ -264,6 +297,8 @@ def _allreduce_async(tensor, output, name, op, prescale_factor, postscale_factor
     h = rr.allreduce_async(src_arr, **kw)
 
     def finish(_results):
+        if divisor is not None:
+            dst.div_(divisor, rounding_mode="floor")
         if inplace:
             if dst.data_ptr() != tensor.data_ptr():
                 with torch.no_grad():
@@ -341,7 +376,8 @@ def allreduce(tensor, average=None, name=None, compression=Compression.none, op=
         compressed, cctx = torch_comp.compress(tensor)
     divide = None
     if torch_comp is not None and op == Average and not compressed.dtype.is_floating_point:
-        # An integer-compressed average: the engine sums, the mean is taken once decompressed.
+        # An integer-compressed average: sum, and take the mean once decompressed (a floor
+        # division of the integers would lose the fraction the compressor kept).
         op, divide = Sum, _set_of(process_set).size()
     if _needs_grad(compressed):
         out = HorovodAllreduce.apply(compressed, name, op, prescale_factor, postscale_factor,
@@ -371,12 +407,15 @@ def _grouped_allreduce_async(tensors, inplace, name, op, prescale_factor, postsc
     _check_name("grouped_allreduce", name)
     tensors = list(tensors)
     srcs = [_contiguous(t) for t in tensors]
+    op, divisor = _int_average(op, srcs, process_set)
     h = rr.grouped_allreduce_async([to_array(s) for s in srcs], op=op, name=name,
                                    prescale_factor=prescale_factor,
                                    postscale_factor=postscale_factor, **_set_kw(process_set))
 
     def finish(results):
         outs = [_tensor(a).view(t.shape) for a, t in zip(results[0], tensors)]
+        if divisor is not None:
+            outs = [o.div_(divisor, rounding_mode="floor") for o in outs]
         if not inplace:
             return outs
         with torch.no_grad():
@@ -462,11 +501,14 @@ def _allgather_async(tensors, name, process_set, grouped=False) -> int:
     kind = "grouped_allgather" if grouped else "allgather"
     _check_name(kind, name)
     srcs = [_contiguous(t) for t in tensors]
+    dtypes = [t.dtype for t in srcs]
+    srcs = [_as_bytes(t) if t.dtype in _AS_BYTES else t for t in srcs]
     handles = [rr.allgather_async(to_array(s), name=_sub(name, i, grouped), **_set_kw(process_set))
                for i, s in enumerate(srcs)]
 
     def finish(results):
         outs = [_tensor(a) for a in results]
+        outs = [_from_bytes(o, d) if d in _AS_BYTES else o for o, d in zip(outs, dtypes)]
         return outs if grouped else outs[0]
 
     return _submit(kind, name, handles, finish, keep=tuple(srcs))
@@ -557,10 +599,15 @@ def grouped_allgather(tensors, name=None, process_set=None, ignore_name_scope=Fa
 def _broadcast_async(tensor, root_rank, name, process_set, inplace) -> int:
     _check_name("broadcast", name)
     src = _contiguous(tensor)
+    if src.dtype in _AS_BYTES:
+        src = _as_bytes(src)
     h = rr.broadcast_async(to_array(src), root_rank=root_rank, name=name, **_set_kw(process_set))
 
     def finish(results):
-        out = _tensor(results[0]).view(tensor.shape)
+        out = _tensor(results[0])
+        if tensor.dtype in _AS_BYTES:
+            out = _from_bytes(out, tensor.dtype)
+        out = out.view(tensor.shape)
         if not inplace:
             return out
         with torch.no_grad():
@@ -616,7 +663,7 @@ def broadcast_(tensor, root_rank, name=None, process_set=None, ignore_name_scope
     """In-place :func:`broadcast`; returns ``tensor``."""
     if tensor.is_contiguous() and not tensor.requires_grad:
         _check_name("broadcast", name)
-        rr.broadcast_(to_array(tensor), root_rank=root_rank, name=name, **_set_kw(process_set))
+        rr.broadcast_(to_array(_as_bytes(tensor) if tensor.dtype in _AS_BYTES else tensor), root_rank=root_rank, name=name, **_set_kw(process_set))
         return tensor
     return synchronize(_broadcast_async(tensor, root_rank, name, process_set, inplace=True))
 
@@ -625,6 +672,9 @@ def broadcast_(tensor, root_rank, name=None, process_set=None, ignore_name_scope
 def _alltoall_async(tensor, splits, name, process_set) -> int:
     _check_name("alltoall", name)
     src = _contiguous(tensor)
+    dtype = src.dtype
+    if dtype in _AS_BYTES:
+        src = _as_bytes(src)
     h = rr.alltoall_async(to_array(src), splits=_splits_list(splits), name=name,
                           **_set_kw(process_set))
     like = splits if isinstance(splits, torch.Tensor) else None
@@ -636,7 +686,8 @@ def _alltoall_async(tensor, splits, name, process_set) -> int:
             rs = rs.to(dtype=like.dtype, device=like.device)
         else:
             rs = rs.to(torch.int32)
-        return _tensor(out), rs
+        out = _tensor(out)
+        return (_from_bytes(out, dtype) if dtype in _AS_BYTES else out), rs
 
     return _submit("alltoall", name, [h], finish, keep=(src,))
 
@@ -692,6 +743,7 @@ def _reducescatter_async(tensors, name, op, process_set, prescale_factor, postsc
     _check_name(kind, name)
     op = _op(op)
     srcs = [_contiguous(t) for t in tensors]
+    op, divisor = _int_average(op, srcs, process_set)
     handles = [rr.reducescatter_async(to_array(s), op=op, splits=_splits_list(splits),
                                       name=_sub(name, i, grouped),
                                       prescale_factor=prescale_factor,
@@ -700,6 +752,8 @@ def _reducescatter_async(tensors, name, op, process_set, prescale_factor, postsc
 
     def finish(results):
         outs = [_tensor(a) for a in results]
+        if divisor is not None:
+            outs = [o.div_(divisor, rounding_mode="floor") for o in outs]
         return outs if grouped else outs[0]
 
     return _submit(kind, name, handles, finish, keep=tuple(srcs))

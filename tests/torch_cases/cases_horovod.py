@@ -29,7 +29,8 @@ SETS = {"global": None, "parity": MINE}
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DTYPES = FLOATS + [torch.int32, torch.int64]
-MOVE_DTYPES = DTYPES + [torch.uint8, torch.int8]   # data movement only (gather/bcast/alltoall)
+# data movement only (gather, broadcast, alltoall); int16 and bool travel as bytes
+MOVE_DTYPES = DTYPES + [torch.uint8, torch.int8, torch.int16, torch.bool]
 SHAPES = {"empty": (0,), "vector": (5,), "matrix": (3, 4), "cube": (2, 3, 2),
           "noncontig": "noncontig"}
 
@@ -69,12 +70,13 @@ def assert_equal(got, expected, what):
     assert ok, f"rank {R}: {what}: {g} != {expected}"
 
 
-def reduce_np(arrays, op):
+def reduce_np(arrays, op, integer=False):
     stack = np.stack(arrays)
     if op == hvd.Sum:
         return stack.sum(0)
     if op == hvd.Average:
-        return stack.mean(0)
+        # Horovod averages integers with a floor division
+        return np.floor_divide(stack.sum(0), len(arrays)) if integer else stack.mean(0)
     if op == hvd.Min:
         return stack.min(0)
     if op == hvd.Max:
@@ -92,10 +94,10 @@ def ids(v):
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 def test_allreduce_ops(dtype, shape, set_name):
     ps = SETS[set_name]
-    ops = [hvd.Sum, hvd.Min, hvd.Max] + ([hvd.Average] if dtype.is_floating_point else [])
-    for op in ops:
+    for op in [hvd.Sum, hvd.Average, hvd.Min, hvd.Max]:
         mine = data(R, SHAPES[shape], dtype)
-        expected = reduce_np([ref(data(r, SHAPES[shape], dtype)) for r in members(ps)], op)
+        expected = reduce_np([ref(data(r, SHAPES[shape], dtype)) for r in members(ps)], op,
+                             integer=not dtype.is_floating_point)
         got = hvd.allreduce(mine, op=op, process_set=ps, name=f"ar.{op!r}")
         assert got.dtype == dtype
         assert_equal(got, expected, f"allreduce {op!r}")
@@ -142,6 +144,10 @@ def test_grouped_allreduce(dtype, set_name):
     h = hvd.grouped_allreduce_async(mine, op=hvd.Sum, process_set=ps)
     for got, e in zip(hvd.synchronize(h), expected):
         assert_equal(got, e, "grouped_allreduce_async")
+    means = [reduce_np([ref(data(r, s, dtype, salt=i)) for r in members(ps)], hvd.Average,
+                       integer=not dtype.is_floating_point) for i, s in enumerate(shapes)]
+    for got, e in zip(hvd.grouped_allreduce(mine, process_set=ps), means):
+        assert_equal(got, e, "grouped_allreduce average")
     ts = [m.clone() for m in mine]
     hvd.grouped_allreduce_(ts, op=hvd.Sum, process_set=ps)
     for got, e in zip(ts, expected):
@@ -260,9 +266,9 @@ def test_reducescatter(dtype, rows, set_name):
     first = {"even": 2 * n, "uneven": 2 * n + 1, "fewer": max(n - 1, 0)}[rows]
     pieces = np.array_split(np.arange(first), n)
     lo, hi = (pieces[me][0], pieces[me][-1] + 1) if len(pieces[me]) else (0, 0)
-    ops = [hvd.Sum] + ([hvd.Average] if dtype.is_floating_point else [])
-    for op in ops:
-        full = reduce_np([ref(data(r, (first, 3), dtype)) for r in members(ps)], op)
+    for op in [hvd.Sum, hvd.Average]:
+        full = reduce_np([ref(data(r, (first, 3), dtype)) for r in members(ps)], op,
+                         integer=not dtype.is_floating_point)
         got = hvd.reducescatter(data(R, (first, 3), dtype), op=op, process_set=ps)
         assert_equal(got, full[lo:hi], f"reducescatter {op!r}")
         h = hvd.reducescatter_async(data(R, (first, 3), dtype), op=op, process_set=ps)
