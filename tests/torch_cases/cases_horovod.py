@@ -502,6 +502,21 @@ def test_mismatches_are_named_errors():
         hvd.reducescatter(torch.ones(2 * N + R))               # first dimensions differ
     with pytest.raises(hvd.HorovodInternalError):
         hvd.broadcast(torch.ones(2, dtype=torch.float32 if R else torch.float64), 0)
+    with pytest.raises(hvd.HorovodInternalError, match="root"):
+        hvd.broadcast(torch.ones(3), R)                        # roots differ
+    with pytest.raises(hvd.HorovodInternalError, match="dtype"):
+        hvd.allgather(torch.ones(2, dtype=torch.float32 if R else torch.int32))
+    with pytest.raises(hvd.HorovodInternalError, match="op"):
+        hvd.reducescatter(torch.ones(2 * N), op=hvd.Sum if R else hvd.Average)
+    with pytest.raises(hvd.HorovodInternalError):
+        hvd.alltoall(torch.ones(N), splits=[1] * (N + R))      # splits of the wrong length
+    with pytest.raises(hvd.HorovodInternalError):
+        hvd.grouped_allreduce([torch.ones(2)] * (1 + R))       # group sizes differ
+    # A rank that skips a call: its next collective meets the others' and is named.
+    with pytest.raises(hvd.HorovodInternalError):
+        if R == 0:
+            hvd.allgather(torch.ones(1))
+        hvd.allreduce(torch.ones(5))
     hvd.barrier()   # still in step afterwards
     assert float(hvd.allreduce(torch.ones(1), op=hvd.Sum)) == N
 
