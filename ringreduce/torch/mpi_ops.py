@@ -128,16 +128,24 @@ def _from_bytes(t: torch.Tensor, dtype) -> torch.Tensor:
     return t.contiguous().view(dtype).squeeze(-1)
 
 
+def _is_int(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex)
+
+
 def _int_average(op, tensors, process_set):
-    """Horovod averages integer tensors (floor division); the engine refuses to.
+    """Horovod averages integer tensors; the engine refuses to (it would truncate).
 
     Returns ``(engine op, divisor)``: Sum and the set size for an integer
     Average, else ``(op, None)``.
     """
-    if op == Average and tensors and not tensors[0].dtype.is_floating_point \
-            and not tensors[0].dtype.is_complex:
+    if op == Average and tensors and _is_int(tensors[0]):
         return Sum, _set_of(process_set).size()
     return op, None
+
+
+def _int_scale(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """Horovod's integer scaling: multiply in float64, truncate back to the integer dtype."""
+    return (t.to(torch.float64) * factor).to(t.dtype)
 
 
 def _tensor(a) -> torch.Tensor:
@@ -283,6 +291,14 @@ def _allreduce_async(tensor, output, name, op, prescale_factor, postscale_factor
     _check_name("allreduce", name)
     src = _contiguous(tensor)
     op, divisor = _int_average(op, [src], process_set)
+    post_int = None
+    if _is_int(src) and (prescale_factor != 1.0 or postscale_factor != 1.0 or divisor):
+        # The engine takes no factors on integers: scale here as Horovod does (float64,
+        # truncated), the average's division folded into the postscale.
+        if prescale_factor != 1.0:
+            src = _int_scale(src, prescale_factor)
+        post_int = postscale_factor / (divisor or 1)
+        prescale_factor = postscale_factor = 1.0
     inplace = output is tensor
     if inplace and src.data_ptr() == tensor.data_ptr():
         dst = src
@@ -297,14 +313,13 @@ def _allreduce_async(tensor, output, name, op, prescale_factor, postscale_factor
     h = rr.allreduce_async(src_arr, **kw)
 
     def finish(_results):
-        if divisor is not None:
-            dst.div_(divisor, rounding_mode="floor")
+        res = dst if post_int in (None, 1.0) else _int_scale(dst, post_int)
         if inplace:
-            if dst.data_ptr() != tensor.data_ptr():
+            if res.data_ptr() != tensor.data_ptr():
                 with torch.no_grad():
-                    tensor.copy_(dst)
+                    tensor.copy_(res)
             return tensor
-        return dst
+        return res
 
     return _submit("allreduce", name, [h], finish, keep=(src, dst, tensor))
 
@@ -415,7 +430,7 @@ def _grouped_allreduce_async(tensors, inplace, name, op, prescale_factor, postsc
     def finish(results):
         outs = [_tensor(a).view(t.shape) for a, t in zip(results[0], tensors)]
         if divisor is not None:
-            outs = [o.div_(divisor, rounding_mode="floor") for o in outs]
+            outs = [_int_scale(o, 1.0 / divisor) for o in outs]
         if not inplace:
             return outs
         with torch.no_grad():
@@ -753,7 +768,7 @@ def _reducescatter_async(tensors, name, op, process_set, prescale_factor, postsc
     def finish(results):
         outs = [_tensor(a) for a in results]
         if divisor is not None:
-            outs = [o.div_(divisor, rounding_mode="floor") for o in outs]
+            outs = [_int_scale(o, 1.0 / divisor) for o in outs]
         return outs if grouped else outs[0]
 
     return _submit(kind, name, handles, finish, keep=tuple(srcs))

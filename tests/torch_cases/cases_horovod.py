@@ -75,8 +75,8 @@ def reduce_np(arrays, op, integer=False):
     if op == hvd.Sum:
         return stack.sum(0)
     if op == hvd.Average:
-        # Horovod averages integers with a floor division
-        return np.floor_divide(stack.sum(0), len(arrays)) if integer else stack.mean(0)
+        # Horovod averages integers as sum * (1 / size) in float64, truncated
+        return np.trunc(stack.sum(0) * (1.0 / len(arrays))) if integer else stack.mean(0)
     if op == hvd.Min:
         return stack.min(0)
     if op == hvd.Max:
@@ -129,6 +129,13 @@ def test_allreduce_defaults_and_average_keyword():
     assert_equal(got, mean * N, "prescale 2 and postscale 1/2 cancel")
     got = hvd.allreduce(x, op=hvd.Sum, postscale_factor=3.0, ignore_name_scope=True)
     assert_equal(got, mean * N * 3, "postscale 3")
+    # Integers with factors, as Horovod: scaled in float64 and truncated, before and after.
+    xi = data(R, (6,), torch.int32)
+    pre = np.trunc(np.stack([ref(data(r, (6,), torch.int32)) for r in range(N)]) * 0.5)
+    got = hvd.allreduce(xi, op=hvd.Sum, prescale_factor=0.5, postscale_factor=1.5)
+    assert_equal(got, np.trunc(pre.sum(0) * 1.5), "int32 pre/post scale")
+    got = hvd.allreduce(xi, op=hvd.Average, prescale_factor=0.5)
+    assert_equal(got, np.trunc(pre.sum(0) * (1.0 / N)), "int32 average with prescale")
 
 
 @pytest.mark.parametrize("set_name", list(SETS))
