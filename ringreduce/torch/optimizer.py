@@ -27,6 +27,7 @@ import contextlib
 import itertools
 import logging
 import os
+import warnings
 import weakref
 import zlib
 from typing import Protocol
@@ -247,6 +248,9 @@ class _SyncState:
         No backward pass ran since the last synchronize.
     should_sync : bool
         step() synchronizes first (False inside ``skip_synchronize()``).
+    user_synced : bool
+        ``synchronize()`` reduced gradients since the last step (step() then warns,
+        as Horovod does, unless inside ``skip_synchronize()``).
     """
 
     __slots__ = ("compression", "compressor", "op", "passes_per_step", "algorithm", "bucket_cap",
@@ -254,7 +258,7 @@ class _SyncState:
                  "overlap_option", "overlap",
                  "params", "names", "index", "name_of", "hooks", "layouts",
                  "in_pass", "comm_pass", "passes", "layout", "next_bucket", "launched",
-                 "arrived", "status", "active", "synchronized", "should_sync")
+                 "arrived", "status", "active", "synchronized", "should_sync", "user_synced")
 
     def __init__(self, compression, op, backward_passes_per_step, algorithm, fusion_threshold,
                  gradient_predivide_factor, sparse_as_dense, comm, first_bucket_bytes, overlap):
@@ -296,6 +300,7 @@ class _SyncState:
         self.active: np.ndarray | None = None
         self.synchronized = True
         self.should_sync = True
+        self.user_synced = False
 
     def use_names(self, named_parameters, group_params):
         """Name the parameters after ``named_parameters`` (checked against the optimizer's).
@@ -656,6 +661,7 @@ class _DistributedOptimizerMixin:
         st.passes = 0
         st.layout = None
         st.synchronized = True
+        st.user_synced = True
         if errors:
             self._rr_raise_first(errors)
         if active is not None:
@@ -689,8 +695,16 @@ class _DistributedOptimizerMixin:
             self._rr.should_sync = True
 
     def step(self, closure=None):
-        if self._rr.should_sync:
+        st = self._rr
+        if st.should_sync:
+            if st.user_synced:
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
+                              "context after optimizer.synchronize(). This can cause training "
+                              "slowdown. You may want to consider using "
+                              "optimizer.skip_synchronize() context if you use "
+                              "optimizer.synchronize() in your code.", stacklevel=2)
             self.synchronize()
+        st.user_synced = False
         return super().step(closure)
 
     def zero_grad(self, set_to_none: bool = True):

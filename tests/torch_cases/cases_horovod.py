@@ -598,6 +598,31 @@ def test_distributed_optimizer_compressors_and_process_set():
     assert len(set(crcs)) == 1
 
 
+def test_synchronize_then_step_warns_as_horovod():
+    model = torch.nn.Linear(1, 1)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters())
+    for skip in (False, True):
+        opt.zero_grad()
+        model(torch.ones(1, 1)).sum().backward()
+        opt.synchronize()
+        with warnings.catch_warnings(record=True) as ws:
+            warnings.simplefilter("always")
+            if skip:
+                with opt.skip_synchronize():
+                    opt.step()
+            else:
+                opt.step()
+        msgs = [str(w.message) for w in ws if "skip_synchronize" in str(w.message)]
+        assert len(msgs) == (0 if skip else 1), msgs
+    opt.zero_grad()
+    model(torch.ones(1, 1)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()          # no synchronize() of the user's: no warning
+
+
 def test_distributed_optimizer_named_parameters_errors():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
