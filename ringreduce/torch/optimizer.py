@@ -844,6 +844,27 @@ def _resolve_overlap(option, device) -> bool:
     return rr.local_size() * max(1, torch.get_num_threads()) < cores
 
 
+def _check_groups(groups, num_groups) -> None:
+    """Horovod's checks of ``groups=`` / ``num_groups=`` (the values do not change the result)."""
+    if groups is not None and num_groups:
+        raise ValueError("Parameters num_groups and groups are mutually exclusive.")
+    if num_groups and int(num_groups) < 0:
+        raise ValueError("num_groups must be >= 0")
+    if groups is None or isinstance(groups, int) and groups >= 0:
+        return
+    if not isinstance(groups, (list, tuple)):
+        raise ValueError("groups should be a non-negative integer or a list of list of "
+                         "torch.Tensor.")
+    seen = set()
+    for group in groups:
+        for p in group:
+            if not isinstance(p, torch.Tensor):
+                raise ValueError("groups must consist of torch.Tensor.")
+            if p in seen:
+                raise ValueError("A parameter can only appear once in groups.")
+            seen.add(p)
+
+
 def DistributedOptimizer(optimizer, named_parameters=None, compression=None, op=None,
                          backward_passes_per_step=1, algorithm="auto",
                          fusion_threshold=25 * 2**20, gradient_predivide_factor=1.0,
@@ -913,12 +934,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, op=
     if repr(op) == "hvd.Adasum":
         raise NotImplementedError("DistributedOptimizer(op=Adasum): Adasum is not implemented in "
                                   "ringreduce; use op=Average (default) or Sum")
-    if groups is not None and num_groups:
-        raise ValueError("Parameters num_groups and groups are mutually exclusive.")
-    if groups is not None and not isinstance(groups, (int, list, tuple)):
-        raise ValueError("groups should be a list of lists of parameters or an integer")
-    if num_groups and int(num_groups) < 0:
-        raise ValueError("num_groups must be >= 0")
+    _check_groups(groups, num_groups)
     if process_set is not None and process_set is not rr.global_process_set:
         if comm is not None and comm is not process_set.comm:
             raise _error("DistributedOptimizer: both comm= and process_set= given, and they differ")

@@ -634,6 +634,10 @@ def test_distributed_optimizer_named_parameters_errors():
         hvd.DistributedOptimizer(opt, named_parameters=[model.weight, model.bias])
     with pytest.raises(ValueError, match="mutually exclusive"):
         hvd.DistributedOptimizer(opt, groups=[[model.weight]], num_groups=2)
+    with pytest.raises(ValueError, match="only appear once"):
+        hvd.DistributedOptimizer(opt, groups=[[model.weight], [model.weight]])
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        hvd.DistributedOptimizer(opt, groups=[["w"]])
 
 
 def test_object_collectives_with_process_set():
