@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torch.optim as optim
 import torch.utils.data.distributed
 
-import ringreduce.torch as hvd   # was: import horovod.torch as hvd
+import ringreduce.torch as hvd  # was: import horovod.torch as hvd
 
 
 class Net(nn.Module):

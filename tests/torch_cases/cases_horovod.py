@@ -253,7 +253,7 @@ def test_alltoall(dtype, trailing, set_name):
     assert_equal(out, expected, "alltoall")
     assert received.dtype == torch.int32
     assert received.tolist() == [a2a_splits(s, n)[me] for s in range(n)]
-    out2, rec2 = hvd.synchronize(hvd.alltoall_async(mine, splits=splits, process_set=ps))
+    out2, _ = hvd.synchronize(hvd.alltoall_async(mine, splits=splits, process_set=ps))
     assert_equal(out2, expected, "alltoall_async")
     # no splits: rows divided evenly, and only the tensor comes back (Horovod)
     even = rows(me, 2 * n)
