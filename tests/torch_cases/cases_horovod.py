@@ -453,6 +453,20 @@ def test_sparse_allreduce_async():
     assert torch.equal(got, expected)
 
 
+def test_join_against_another_collective_is_a_named_error():
+    """join() serves DistributedOptimizer steps only (Horovod's also serves allreduce):
+    a plain allreduce on the ranks still working meets the joined rank's round and
+    fails on every rank, naming both calls, instead of hanging."""
+    if N == 1:
+        pytest.skip("needs two ranks")
+    with pytest.raises(hvd.HorovodInternalError, match="join"):
+        if R == 0:
+            hvd.join()
+        else:
+            hvd.synchronize(hvd.allreduce_async(torch.ones(5), name="tensor_a"))
+    assert float(hvd.allreduce(torch.ones(1), op=hvd.Sum)) == N
+
+
 def test_barrier_and_join():
     hvd.barrier()
     hvd.barrier(process_set=MINE)
