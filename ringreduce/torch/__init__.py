@@ -4,6 +4,13 @@ Switch from Horovod by changing the import::
 
     import ringreduce.torch as hvd   # was: import horovod.torch as hvd
 
+Every name of ``horovod.torch`` exists here (docs/torch.md lists them with
+what each does; Adasum and elastic raise NotImplementedError). The modules:
+mpi_ops (the tensor collectives and their autograd), basics (init, ranks,
+what is built), compression (Horovod's Compressor interface), optimizer
+(DistributedOptimizer), functions (state broadcast, objects, join),
+sync_batch_norm, elastic (refused); localsgd / diloco are ringreduce's own.
+
 Example
 -------
 >>> import ringreduce.torch as rrt
@@ -108,6 +115,7 @@ __all__ = [
     "alltoall", "alltoall_async", "reducescatter", "reducescatter_async", "grouped_reducescatter",
     "grouped_reducescatter_async", "sparse_allreduce_async", "poll", "synchronize", "barrier",
     "join", "broadcast_object", "allgather_object", "broadcast_parameters",
-    "broadcast_optimizer_state", "DistributedOptimizer", "SyncBatchNorm", "Compression", "Compressor", "elastic",
+    "broadcast_optimizer_state", "DistributedOptimizer", "SyncBatchNorm", "Compression",
+    "Compressor", "elastic",
     "RingReduceError", "LocalSGD", "DiLoCo", "SyncRecord", "SyncTotals",
 ]
