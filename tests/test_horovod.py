@@ -1,4 +1,4 @@
-"""Horovod's torch API (import ringreduce.torch as hvd) under a real mpirun, np = 2, 3 and 4.
+"""Horovod's torch API (import ringreduce.torch as hvd) under a real mpirun, np = 1 to 5.
 
 tests/torch_cases/cases_horovod.py holds the matrix (collective x dtype x shape x
 process set, autograd, handles, errors, compressors, introspection); the MNIST-shaped
@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("np_", [2, 3, 4])
+@pytest.mark.parametrize("np_", [1, 2, 3, 4, 5])
 def test_horovod_cases(np_):
     # --assert=plain: the cases' asserts carry their own messages, and rewriting every
     # torch module pytest imports costs ~20 s per rank on a small machine.
