@@ -67,11 +67,14 @@ class _Ring:
         n, r = self.n, self.r = chan.size, chan.rank
         self.right, self.left = (r + 1) % n, (r - 1) % n
         self.starts = starts
-        self.largest = largest = int(max(int(b - a) for a, b in zip(starts, stops)))
-        self.nseg = max(1, -(-largest * buf.itemsize // SEGMENT_BYTES))
+        self.largest = largest = int((stops - starts).max())
+        self.nseg = nseg = max(1, -(-largest * buf.itemsize // SEGMENT_BYTES))
         # seg_bounds[c] = element offsets of chunk c's segments (absolute in buf)
-        self.seg_bounds = [chunk_bounds(int(stops[c] - starts[c]), self.nseg) + starts[c]
-                           for c in range(n)]
+        if nseg == 1:    # small messages: no per-chunk arithmetic
+            self.seg_bounds = [(int(a), int(b)) for a, b in zip(starts, stops)]
+        else:
+            self.seg_bounds = [chunk_bounds(int(stops[c] - starts[c]), nseg) + starts[c]
+                               for c in range(n)]
         self.scratch = chan.pool.get("ring", buf.dtype, 2 * largest)   # two halves, by hop parity
         self.hops = hops
         self.pending_sends: dict[tuple[int, int], list] = {}

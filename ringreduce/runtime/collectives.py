@@ -196,7 +196,8 @@ def _dispatch(chan, flat, op, algorithm, comp, name, src) -> None:
     elif comp is not None:
         compressed_allreduce(chan, flat, op, algorithm, comp, name)
     elif algorithm == "mpi":
-        native_allreduce(chan, flat, op, name, src=src)
+        # Agreed (check on): every rank is in this call, so MPI's fast blocking allreduce.
+        native_allreduce(chan, flat, op, name, src=src, agreed=agree.enabled())
     else:
         registry.run(chan, algorithm, flat, op, src=src)
 
