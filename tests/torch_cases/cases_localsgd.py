@@ -370,3 +370,25 @@ def test_sync_bytes_match_engine_wire_stats(comp):
         if (step + 1) % 2 == 0 and N > 1:
             ours = opt.last_sync.bytes
             assert abs(sent - ours) <= 0.25 * sent, f"rank {R}: engine counted {sent}, DiLoCo {ours}"
+
+
+@pytest.mark.skipif(N < 2, reason="needs two ranks")
+def test_sub_communicator():
+    from mpi4py import MPI
+
+    sub = MPI.COMM_WORLD.Split(R % 2, R)     # two data-parallel groups (one rank each at np=2)
+    try:
+        model = make_model(seed=R)
+        opt = rrt.DiLoCo(model, torch.optim.Adam(model.parameters(), lr=1e-2), sync_every=2,
+                         compression=rr.Compression.int8, comm=sub, name=fresh_name())
+        for step in range(4):
+            local_step(model, opt, step)
+        mine = crc(opt.global_parameters())
+        every = rr.allgather_object((R % 2, mine))
+        for color in (0, 1):
+            group = {c for g, c in every if g == color}
+            assert len(group) <= 1, f"global copies differ inside group {color}: {every}"
+        if sub.Get_size() == 1 and N >= 2:
+            assert opt.last_sync.bytes == 0
+    finally:
+        sub.Free()
