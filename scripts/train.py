@@ -311,6 +311,8 @@ def train_ringreduce(args, shard, valid, rank, size):
     target = compression_of(args.compression)
     warm = args.compression_warmup if target is not None else 0
     sync = None
+    if args.sync != "diloco" and (args.fragments != 1 or args.overlap_sync):
+        raise SystemExit("--fragments and --overlap-sync apply to --sync diloco only")
     if args.sync != "step":
         if warm > 0:
             raise SystemExit("--compression-warmup applies to --sync step only")
