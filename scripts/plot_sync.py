@@ -92,7 +92,7 @@ def plot(runs, out, title):
         lows.append(float(sv.min()))
         highs.append(float(sv[len(sv) // 8]))
         a.plot(steps[w - 1:], sv, lw=1, label=f"{describe(d)} ({d['final']:.3f})")
-        wsteps, wbytes = zip(*d["wire"])
+        _, wbytes = zip(*d["wire"])
         mib = np.asarray(wbytes, dtype=float)[w - 1:] / 2**20
         keep = mib > 0
         b.plot(mib[keep], sv[keep], lw=1)

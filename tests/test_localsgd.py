@@ -34,9 +34,9 @@ def test_train_script_diloco_and_resume(tmp_path):
     code, out = run_mpi(2, common + ["--steps", "6", "--checkpoint", str(ckpt)], timeout=240)
     assert code == 0, out[-10000:]
     assert "diloco every 4 steps" in out, out[-3000:]
-    assert re.search(r"^final loss \d+\.\d+", out, re.M), out[-3000:]
-    assert re.search(r"^wire MiB/rank \d+\.\d+", out, re.M), out[-3000:]
-    sums = re.findall(r"^rank (\d+) checksum ([0-9a-f]+)", out, re.M)
+    assert re.search(r"^final loss \d+\.\d+", out, re.MULTILINE), out[-3000:]
+    assert re.search(r"^wire MiB/rank \d+\.\d+", out, re.MULTILINE), out[-3000:]
+    sums = re.findall(r"^rank (\d+) checksum ([0-9a-f]+)", out, re.MULTILINE)
     assert len(sums) == 2 and sums[0][1] == sums[1][1], out[-3000:]
     code, out2 = run_mpi(2, common + ["--steps", "8", "--resume", str(ckpt)], timeout=240)
     assert code == 0, out2[-10000:]

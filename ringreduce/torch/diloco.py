@@ -46,7 +46,7 @@ __all__ = ["DiLoCo", "SyncRecord", "SyncTotals"]
 class _Pending:
     """One fragment's exchange: started after ``start_step``, merged after ``merge_step``."""
 
-    __slots__ = ("fragment", "start_step", "merge_step", "params", "buffers", "seconds", "bytes")
+    __slots__ = ("buffers", "bytes", "fragment", "merge_step", "params", "seconds", "start_step")
 
     def __init__(self, fragment, start_step, merge_step):
         self.fragment, self.start_step, self.merge_step = fragment, start_step, merge_step
@@ -302,10 +302,11 @@ class DiLoCo(_PeriodicSync):
             f = int(d["fragment"])
             pend = _Pending(f, int(d["start_step"]), int(d["merge_step"]))
             pend.seconds, pend.bytes = float(d["seconds"]), float(d["bytes"])
-            for g, (flat, cap) in zip(self._pgroups[f], d["params"]):
-                pend.params.append([g, flat.clone().to(g.device), None if cap is None else cap.clone().to(g.device), None])
-            for g, (flat, cap) in zip(self._bgroups[f], d["buffers"]):
-                pend.buffers.append([g, flat.clone().to(g.device), None if cap is None else cap.clone().to(g.device), None])
+            for groups, saved, into in ((self._pgroups[f], d["params"], pend.params),
+                                        (self._bgroups[f], d["buffers"], pend.buffers)):
+                for g, (flat, cap) in zip(groups, saved):
+                    into.append([g, flat.clone().to(g.device),
+                                 None if cap is None else cap.clone().to(g.device), None])
             self._pending.append(pend)
         self._load_residuals(state.get("residuals"))
         self._load_totals(state.get("totals", {}))

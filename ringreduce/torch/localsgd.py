@@ -86,7 +86,7 @@ def _is_none_compression(compression) -> bool:
 class _Group:
     """Tensors of one fragment that share dtype and device: one packed message."""
 
-    __slots__ = ("index", "tensors", "numel", "nbytes", "dtype", "device")
+    __slots__ = ("device", "dtype", "index", "nbytes", "numel", "tensors")
 
     def __init__(self, index, tensors):
         self.index = index                      # indices into the owner's tensor list
@@ -257,15 +257,11 @@ class _PeriodicSync:
         return flat
 
     def _record(self, step, nbytes, seconds, fragments):
-        nb = int(round(nbytes))
+        nb = round(nbytes)
         self.last_sync = SyncRecord(step, nb, seconds, tuple(fragments))
         self.sync_totals.syncs += 1
         self.sync_totals.bytes += nb
         self.sync_totals.seconds += seconds
-
-    def _my_names(self):
-        return [n for n in rr.compression_state(**self._kw()).names()
-                if n == self.name or n.startswith(self.name + ".")]
 
     def _residuals_state(self):
         """This rank's error-feedback residuals of our tensors, as torch tensors (weights_only-safe)."""

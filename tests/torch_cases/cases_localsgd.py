@@ -274,7 +274,7 @@ def test_fragments_each_parameter_synced_once_per_period(H, F):
                 assert not identical_across_ranks(others), "other fragments should stay local"
     for i, when in synced.items():
         assert len(when) == 3, f"parameter {i} synced at {when}"
-        assert 1 <= when[0] <= H and all(b - a == H for a, b in zip(when, when[1:])), when
+        assert 1 <= when[0] <= H and all(b - a == H for a, b in itertools.pairwise(when)), when
     assert opt.sync_totals.syncs == 3 * F
 
 
