@@ -392,3 +392,27 @@ def test_sub_communicator():
             assert opt.last_sync.bytes == 0
     finally:
         sub.Free()
+
+
+def test_grad_scaler_with_inner_false():
+    """AMP: the scaler may skip the inner step on one rank only; every rank still counts it."""
+    model = make_model()
+    opt = rrt.DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.05), sync_every=2,
+                     name=fresh_name())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for step in range(4):
+        x, y = batch(step)
+        opt.zero_grad()
+        bad = step == 1 and R == 0                 # only rank 0 overflows at step 1
+        loss = loss_of(model, shard(x), shard(y)) * (float("inf") if bad else 1.0)
+        before = flat(model).clone()
+        scaler.scale(loss).backward()
+        scaler.step(opt.optimizer)
+        scaler.update()
+        skipped = torch.equal(before, flat(model))
+        opt.step(inner=False)
+        if bad:
+            assert skipped, "the overflowing inner step was not skipped"
+        if (step + 1) % 2 == 0:
+            assert identical_across_ranks(model)
+    assert opt.step_count == 4 and opt.sync_totals.syncs == 2
