@@ -25,9 +25,9 @@ Example::
 """
 from __future__ import annotations
 
-from ..algorithms import registry
+from ..algorithms import native, registry
 from ..compression.algorithm import compressed_allreduce
-from ..core import device
+from ..core import config, device
 from ..transport import staging
 
 __all__ = ["label", "allreduce", "broadcast"]
@@ -47,6 +47,15 @@ def allreduce(chan, flat, op, algorithm: str, comp, name) -> None:
         _allreduce(chan, flat, op, algorithm, comp, name)
 
 
+def _run(chan, algorithm: str, buf, op) -> None:
+    """An algorithm on a device or staged host buffer, native MPI as the host path runs it."""
+    if algorithm == "mpi":
+        # Blocking once agreed, like the host path: the same MPI call, the same bits.
+        native.allreduce(chan, buf, op, agreed=config.check_enabled())
+    else:
+        registry.run(chan, algorithm, buf, op)
+
+
 def _allreduce(chan, flat, op, algorithm: str, comp, name) -> None:
     device.synchronize(flat)
     try:
@@ -55,7 +64,7 @@ def _allreduce(chan, flat, op, algorithm: str, comp, name) -> None:
                 if comp is not None:
                     compressed_allreduce(chan, flat, op, algorithm, comp, name)
                 else:
-                    registry.run(chan, algorithm, flat, op)
+                    _run(chan, algorithm, flat, op)
         elif comp is not None:
             # Error feedback keeps one residual per tensor: stage the tensor in one piece.
             staging.stager_for(chan, flat).run(
@@ -64,7 +73,7 @@ def _allreduce(chan, flat, op, algorithm: str, comp, name) -> None:
         else:
             # Each segment is its own host allreduce, in the same order on every rank.
             staging.stager_for(chan, flat).run(
-                flat, lambda host, _k: registry.run(chan, algorithm, host, op))
+                flat, lambda host, _k: _run(chan, algorithm, host, op))
     finally:
         device.synchronize(flat)
 
