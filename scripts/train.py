@@ -468,18 +468,14 @@ def resume(args, model, opt, sched, rank, size, sync=None):
         raise rr.RingReduceError(f"rank {rank}: checkpoint {args.resume} was written with --sync "
                                  f"{ckpt.get('sync', 'step')}, not {args.sync}")
     if sync is not None:
-        model_sd, sync_sd = ckpt["local"][rank]
+        model_sd, sync_sd = ckpt["local"][rank]     # the local modes: each rank its own state
         model.load_state_dict(model_sd)
         sync.load_state_dict(sync_sd)
-        sched.load_state_dict(ckpt["scheduler"])
-        STATE["rng"] = ckpt["rng"][rank]
-        if rank == 0:
-            print(f"resumed from step {ckpt['step']}", flush=True)
-        return ckpt["step"]
-    model.load_state_dict(ckpt["model"])
-    sd = dict(ckpt["optimizer"])
-    sd["ringreduce"] = ckpt["ringreduce"]  # each rank restores its own residuals
-    opt.load_state_dict(sd)
+    else:
+        model.load_state_dict(ckpt["model"])
+        sd = dict(ckpt["optimizer"])
+        sd["ringreduce"] = ckpt["ringreduce"]  # each rank restores its own residuals
+        opt.load_state_dict(sd)
     sched.load_state_dict(ckpt["scheduler"])
     STATE["rng"] = ckpt["rng"][rank]
     if rank == 0:

@@ -487,20 +487,24 @@ def grouped_allreduce(tensors, average=None, name=None, compression=Compression.
     >>> w_avg, b_avg = hvd.grouped_allreduce([w, b])
     """
     op = _op(op, average)
-    torch_comp, _ = split_compression(compression)
-    tensors = list(tensors)
-    if torch_comp is not None:
-        pairs = [torch_comp.compress(t) for t in tensors]
-        tensors, ctxs = [p[0] for p in pairs], [p[1] for p in pairs]
-    if _needs_grad(*tensors):
-        outs = list(HorovodGroupedAllreduce.apply(name, op, prescale_factor, postscale_factor,
-                                                  process_set, *tensors))
-    else:
-        outs = synchronize(_grouped_allreduce_async(tensors, False, name, op, prescale_factor,
+
+    def run(ts):
+        if _needs_grad(*ts):
+            return list(HorovodGroupedAllreduce.apply(name, op, prescale_factor, postscale_factor,
+                                                      process_set, *ts))
+        return synchronize(_grouped_allreduce_async(ts, False, name, op, prescale_factor,
                                                     postscale_factor, process_set))
-    if torch_comp is not None:
-        outs = [torch_comp.decompress(o, c) for o, c in zip(outs, ctxs)]
-    return outs
+    return _through_compressor(compression, list(tensors), run)
+
+
+def _through_compressor(compression, tensors: list, run) -> list:
+    """run(tensors) between a user compressor's compress and decompress of each tensor."""
+    torch_comp, _ = split_compression(compression)
+    if torch_comp is None:
+        return run(tensors)
+    pairs = [torch_comp.compress(t) for t in tensors]
+    outs = run([p[0] for p in pairs])
+    return [torch_comp.decompress(o, ctx) for o, (_, ctx) in zip(outs, pairs)]
 
 
 def grouped_allreduce_(tensors, average=None, name=None, op=None, prescale_factor=1.0,
@@ -854,20 +858,13 @@ def grouped_reducescatter(tensors, name=None, compression=Compression.none, op=A
                           process_set=None, prescale_factor=1.0, postscale_factor=1.0,
                           ignore_name_scope=False) -> list:
     """:func:`reducescatter` of each tensor of a list; returns a list (differentiable)."""
-    torch_comp, _ = split_compression(compression)
-    tensors = list(tensors)
-    if torch_comp is not None:
-        pairs = [torch_comp.compress(t) for t in tensors]
-        tensors, ctxs = [p[0] for p in pairs], [p[1] for p in pairs]
-    if _needs_grad(*tensors):
-        outs = list(HorovodGroupedReducescatter.apply(name, op, process_set, prescale_factor,
-                                                      postscale_factor, *tensors))
-    else:
-        outs = synchronize(_reducescatter_async(tensors, name, op, process_set, prescale_factor,
+    def run(ts):
+        if _needs_grad(*ts):
+            return list(HorovodGroupedReducescatter.apply(name, op, process_set, prescale_factor,
+                                                          postscale_factor, *ts))
+        return synchronize(_reducescatter_async(ts, name, op, process_set, prescale_factor,
                                                 postscale_factor, grouped=True))
-    if torch_comp is not None:
-        outs = [torch_comp.decompress(o, c) for o, c in zip(outs, ctxs)]
-    return outs
+    return _through_compressor(compression, list(tensors), run)
 
 
 # ------------------------------------------------------------ sparse, barrier

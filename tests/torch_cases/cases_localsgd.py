@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import _data
 import ringreduce as rr
 import ringreduce.torch as rrt
 
@@ -42,17 +43,14 @@ def make_model(seed=0, bn=False):
 
 
 def batch(step, n=BATCH):
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(n, 6, generator=g), torch.randn(n, 3, generator=g)
+    return _data.batch(step, n)
 
 
 def shard(t, rank=R, size=N):
-    per = t.shape[0] // size
-    return t[rank * per:(rank + 1) * per]
+    return _data.shard(t, rank, size)
 
 
-def loss_of(model, x, y):
-    return ((model(x) - y) ** 2).mean()
+loss_of = _data.loss_of
 
 
 def flat(tensors):
