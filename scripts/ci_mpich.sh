@@ -25,4 +25,5 @@ export PATH="$venv/bin:$PATH"
 unset OMPI_ALLOW_RUN_AS_ROOT OMPI_ALLOW_RUN_AS_ROOT_CONFIRM
 # np 1, 2, 4 of the core suites, the fault/stall/timeline cases and the launcher tests.
 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_mpi.py -k "core_suites[1] or core_suites[2] or core_suites[4]" "$@"
-"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_faults.py tests/test_run.py "$@"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_faults.py tests/test_run.py \
+    tests/test_reliability.py "$@"

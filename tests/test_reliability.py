@@ -23,7 +23,8 @@ def _run(np_, name, timeout=90, **env):
 
 def _results(out: str) -> dict:
     found = {}
-    for m in re.finditer(r"RESULT rank (\d+) (.*)", out):
+    # Launchers may join two ranks' lines (hydra): a result ends where the next one begins.
+    for m in re.finditer(r"RESULT rank (\d+) (.*?)(?=RESULT rank|\n|$)", out):
         found.setdefault(int(m.group(1)), []).append(m.group(2))
     return found
 
