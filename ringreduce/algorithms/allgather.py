@@ -33,7 +33,13 @@ def piggyback_bytes(n: int) -> int:
     under the 4 KiB eager limit of Open MPI's shared-memory transport: measured
     on 2 ranks, a 2120-byte row took 1.4 us and a 4168-byte one 3.7 us.
     """
-    return max(256, min(2048, 16384 // max(n, 1)))
+    width = _PIGGYBACK.get(n)
+    if width is None:
+        width = _PIGGYBACK[n] = max(256, min(2048, 16384 // max(n, 1)))
+    return width
+
+
+_PIGGYBACK: dict = {}
 
 
 def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:

@@ -35,6 +35,7 @@ _MPI_TYPES = {
 _MPI_OPS = {ReduceOp.SUM: MPI.SUM, ReduceOp.AVERAGE: MPI.SUM, ReduceOp.MIN: MPI.MIN,
             ReduceOp.MAX: MPI.MAX, ReduceOp.PRODUCT: MPI.PROD}
 _HALF = frozenset(HALF_DTYPES) | {np.dtype(ml_dtypes.bfloat16)}
+_MIN_MAX = (ReduceOp.MIN, ReduceOp.MAX)
 
 
 def supports(dtype) -> bool:
@@ -54,7 +55,13 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, name: str | None = None,
     mpiop = _MPI_OPS[op]
     flat = buf.reshape(-1)
     src = None if src is None else src.reshape(-1)
-    nan_fix = op in (ReduceOp.MIN, ReduceOp.MAX) and dtype.kind == "f" and chan.size > 1
+    nan_fix = op in _MIN_MAX and dtype.kind == "f" and chan.size > 1
+    if agreed and not nan_fix and flat.nbytes <= p2p.MAX_MESSAGE_BYTES:
+        # The common case, kept short: one blocking call (every rank is in this call).
+        chan.count(flat.nbytes, flat.nbytes)
+        chan.comm.Allreduce(MPI.IN_PLACE if src is None else [src, mpitype], [flat, mpitype], mpiop)
+        finish_average(op, buf, chan.size)
+        return
     nans = None
     if nan_fix:
         nans = np.isnan(flat if src is None else src).view(np.uint8)

@@ -130,8 +130,10 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     comp = resolve_compression(compression, who)
     scales = _scales(who, buf.dtype, name, prescale_factor, postscale_factor)
     flat = buf.reshape(-1)
+    check_on = agree.enabled()          # read once per call: the env may change between calls
+    on_device = type(flat) is not np.ndarray and device.is_device_array(flat)
     if algorithm == "auto" and comp is None:
-        algorithm = policy.choose(chan.plan, flat.nbytes, flat.dtype, chan.size, op, agree.enabled())
+        algorithm = policy.choose(chan.plan, flat.nbytes, flat.dtype, chan.size, op, check_on)
     if algorithm == "mpi" and buf.dtype in HALF_DTYPES and comp is None:
         native_allreduce(chan, flat, op, name)   # raises the clear half-type error
     if comp is not None:
@@ -146,14 +148,14 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     seq = chan.next_seq()
     if scales is not None:
         _scale(flat, scales[0])
-    if _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp, scales):
+    if check_on and _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp, scales, on_device):
         if scales is not None:
             _scale(flat, scales[1])
         if timeline.on:
             timeline.complete("allreduce", t0, {"name": name, "algorithm": "piggyback",
                                                 "bytes": flat.nbytes, "call": seq})
         return buf
-    _dispatch(chan, flat, op, algorithm, comp, name, src)
+    _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, check_on)
     if scales is not None:
         _scale(flat, scales[1])
     if timeline.on:
@@ -167,11 +169,8 @@ def op_code(op, scales) -> int:
     return int(op) if scales is None else agree._hash((int(op), scales))
 
 
-def _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp, scales=None) -> bool:
-    """The fingerprint exchange; True when the payload rode in it and the result is done."""
-    if not agree.enabled():
-        return False
-    on_device = device.is_device_array(flat)
+def _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp, scales, on_device) -> bool:
+    """The fingerprint exchange (check on); True when the payload rode in it and the result is done."""
     label = device_path.label(algorithm) if on_device else algorithm
     header = agree.fingerprint(seq, "allreduce", flat.size, dtype_code(buf.dtype), op_code(op, scales),
                                label, name, buf.shape, comp)
@@ -185,9 +184,9 @@ def _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp, scales=Non
     return piggyback
 
 
-def _dispatch(chan, flat, op, algorithm, comp, name, src) -> None:
+def _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, agreed) -> None:
     """Run the agreed call: device path, compressed, hierarchical-compressed or an algorithm."""
-    if device.is_device_array(flat):
+    if on_device:
         device_path.allreduce(chan, flat, op, algorithm, comp, name)
     elif comp is not None and comp.two_sided and algorithm == "hierarchical":
         # Compressed between the node leaders, exact inside the nodes.
@@ -197,7 +196,7 @@ def _dispatch(chan, flat, op, algorithm, comp, name, src) -> None:
         compressed_allreduce(chan, flat, op, algorithm, comp, name)
     elif algorithm == "mpi":
         # Agreed (check on): every rank is in this call, so MPI's fast blocking allreduce.
-        native_allreduce(chan, flat, op, name, src=src, agreed=agree.enabled())
+        native_allreduce(chan, flat, op, name, src=src, agreed=agreed)
     else:
         registry.run(chan, algorithm, flat, op, src=src)
 
