@@ -25,6 +25,7 @@ def init_gloo(comm, addr: str | None = None) -> None:
     one node, else rank 0's hostname.
     """
     import torch.distributed as dist
+
     from ..core.mpi import MPI
 
     if addr is None:
