@@ -48,9 +48,11 @@ from .runtime.process_sets import (
 )
 from .runtime.reducescatter import (
                                   grouped_allgather,
+                                  grouped_allgather_async,
                                   grouped_allreduce,
                                   grouped_allreduce_async,
                                   grouped_reducescatter,
+                                  grouped_reducescatter_async,
                                   reducescatter,
                                   reducescatter_async,
 )
@@ -62,7 +64,8 @@ __all__ = [
     "broadcast_", "broadcast_object", "allgather_object",
     "allgather", "allgather_async", "reducescatter", "reducescatter_async", "alltoall", "alltoall_async",
     "broadcast", "broadcast_async", "barrier",
-    "grouped_allreduce", "grouped_allreduce_async", "grouped_allgather", "grouped_reducescatter",
+    "grouped_allreduce", "grouped_allreduce_async", "grouped_allgather", "grouped_allgather_async",
+    "grouped_reducescatter", "grouped_reducescatter_async",
     "ProcessSet", "add_process_set", "remove_process_set", "global_process_set",
     "info", "RingReduceError",
     "Compression", "compression_state", "last_stats", "wire_stats",

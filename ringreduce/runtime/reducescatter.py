@@ -29,7 +29,8 @@ from .gather import allgather_on
 from .process_sets import resolve_comm
 
 __all__ = ["reducescatter", "reducescatter_async", "grouped_allreduce", "grouped_allreduce_async",
-           "grouped_allgather", "grouped_reducescatter", "reducescatter_on"]
+           "grouped_allgather", "grouped_allgather_async", "grouped_reducescatter",
+           "grouped_reducescatter_async", "reducescatter_on"]
 
 
 def _even(first: int, n: int) -> np.ndarray:
@@ -160,17 +161,41 @@ def grouped_allreduce_async(arrays, op=Average, name: str | None = None, comm=No
                                             algorithm), *arrays)
 
 
+def _grouped_allgather_on(chan, arrays, name) -> list:
+    return [allgather_on(chan, a, f"{name}.{i}" if name else None) for i, a in enumerate(arrays)]
+
+
+def _grouped_reducescatter_on(chan, arrays, op, name, pre, post) -> list:
+    return [reducescatter_on(chan, a, op, None, f"{name}.{i}" if name else None, pre, post)
+            for i, a in enumerate(arrays)]
+
+
 def grouped_allgather(arrays, name: str | None = None, comm=None, process_set=None) -> list:
     """rr.allgather of each array, in order (one call each: first dimensions differ per tensor)."""
-    chan = context(resolve_comm(comm, process_set)).main
-    return [allgather_on(chan, a, f"{name}.{i}" if name else None) for i, a in enumerate(arrays)]
+    return _grouped_allgather_on(context(resolve_comm(comm, process_set)).main, list(arrays), name)
+
+
+def grouped_allgather_async(arrays, name: str | None = None, comm=None, process_set=None) -> Handle:
+    """rr.grouped_allgather on the engine thread; wait() gives the list."""
+    arrays = list(arrays)
+    return run_async(resolve_comm(comm, process_set), "grouped allgather",
+                     lambda ch: _grouped_allgather_on(ch, arrays, name), *arrays)
 
 
 def grouped_reducescatter(arrays, op=Average, name: str | None = None, comm=None,
                           prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                           process_set=None) -> list:
     """rr.reducescatter of each array, in order."""
-    chan = context(resolve_comm(comm, process_set)).main
-    return [reducescatter_on(chan, a, op, None, f"{name}.{i}" if name else None, prescale_factor,
-                             postscale_factor) for i, a in enumerate(arrays)]
+    return _grouped_reducescatter_on(context(resolve_comm(comm, process_set)).main, list(arrays), op,
+                                     name, prescale_factor, postscale_factor)
+
+
+def grouped_reducescatter_async(arrays, op=Average, name: str | None = None, comm=None,
+                                prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                                process_set=None) -> Handle:
+    """rr.grouped_reducescatter on the engine thread; wait() gives the list."""
+    arrays = list(arrays)
+    return run_async(resolve_comm(comm, process_set), "grouped reducescatter",
+                     lambda ch: _grouped_reducescatter_on(ch, arrays, op, name, prescale_factor,
+                                                          postscale_factor), *arrays)
 

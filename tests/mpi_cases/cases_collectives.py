@@ -189,11 +189,16 @@ def test_barrier_and_async_forms():
     h3 = rr.alltoall_async(np.arange(N, dtype=np.int64))
     h4 = rr.broadcast_async(np.full(2, R, np.float32), root_rank=0)
     h5 = rr.grouped_allreduce_async([np.ones(2, np.float32)], op=rr.Sum)
+    h6 = rr.grouped_allgather_async([np.full((1, 2), R, np.int32), np.zeros((0, 2), np.int32)])
+    h7 = rr.grouped_reducescatter_async([np.ones((N, 2), np.float32)] * 2, op=rr.Sum)
     assert np.array_equal(h1.wait()[:, 0], np.arange(N))
     assert (h2.wait() == N).all()
     got, splits = h3.wait()
     assert list(got) == [R] * N and list(splits) == [1] * N
     assert (h4.wait() == 0).all() and (h5.wait()[0] == N).all()
+    g1, g2 = h6.wait()
+    assert np.array_equal(g1[:, 0], np.arange(N)) and g2.shape == (0, 2)
+    assert all(p.shape == (1, 2) and (p == N).all() for p in h7.wait())
 
 
 @multi
