@@ -41,7 +41,7 @@ from ..core import config
 from ..core.mpi import MPI
 from ..core.ops import ReduceOp, finish_average, reduce_into
 from ..transport.channel import Channel
-from ..transport.p2p import chunk_bounds, message_slices, waitall
+from ..transport.p2p import bcast_bytes, chunk_bounds
 from ..transport.topology import split_by_node
 from . import ring, shm
 
@@ -190,10 +190,7 @@ def _reduce_to_leader(win, node, slots, buf, op) -> None:
 
 def _bcast_from_leader(node, buf) -> None:
     """The leader's buf to every rank of the node, by messages (no shared memory)."""
-    raw = buf.reshape(-1).view(np.uint8)
-    reqs = [node.comm.Ibcast([raw[lo:hi], MPI.BYTE], root=0) for lo, hi in message_slices(raw.size)]
-    node.count(raw.size if node.rank == 0 else 0, 0 if node.rank == 0 else raw.size)
-    waitall(node, reqs, "hierarchical broadcast inside the node")
+    bcast_bytes(node, buf, 0, "hierarchical broadcast inside the node")
 
 
 def cost_terms(m: float, n: int, nodes: int, max_local: int) -> tuple[float, float, float]:

@@ -31,6 +31,7 @@ _RAW_ENV = getattr(os.environ, "_data", None) if os.name == "posix" else None
 
 
 def _raw(name: str) -> str | None:
+    """The variable's value now, or None (read per call: set at run time, it still counts)."""
     if _RAW_ENV is None:
         return os.environ.get(name)
     value = _RAW_ENV.get(name.encode())
@@ -39,22 +40,14 @@ def _raw(name: str) -> str | None:
 
 def check_enabled() -> bool:
     """RINGREDUCE_CHECK: the mismatch check, on unless set to 0/false/off/no."""
-    raw = _RAW_ENV.get(b"RINGREDUCE_CHECK") if _RAW_ENV is not None else None
-    if raw is None:
-        if _RAW_ENV is not None:
-            return True
-        return os.environ.get("RINGREDUCE_CHECK", "1").strip().lower() not in OFF
-    return raw.decode().strip().lower() not in OFF
+    raw = _raw("RINGREDUCE_CHECK")
+    return raw is None or raw.strip().lower() not in OFF
 
 
 def algorithm_override() -> str | None:
     """RINGREDUCE_ALGORITHM, or None when unset or empty."""
-    raw = _RAW_ENV.get(b"RINGREDUCE_ALGORITHM") if _RAW_ENV is not None \
-        else (os.environ.get("RINGREDUCE_ALGORITHM") or "").encode() or None
-    if raw is None:
-        return None
-    value = raw.decode().strip() if isinstance(raw, bytes) else raw.strip()
-    return value or None
+    raw = _raw("RINGREDUCE_ALGORITHM")
+    return (raw.strip() or None) if raw is not None else None
 
 
 def flag(name: str, default: bool = False) -> bool:

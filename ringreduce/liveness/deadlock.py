@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 from ..core.mpi import MPI
-from ..transport.p2p import arrived
+from ..transport.p2p import PendingSends, arrived
 
 __all__ = ["DeadlockDetector", "QUERY_TAG", "REPLY_TAG"]
 
@@ -63,7 +63,7 @@ class DeadlockDetector:
         self._round: dict | None = None   # the probe in flight
         self._first: dict | None = None   # round 1's snapshots, rank -> (ints, waits)
         self._next = 0.0
-        self._sends: list = []
+        self._sends = PendingSends()
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -126,12 +126,7 @@ class DeadlockDetector:
             query = raw.view(np.int64)
             ints, text = self.snapshot()
             reply = self._encode(int(query[0]), int(query[1]), ints, text)
-            self._keep(ctl.Isend([reply, MPI.BYTE], source, REPLY_TAG), reply)
-
-    def _keep(self, req, buf) -> None:
-        self._sends.append((req, buf))
-        if len(self._sends) > 64:
-            self._sends = [(r, b) for r, b in self._sends if not r.Test()]
+            self._sends.keep(ctl.Isend([reply, MPI.BYTE], source, REPLY_TAG), reply)
 
     # -- probing --------------------------------------------------------------------------
 
@@ -152,7 +147,7 @@ class DeadlockDetector:
                 raw = np.frombuffer(found.encode(), np.uint8).copy()
                 for peer in range(ctl.Get_size()):
                     if peer != ctl.Get_rank():
-                        self._keep(ctl.Isend([raw, MPI.BYTE], peer, VERDICT_TAG), raw)
+                        self._sends.keep(ctl.Isend([raw, MPI.BYTE], peer, VERDICT_TAG), raw)
             return found
         finally:
             self._lock.release()
@@ -196,7 +191,7 @@ class DeadlockDetector:
         query = np.array([self._probe, number], np.int64)
         for peer in range(ctl.Get_size()):
             if peer != ctl.Get_rank():
-                self._keep(ctl.Isend([query, MPI.BYTE], peer, QUERY_TAG), query)
+                self._sends.keep(ctl.Isend([query, MPI.BYTE], peer, QUERY_TAG), query)
 
     def _collect(self, ctl, rnd: dict) -> None:
         for source, buf in arrived(ctl, REPLY_TAG):

@@ -27,25 +27,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.mpi import MPI
-from ..transport.p2p import arrived
+from ..transport.p2p import PendingSends, arrived
 
 __all__ = ["Inspector", "StallService", "QUERY_TAG", "REPLY_TAG"]
 
 # Tags far above the algorithms' own (71, 72, ...) so they never match each other.
 QUERY_TAG = 32001
 REPLY_TAG = 32002
-
-
-class _Sends:
-    """Outstanding small sends, pruned as they complete (they go eagerly)."""
-
-    def __init__(self):
-        self.reqs: list = []
-
-    def keep(self, req, buf) -> None:
-        self.reqs.append((req, buf))
-        if len(self.reqs) > 64:
-            self.reqs = [(r, b) for r, b in self.reqs if not r.Test()]
 
 
 class Inspector:
@@ -57,7 +45,7 @@ class Inspector:
         self.what = what
         self.replies: dict[int, tuple[int, list[str]]] = {}
         self.asked = False
-        self._sends = _Sends()
+        self._sends = PendingSends()
 
     def ask(self) -> None:
         """Send the query to every other rank (once)."""
@@ -116,7 +104,7 @@ class StallService:
     def __init__(self, channels, supervisor):
         self.channels = channels
         self.supervisor = supervisor
-        self._sends = _Sends()
+        self._sends = PendingSends()
 
     def serve(self) -> None:
         for chan in self.channels():

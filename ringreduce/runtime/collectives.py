@@ -28,10 +28,9 @@ from ..compression.state import CompressionState, state_for
 from ..core import device, timeline
 from ..core.dtypes import HALF_DTYPES, check_array, dtype_code, is_integer
 from ..core.errors import RingReduceError
-from ..core.mpi import MPI
 from ..core.ops import Average, ReduceOp
 from ..policy import plan as policy
-from ..transport.p2p import allgather_bytes, message_slices
+from ..transport.p2p import allgather_bytes, bcast_bytes
 from . import agree, device_path, tiny
 from .context import context
 from .process_sets import resolve_comm
@@ -293,19 +292,10 @@ def broadcast_on(chan, x: np.ndarray, root_rank: int = 0, name=None) -> np.ndarr
                                    label, name, x.shape, None)
         _agree(chan, header, "broadcast", x, f"root {root_rank}", label, name, seq)
     if on_device:
-        device_path.broadcast(chan, x, root_rank, _bcast_bytes)
+        device_path.broadcast(chan, x, root_rank, bcast_bytes)
     else:
-        _bcast_bytes(chan, x, root_rank)
+        bcast_bytes(chan, x, root_rank)
     return x
-
-
-def _bcast_bytes(chan, x, root_rank: int, what: str = "broadcast") -> None:
-    raw = x.reshape(-1).view(np.uint8)
-    reqs = [chan.comm.Ibcast([raw[lo:hi], MPI.BYTE], root=root_rank)
-            for lo, hi in message_slices(raw.size)]
-    root = chan.rank == root_rank
-    chan.count(raw.size if root else 0, 0 if root else raw.size)
-    chan.wait(reqs, what)
 
 
 def broadcast_(x: np.ndarray, root_rank: int = 0, comm=None, name: str | None = None,
@@ -329,7 +319,7 @@ def _object_check(chan, kind: str, root_rank: int) -> None:
         _agree(chan, header, kind, None, f"root {root_rank}", "", None, seq)
 
 
-def _pickle(chan, obj, kind: str) -> tuple[np.ndarray | None, str | None]:
+def _pickle(obj) -> tuple[np.ndarray | None, str | None]:
     """(bytes as uint8, None), or (None, the reason) when obj cannot be pickled."""
     try:
         return np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8), None
@@ -341,17 +331,17 @@ def _pickle(chan, obj, kind: str) -> tuple[np.ndarray | None, str | None]:
 def _broadcast_object_on(chan, obj, root_rank: int = 0):
     _check_root(chan, root_rank)
     _object_check(chan, "broadcast_object", root_rank)
-    data, reason = _pickle(chan, obj, "broadcast_object") if chan.rank == root_rank else (None, None)
+    data, reason = _pickle(obj) if chan.rank == root_rank else (None, None)
     # First the length (-1: the root could not pickle), then the bytes: every rank
     # learns of a failure on the root instead of waiting for bytes that never come.
     length = np.array([-1 if reason else (data.size if data is not None else 0)], np.int64)
-    _bcast_bytes(chan, length, root_rank, "broadcast_object (length)")
+    bcast_bytes(chan, length, root_rank, "broadcast_object (length)")
     if length[0] < 0:
         where = f"{chan.who}" if chan.rank == root_rank else f"{chan.who}: root rank {root_rank}"
         raise RingReduceError(f"{where} could not pickle the object for broadcast_object"
                               + (f": {reason}" if reason else ""))
     buf = data.copy() if chan.rank == root_rank else np.empty(int(length[0]), np.uint8)
-    _bcast_bytes(chan, buf, root_rank, "broadcast_object")
+    bcast_bytes(chan, buf, root_rank, "broadcast_object")
     return obj if chan.rank == root_rank else pickle.loads(buf.tobytes())
 
 
@@ -371,7 +361,7 @@ def broadcast_object(obj, root_rank: int = 0, comm=None, process_set=None):
 @agree.guarded("allgather_object")
 def _allgather_object_on(chan, obj) -> list:
     _object_check(chan, "allgather_object", 0)
-    data, reason = _pickle(chan, obj, "allgather_object")
+    data, reason = _pickle(obj)
     parts, bad = allgather_bytes(chan, data, "allgather_object")
     if bad:
         detail = f": {reason}" if reason else ""

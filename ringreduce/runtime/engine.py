@@ -175,17 +175,15 @@ def allreduce_async(x, op=Average, algorithm: str = "auto", compression=None,
         h = rr.allreduce_async(np.ones(4, np.float32), op=rr.Sum, name="ones")
         assert h.wait()[0] == rr.size()
     """
-    chan = _comm.context(resolve_comm(comm, process_set)).background
     label = f"allreduce of tensor '{name}'" if name else "allreduce"
-    _device.synchronize(x)   # the caller's stream wrote x; the engine thread has its own stream
-    return submit(f"{chan.who}: {label}",
-                  lambda: allreduce_on(chan, x, op, algorithm, compression, name, out, False,
-                                       prescale_factor, postscale_factor))
+    return run_async(resolve_comm(comm, process_set), label,
+                     lambda chan: allreduce_on(chan, x, op, algorithm, compression, name, out, False,
+                                               prescale_factor, postscale_factor), x)
 
 
 def run_async(comm, label: str, fn, *arrays) -> Handle:
-    """Run fn(background channel) on the engine thread for the collectives' async forms."""
+    """Run fn(background channel) on the engine thread: every collective's async form."""
     chan = _comm.context(comm).background
     for a in arrays:
-        _device.synchronize(a)
+        _device.synchronize(a)   # the caller's stream wrote it; the engine thread has its own stream
     return submit(f"{chan.who}: {label}", lambda: fn(chan))

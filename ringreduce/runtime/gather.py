@@ -86,6 +86,15 @@ def allgather_async(x, name: str | None = None, comm=None, process_set=None) -> 
     return run_async(resolve_comm(comm, process_set), "allgather", lambda ch: allgather_on(ch, x, name), x)
 
 
+def checked_splits(chan, first: int, splits, what: str) -> np.ndarray:
+    """Explicit `splits` as int64, or a RingReduceError: n non-negative counts summing to `first`."""
+    s = np.asarray(splits, np.int64).reshape(-1)
+    if s.size != chan.size or (s < 0).any() or int(s.sum()) != first:
+        raise RingReduceError(f"{chan.who}: {what}: splits {s.tolist()} must be {chan.size} "
+                              f"non-negative counts summing to the first dimension ({first})")
+    return s
+
+
 def _splits_of(chan, first: int, splits, what: str) -> np.ndarray:
     n = chan.size
     if splits is None:
@@ -93,11 +102,7 @@ def _splits_of(chan, first: int, splits, what: str) -> np.ndarray:
             raise RingReduceError(f"{chan.who}: {what}: the first dimension ({first}) does not divide "
                                   f"evenly into {n} ranks; pass splits=")
         return np.full(n, first // n, np.int64)
-    s = np.asarray(splits, np.int64).reshape(-1)
-    if s.size != n or (s < 0).any() or int(s.sum()) != first:
-        raise RingReduceError(f"{chan.who}: {what}: splits {s.tolist()} must be {n} non-negative "
-                              f"counts summing to the first dimension ({first})")
-    return s
+    return checked_splits(chan, first, splits, what)
 
 
 @agree.guarded("alltoall")
@@ -150,6 +155,11 @@ def alltoall_async(x, splits=None, name: str | None = None, comm=None, process_s
                      lambda ch: alltoall_on(ch, x, splits, name), x)
 
 
+def _copy(x):
+    """A contiguous copy in x's own array module (the out-of-place broadcast's buffer)."""
+    return device.array_module(x).array(x, order="C", copy=True)
+
+
 def broadcast(x, root_rank: int = 0, name: str | None = None, comm=None, process_set=None):
     """Return root_rank's `x` on every rank (out of place: `x` is left as it is).
 
@@ -157,16 +167,13 @@ def broadcast(x, root_rank: int = 0, name: str | None = None, comm=None, process
 
         w0 = rr.broadcast(np.random.default_rng(rr.rank()).random(4), root_rank=0)
     """
-    xp = device.array_module(x) if device.is_device_array(x) else np
-    y = xp.array(x, order="C", copy=True)
-    return broadcast_on(context(resolve_comm(comm, process_set)).main, y, root_rank, name)
+    return broadcast_on(context(resolve_comm(comm, process_set)).main, _copy(x), root_rank, name)
 
 
 def broadcast_async(x, root_rank: int = 0, name: str | None = None, comm=None,
                     process_set=None) -> Handle:
     """rr.broadcast on the engine thread; wait() gives the new array."""
-    xp = device.array_module(x) if device.is_device_array(x) else np
-    y = xp.array(x, order="C", copy=True)
+    y = _copy(x)
     return run_async(resolve_comm(comm, process_set), "broadcast",
                      lambda ch: broadcast_on(ch, y, root_rank, name), y)
 

@@ -21,21 +21,17 @@ from ..core import device
 from ..core.dtypes import check_array, dtype_code, is_integer
 from ..core.errors import RingReduceError
 from ..core.ops import Average, finish_average
+from ..transport.p2p import chunk_bounds
 from . import agree
 from .collectives import _as_op, _raise_if_mismatch, _scale, _scales, allreduce_on, op_code
 from .context import context
 from .engine import Handle, run_async
-from .gather import allgather_on
+from .gather import allgather_on, checked_splits
 from .process_sets import resolve_comm
 
 __all__ = ["reducescatter", "reducescatter_async", "grouped_allreduce", "grouped_allreduce_async",
            "grouped_allgather", "grouped_allgather_async", "grouped_reducescatter",
            "grouped_reducescatter_async", "reducescatter_on"]
-
-
-def _even(first: int, n: int) -> np.ndarray:
-    base, extra = divmod(first, n)
-    return np.array([base + (r < extra) for r in range(n)], np.int64)
 
 
 @agree.guarded("reducescatter")
@@ -55,12 +51,9 @@ def reducescatter_on(chan, x, op=Average, splits=None, name=None, prescale_facto
     scales = _scales(who, x.dtype, name, prescale_factor, postscale_factor)
     first = x.shape[0]
     if splits is None:
-        rows = _even(first, n)
+        rows = np.diff(chunk_bounds(first, n))      # the first ranks get one row more
     else:
-        rows = np.asarray(splits, np.int64).reshape(-1)
-        if rows.size != n or (rows < 0).any() or int(rows.sum()) != first:
-            raise RingReduceError(f"{who}: reducescatter splits {rows.tolist()} must be {n} "
-                                  f"non-negative counts summing to the first dimension ({first})")
+        rows = checked_splits(chan, first, splits, "reducescatter")
     buf = np.array(x, order="C", copy=True)
     per = int(np.prod(x.shape[1:], dtype=np.int64))
     seq = chan.next_seq()

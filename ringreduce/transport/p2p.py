@@ -70,6 +70,28 @@ def arrived(comm, tag: int):
         yield status.Get_source(), buf
 
 
+def bcast_bytes(chan, buf: np.ndarray, root: int, what: str = "broadcast") -> None:
+    """Broadcast a contiguous array's bytes from `root` (split so no count passes the MPI limit)."""
+    raw = buf.reshape(-1).view(np.uint8)
+    reqs = [chan.comm.Ibcast([raw[lo:hi], MPI.BYTE], root=root) for lo, hi in message_slices(raw.size)]
+    mine = chan.rank == root
+    chan.count(raw.size if mine else 0, 0 if mine else raw.size)
+    chan.wait(reqs, what)
+
+
+class PendingSends:
+    """Small control sends left to complete on their own (they go eagerly), pruned as they do."""
+
+    def __init__(self):
+        self.reqs: list = []
+
+    def keep(self, req, buf) -> None:
+        """Hold the request and its buffer until the send has completed."""
+        self.reqs.append((req, buf))
+        if len(self.reqs) > 64:
+            self.reqs = [(r, b) for r, b in self.reqs if not r.Test()]
+
+
 def allgather_bytes(chan, data: np.ndarray | None, what: str):
     """Every rank's bytes, under supervision: (list of n uint8 arrays, []) or (None, bad ranks).
 
@@ -98,8 +120,5 @@ def allgather_bytes(chan, data: np.ndarray | None, what: str):
             part = recv[displs[r]:displs[r] + lengths[r]]
             if r == chan.rank:
                 part[...] = data
-            reqs = [chan.comm.Ibcast([part[lo:hi], MPI.BYTE], root=r)
-                    for lo, hi in message_slices(part.size)]
-            chan.count(part.size if r == chan.rank else 0, 0 if r == chan.rank else part.size)
-            chan.wait(reqs, what)
+            bcast_bytes(chan, part, r, what)
     return [recv[displs[r]:displs[r] + lengths[r]] for r in range(n)], []
