@@ -16,6 +16,7 @@ engine thread runs the same code on the "background" channel.
 from __future__ import annotations
 
 import pickle
+from time import perf_counter
 
 import numpy as np
 
@@ -154,7 +155,12 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
             timeline.complete("allreduce", t0, {"name": name, "algorithm": "piggyback",
                                                 "bytes": flat.nbytes, "call": seq})
         return buf
+    obs = None if on_device or chan.context is None else chan.context.observations
+    t1 = perf_counter() if obs is not None else 0.0
     _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, check_on)
+    if obs is not None:
+        obs.record(algorithm if comp is None else f"{algorithm}+{comp.format}", flat.nbytes,
+                   perf_counter() - t1)
     if scales is not None:
         _scale(flat, scales[1])
     if timeline.on:

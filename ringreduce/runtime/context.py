@@ -36,6 +36,7 @@ from ..liveness.deadlock import DeadlockDetector
 from ..liveness.exits import ExitNotices
 from ..liveness.faults import FaultHooks
 from ..liveness.stall import StallService
+from ..policy.observations import Observations
 from ..policy.plan import plan_for
 from ..transport.channel import Channel
 from ..transport.topology import NodeTopology
@@ -57,7 +58,8 @@ def _check_hint() -> str:
 
 
 class CommContext:
-    """Engine state for one user communicator: its channels, topology, plan and compression state."""
+    """Engine state for one user communicator: its channels, topology, plan, compression state
+    and observations (policy.observations: what its calls cost on this rank)."""
 
     def __init__(self, runtime: "Runtime", user_comm, is_world: bool):
         self.user_comm = user_comm
@@ -81,6 +83,8 @@ class CommContext:
         self.exit_key, self.exit_ranks = runtime.notices.key_of(user_comm)
         self.plan = plan_for(self.main.comm, self.topology)
         self.compression = CompressionState(self.rank, self.size)
+        # This rank's timings of its calls (per size band and algorithm; not agreed).
+        self.observations = Observations()
         for chan in (self.main, self.background):
             chan.topology = self.topology
             chan.plan = self.plan
