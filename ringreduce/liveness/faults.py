@@ -35,6 +35,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 
 from ..core import timeline
 from ..core.log import logger
@@ -132,6 +133,10 @@ class FaultHooks:
     def _excepthook(self, exc_type, exc, tb) -> None:
         (self._prev_excepthook or sys.__excepthook__)(exc_type, exc, tb)
         if MPI.Is_initialized() and not MPI.Is_finalized():
+            if sys.stderr is not sys.__stderr__ and sys.__stderr__ is not None:
+                # An outer hook (torch.distributed's) captures stderr to prefix it after we
+                # return; the abort would lose the traceback, so print it where it is seen.
+                traceback.print_exception(exc_type, exc, tb, file=sys.__stderr__)
             abort(f"uncaught {exc_type.__name__}: {exc}")
 
     def _threadhook(self, args) -> None:

@@ -49,7 +49,10 @@ from .basics import (
     stop_timeline,
 )
 from .compression import Compression, Compressor
+from .backend import init_process_group
+from .backend import register as _register_backend
 from .diloco import DiLoCo
+from .hooks import HookState, compression_hook
 from .functions import (
     allgather_object,
     broadcast_object,
@@ -101,6 +104,8 @@ add_process_set = _rr.add_process_set
 remove_process_set = _rr.remove_process_set
 global_process_set = _rr.global_process_set
 
+_register_backend()      # torch.distributed.init_process_group("ringreduce") works from here on
+
 # Horovod's names first (docs/torch.md, "Switching from Horovod"), then ringreduce's own.
 __all__ = [
     "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank",
@@ -117,5 +122,6 @@ __all__ = [
     "join", "broadcast_object", "allgather_object", "broadcast_parameters",
     "broadcast_optimizer_state", "DistributedOptimizer", "SyncBatchNorm", "Compression",
     "Compressor", "elastic",
-    "RingReduceError", "LocalSGD", "DiLoCo", "SyncRecord", "SyncTotals",
+    "RingReduceError", "LocalSGD", "DiLoCo", "SyncRecord", "SyncTotals", "init_process_group",
+    "HookState", "compression_hook",
 ]
