@@ -28,6 +28,8 @@ def run_mpi(np: int, argv: list[str], timeout: float = 300, env: dict | None = N
     cmd = build_command(launcher, np, argv, oversubscribe=np > (os.cpu_count() or 1), extra=extra)
     full_env = launch_env(env, np=np)
     full_env["OMP_NUM_THREADS"] = "1"
+    # auto learns as it would for a user, but never reads or writes the user's learned cache.
+    full_env.setdefault("RINGREDUCE_LEARNED", "off")
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     try:
         proc = subprocess.run(cmd, env=full_env, cwd=ROOT, capture_output=True, text=True,

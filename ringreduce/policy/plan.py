@@ -28,7 +28,7 @@ from ..core.dtypes import HALF_DTYPES
 from ..core.errors import RingReduceError, who
 from ..core.log import logger
 from ..core.ops import ReduceOp
-from . import tuning
+from . import learn, tuning
 from .cost import predict, predict_across
 
 PUBLIC = registry.PUBLIC
@@ -65,9 +65,7 @@ def build_table(params: dict, n: int, node_local: bool, half: bool, nodes: int =
     several ranks, "hierarchical" is a candidate.
     """
     across = nodes > 1 and not node_local
-    names = [a for a in CANDIDATES if (a != "shm" or node_local) and not (a == "mpi" and half)]
-    if across and max_local > 1:
-        names.append("hierarchical")
+    names = _names(node_local, half, nodes, max_local)
     order = CANDIDATES + ("hierarchical",)
     measured = params.get("measured")
     points = []
@@ -95,6 +93,18 @@ def build_table(params: dict, n: int, node_local: bool, half: bool, nodes: int =
     return table
 
 
+def _names(node_local: bool, half: bool, nodes: int, max_local: int) -> list[str]:
+    names = [a for a in CANDIDATES if (a != "shm" or node_local) and not (a == "mpi" and half)]
+    if nodes > 1 and not node_local and max_local > 1:
+        names.append("hierarchical")
+    return names
+
+
+def _candidates(n: int, m: int, node_local: bool, half: bool, nodes: int, max_local: int) -> list[str]:
+    return [a for a in _names(node_local, half, nodes, max_local)
+            if a != "allgather" or n * m <= ALLGATHER_MAX_TOTAL_BYTES]
+
+
 def _nearest_measured(points: list, m: int) -> str | None:
     """The measured winner nearest to m (log scale), if m lies within the measured range."""
     if not points or m <= 0 or not points[0][0] / 2 <= m <= points[-1][0] * 2:
@@ -110,6 +120,16 @@ class Plan:
         self.node_local = node_local
         self.source = source
         self._bounds = {k: [b for b, _ in t[:-1]] for k, t in tables.items()}
+
+    # Set by make_plan / _decode: ranks, nodes, ranks per node; whether auto learns
+    # (policy.learn) and the learned cache's decisions for this shape.
+    size, nodes, max_local = 1, 1, 1
+    learn = False
+    cached: list = []     # [(table index, band, index into _NAMES)]
+
+    def candidates(self, nbytes: int, half: bool) -> list[str]:
+        """The algorithms auto may run for nbytes (the ones build_table prices)."""
+        return _candidates(self.size, nbytes, self.node_local, half, self.nodes, self.max_local)
 
     def choose(self, nbytes: int, half: bool) -> str:
         key = "half" if half else "full"
@@ -135,27 +155,38 @@ def make_plan(params: dict, n: int, node_local: bool, nodes: int = 1, max_local:
     tables = {"full": build_table(params, n, node_local, False, nodes, max_local),
               "half": build_table(params, n, node_local, True, nodes, max_local)}
     plan = Plan(tables, node_local, params.get("path", params.get("source", "defaults")))
-    plan.nodes, plan.max_local = nodes, max_local
+    plan.size, plan.nodes, plan.max_local = n, nodes, max_local
     return plan
 
 
+def tuned_for(params: dict, n: int, node_local: bool) -> bool:
+    """Whether the tuning file holds measurements for this rank count and node layout."""
+    m = params.get("measured")
+    return bool(m) and m.get("ranks") == n and bool(m.get("node_local")) == node_local
+
+
 _NAMES = CANDIDATES + ("hierarchical",)
+NAMES = _NAMES           # the algorithm indices of the encoded plan and the learned cache
 
 
 def _encode(plan: "Plan") -> np.ndarray:
-    """The plan as int64: node_local, nodes, max_local, then per table its length and pairs."""
-    out = [int(plan.node_local), plan.nodes, plan.max_local]
+    """The plan as int64: size, node_local, nodes, max_local, per table its length and pairs,
+    then learn, the number of cached decisions and their (table, band, algorithm) triples."""
+    out = [plan.size, int(plan.node_local), plan.nodes, plan.max_local]
     for key in ("full", "half"):
         t = plan.tables[key]
         out.append(len(t))
         for bound, algo in t:
             out += [-1 if bound is None else bound, _NAMES.index(algo)]
+    out += [int(plan.learn), len(plan.cached)]
+    for triple in plan.cached:
+        out += list(triple)
     return np.array(out, np.int64)
 
 
 def _decode(ints: np.ndarray, source: str) -> "Plan":
-    node_local, nodes, max_local = (int(v) for v in ints[:3])
-    tables, i = {}, 3
+    size, node_local, nodes, max_local = (int(v) for v in ints[:4])
+    tables, i = {}, 4
     for key in ("full", "half"):
         k = int(ints[i])
         i += 1
@@ -163,7 +194,9 @@ def _decode(ints: np.ndarray, source: str) -> "Plan":
                        for j in range(k)]
         i += 2 * k
     plan = Plan(tables, bool(node_local), source)
-    plan.nodes, plan.max_local = nodes, max_local
+    plan.size, plan.nodes, plan.max_local = size, nodes, max_local
+    plan.learn, k = bool(ints[i]), int(ints[i + 1])
+    plan.cached = [tuple(int(v) for v in ints[i + 2 + 3 * j: i + 5 + 3 * j]) for j in range(k)]
     return plan
 
 
@@ -180,7 +213,11 @@ def plan_for(comm, topology, tuning_path: str | None = None) -> Plan:
     ints, source = np.zeros(0, np.int64), b""
     if rank == 0:
         try:
-            plan = make_plan(tuning.load(tuning_path), size, node_local, nodes, max_local)
+            params = tuning.load(tuning_path)
+            plan = make_plan(params, size, node_local, nodes, max_local)
+            plan.learn = size > 1 and learn.enabled(tuned_for(params, size, node_local))
+            if plan.learn:
+                plan.cached = learn.load_cache(learn.shape_key(size, nodes, max_local, node_local), _NAMES)
         except Exception:   # a broken file must not leave the other ranks waiting
             logger.exception("cost model failed; using the shipped defaults")
             plan = make_plan(tuning.DEFAULTS, size, node_local, nodes, max_local)

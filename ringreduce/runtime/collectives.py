@@ -30,6 +30,7 @@ from ..core import device, timeline
 from ..core.dtypes import HALF_DTYPES, check_array, dtype_code, is_integer
 from ..core.errors import RingReduceError
 from ..core.ops import Average, ReduceOp
+from ..policy import learn
 from ..policy import plan as policy
 from ..transport.p2p import allgather_bytes, bcast_bytes
 from . import agree, device_path, tiny
@@ -132,8 +133,14 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     flat = buf.reshape(-1)
     check_on = agree.enabled()          # read once per call: the env may change between calls
     on_device = type(flat) is not np.ndarray and device.is_device_array(flat)
+    learner = None
     if algorithm == "auto" and comp is None:
-        algorithm = policy.choose(chan.plan, flat.nbytes, flat.dtype, chan.size, op, check_on)
+        learner = chan.learner if not on_device and flat.nbytes > learn.MIN_BYTES else None
+        if learner is not None:
+            half = policy.without_native(flat.dtype, op)
+            algorithm = learner.pick(flat.nbytes, half)
+        else:
+            algorithm = policy.choose(chan.plan, flat.nbytes, flat.dtype, chan.size, op, check_on)
     if algorithm == "mpi" and buf.dtype in HALF_DTYPES and comp is None:
         native_allreduce(chan, flat, op, name)   # raises the clear half-type error
     if comp is not None:
@@ -159,8 +166,10 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     t1 = perf_counter() if obs is not None else 0.0
     _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, check_on)
     if obs is not None:
-        obs.record(algorithm if comp is None else f"{algorithm}+{comp.format}", flat.nbytes,
-                   perf_counter() - t1)
+        seconds = perf_counter() - t1
+        obs.record(algorithm if comp is None else f"{algorithm}+{comp.format}", flat.nbytes, seconds)
+        if learner is not None:
+            learner.done(chan, algorithm, flat.nbytes, half, seconds)
     if scales is not None:
         _scale(flat, scales[1])
     if timeline.on:

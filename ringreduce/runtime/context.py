@@ -36,7 +36,9 @@ from ..liveness.deadlock import DeadlockDetector
 from ..liveness.exits import ExitNotices
 from ..liveness.faults import FaultHooks
 from ..liveness.stall import StallService
+from ..policy import learn
 from ..policy.observations import Observations
+from ..policy.plan import NAMES as PLAN_NAMES
 from ..policy.plan import plan_for
 from ..transport.channel import Channel
 from ..transport.topology import NodeTopology
@@ -85,10 +87,15 @@ class CommContext:
         self.compression = CompressionState(self.rank, self.size)
         # This rank's timings of its calls (per size band and algorithm; not agreed).
         self.observations = Observations()
+        plan = self.plan
+        shape = learn.shape_key(self.size, plan.nodes, plan.max_local, plan.node_local)
         for chan in (self.main, self.background):
             chan.topology = self.topology
-            chan.plan = self.plan
+            chan.plan = plan
             chan.compression_state = self.compression
+            if plan.learn:
+                # Each channel learns on its own calls (their order is the same on every rank).
+                chan.learner = learn.Learner(plan, shape, plan.cached, PLAN_NAMES, save=self.rank == 0)
         self._freed = False
         self._notices = runtime.notices
         self._retire_wire = runtime.retire_wire
@@ -378,19 +385,3 @@ def thread_level() -> str:
 def thread_multiple() -> bool:
     context()
     return RUNTIME.thread_multiple()
-
-
-def world_comm():
-    """The user's communicator ringreduce was initialised on (initialises on first use)."""
-    return context().user_comm
-
-
-def use_timeout(seconds: float) -> None:
-    """Bound every supervised wait by `seconds` (torch's init_process_group(timeout=) lands here).
-
-    RINGREDUCE_TIMEOUT, when set, wins: it is the operator's word for the whole job.
-    """
-    if config._raw("RINGREDUCE_TIMEOUT") is not None or not seconds > 0:
-        return
-    sup = RUNTIME.supervisor
-    sup.configure(min(sup.stall_warning, seconds / 2), seconds, sup.rank)

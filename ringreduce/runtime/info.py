@@ -5,6 +5,7 @@ from ..compression import kernels
 from ..core import config
 from ..core import device as _device
 from ..core.mpi import MPI
+from ..policy import learn
 from . import context as _comm
 
 
@@ -44,7 +45,17 @@ def info() -> dict:
         "mismatch_check": config.check_enabled(),
         "algorithm_override": config.algorithm_override(),
         "algorithm_table": ctx.plan.describe(),
+        "learning": _learning(ctx),
+        "learned": {chan.label: chan.learner.describe() for chan in ctx.channels()
+                    if chan.learner is not None and chan.learner.bands},
     }
+
+
+def _learning(ctx) -> str:
+    if not ctx.plan.learn:
+        return "off (auto follows the plan: a tuning file measured this shape, or RINGREDUCE_LEARN=0)"
+    path = learn.cache_path()
+    return f"on (learned cache: {path})" if path is not None else "on (no cache: RINGREDUCE_LEARNED=off)"
 
 
 def _package_version() -> str:

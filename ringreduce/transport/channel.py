@@ -56,6 +56,7 @@ class Channel:
         self.who = who or f"rank {self.rank}"
         self.topology = None          # transport.topology.NodeTopology (context channels)
         self.plan = None              # policy.plan.Plan, set by the runtime
+        self.learner = None           # policy.learn.Learner: auto's learning on this channel
         self.window = None            # transport.window.SharedWindow, made on first shm call
         self.node_channels = None     # algorithms.hierarchical.NodeChannels, made on first use
         self.rows = None              # runtime.agree.Rows: the fingerprint rows

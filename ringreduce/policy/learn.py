@@ -1,0 +1,326 @@
+"""The learning auto: "auto" times its candidates on the job's own calls and keeps the fastest.
+
+Without a tuning file (nobody ran ``ringreduce-bench --tune``), the cost model's
+shipped defaults guess, and on a given machine they guess wrong by up to 2x. So
+for host allreduces above the tiny path (> 4 KiB), auto learns per size band
+(sizes in (2**(k-1), 2**k]) and per table ("full", or "half" for half types and
+float Min/Max, which never run native MPI):
+
+1. **Explore.** The band's calls go round-robin over the candidates (the plan's
+   pick first): one untimed warm-up round (a first shm call maps its window, a
+   first ring call fills its scratch pool), then ``samples(m)`` timed rounds,
+   interleaved (A B C A B C ...) so machine noise hits every candidate alike.
+   Only the algorithm's own time is measured (the agreement round costs every
+   candidate the same).
+2. **Decide, agreed.** After the last round every rank allreduces (MAX) its
+   per-candidate medians: the collective is as slow as its slowest rank, and
+   every rank gets the same vector, so every rank picks the same fastest
+   candidate. The schedule itself is a function of how many calls of the band
+   this channel has made, identical on every rank, so during exploration every
+   rank also runs the same algorithm on every call (the mismatch check would
+   say so otherwise).
+3. **Watch for drift.** A settled band keeps the last few call times; every
+   ``interval`` calls (32, doubling to 1024 while nothing changes) the ranks
+   allreduce the median of the recent ones. Slower than ``DRIFT`` x the band's
+   baseline (the first such check after a decision) means the machine changed:
+   the band explores again.
+4. **Remember.** Rank 0 writes each decision to the learned cache
+   (``~/.cache/ringreduce/learned.json``, or ``RINGREDUCE_LEARNED``), keyed by
+   the machine shape (ranks, nodes, ranks per node, shared memory or not). The
+   next launch of the same shape starts with those bands settled (rank 0 reads
+   the file and broadcasts it with the plan), still watched for drift.
+
+Each channel (the caller's thread, the engine thread) learns on its own calls,
+so no state is shared between threads whose call orders differ across ranks.
+
+Switches: ``RINGREDUCE_LEARN=0`` turns learning off (auto follows the plan
+alone); with a tuning file that holds measurements for this shape
+(``--tune``), learning is off unless ``RINGREDUCE_LEARN=1``.
+``RINGREDUCE_LEARNED=off`` learns without reading or writing the cache (every
+launch starts fresh); ``ringreduce-bench --forget`` deletes the cache.
+
+Example::
+
+    import ringreduce as rr
+    rr.init()
+    for step in range(100):
+        rr.allreduce(grad)                     # the first ~20 calls of each size explore
+    rr.info()["learned"]["main"]               # {'full 1 MiB': 'shm (learned at call 17, 220 us)', ...}
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..core import config, timeline
+from ..core.log import logger
+from ..core.mpi import MPI
+from .observations import band, band_bytes
+
+__all__ = ["Learner", "cache_path", "load_cache", "forget", "enabled", "shape_key", "MIN_BYTES"]
+
+MIN_BYTES = 4096          # sizes at or below: the tiny path (one allgather), nothing to learn
+WARMUP_ROUNDS = 1         # untimed rounds before the timed ones
+DRIFT = 1.5               # settled band slower than this x its baseline: explore again
+FIRST_CHECK = 32          # calls between drift checks right after a decision ...
+LAST_CHECK = 1024         # ... doubling up to this while nothing drifts
+RECENT = 8                # call times kept for the drift check
+MAX_REEXPLORE = 4         # re-explorations per band and launch (a flapping machine stops here)
+TABLES = ("full", "half")
+CACHE_VERSION = 1
+
+
+def samples(nbytes: int) -> int:
+    """Timed rounds per candidate: more where calls are short and noisy, fewer where each is long."""
+    return 5 if nbytes < (1 << 20) else 3
+
+
+def enabled(tuned: bool) -> bool:
+    """Whether auto learns: RINGREDUCE_LEARN, default on unless a tuning file measured this shape."""
+    return config.flag("RINGREDUCE_LEARN", default=not tuned)
+
+
+def shape_key(size: int, nodes: int, max_local: int, node_local: bool) -> str:
+    """What "the same machine shape" means for the cache: ranks, nodes, ranks per node, shm."""
+    return f"ranks={size} nodes={nodes} per_node={max_local} shm={int(node_local)}"
+
+
+def cache_path() -> Path | None:
+    """$RINGREDUCE_LEARNED, else ~/.cache/ringreduce/learned.json; None when set to off/0."""
+    env = config.text("RINGREDUCE_LEARNED")
+    if env and env.lower() in config.OFF:
+        return None
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "ringreduce" / "learned.json"
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring unreadable learned cache %s: %s", path, exc)
+        return {}
+    return data if isinstance(data, dict) and data.get("version") == CACHE_VERSION else {}
+
+
+def load_cache(shape: str, names: tuple, path: Path | None = None) -> list[tuple[int, int, int]]:
+    """The cached decisions for `shape` as (table index, band, index into names) triples."""
+    path = cache_path() if path is None else path
+    if path is None:
+        return []
+    entry = _read(path).get("shapes", {}).get(shape, {})
+    out = []
+    for t, table in enumerate(TABLES):
+        for k, rec in (entry.get(table) or {}).items():
+            algo = rec.get("algorithm") if isinstance(rec, dict) else None
+            if str(k).isdigit() and algo in names:
+                out.append((t, int(k), names.index(algo)))
+    return sorted(out)
+
+
+def _save(path: Path, shape: str, table: str, k: int, algorithm: str, medians: dict) -> None:
+    """Merge one decision into the cache file (rank 0 only; atomic replace)."""
+    data = _read(path) or {"version": CACHE_VERSION}
+    data["version"] = CACHE_VERSION
+    entry = data.setdefault("shapes", {}).setdefault(shape, {})
+    entry.setdefault(table, {})[str(k)] = {
+        "algorithm": algorithm, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "median_us": {a: round(s * 1e6, 2) for a, s in medians.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def forget(path: Path | None = None) -> Path | None:
+    """Delete the learned cache (the next launch starts from the plan); returns the path removed."""
+    path = cache_path() if path is None else path
+    if path is not None and path.exists():
+        path.unlink()
+        return path
+    return None
+
+
+class _Band:
+    """One (table, band)'s learning state; identical on every rank of a channel."""
+
+    __slots__ = ("candidates", "explore_calls", "times", "choice", "source", "baseline", "recent",
+                 "since_check", "interval", "reexplored", "learned_at", "calls", "medians")
+
+    def __init__(self, candidates: list[str], choice: str | None = None, source: str = ""):
+        self.candidates = candidates
+        self.choice = choice              # None while exploring
+        self.source = source              # "learned" / "cache" once settled
+        self.explore_calls = 0
+        self.times: dict[str, list[float]] = {}
+        self.baseline: float | None = None
+        self.recent: list[float] = []
+        self.since_check = 0
+        self.interval = FIRST_CHECK
+        self.reexplored = 0
+        self.learned_at = 0               # the band's call number when it settled
+        self.calls = 0
+        self.medians: dict[str, float] = {}
+
+    def explore(self) -> None:
+        self.choice, self.source = None, ""
+        self.explore_calls = 0
+        self.times = {a: [] for a in self.candidates}
+
+
+class Learner:
+    """auto's learning state on one channel (made by the runtime when learning is on).
+
+    ``pick`` is called before the agreement with the plan's choice and returns what
+    to run; ``done`` after the algorithm with its time. Both are deterministic in the
+    sequence of calls, except at the agreed rounds (an allreduce of float64 medians).
+    """
+
+    def __init__(self, plan, shape: str, cached: list[tuple[int, int, int]], names: tuple,
+                 save: bool):
+        self.plan = plan
+        self.shape = shape
+        self.save = save                   # rank 0 writes the cache
+        self.bands: dict[tuple[int, int], _Band] = {}
+        self.events: list[dict] = []       # what was learned, when (rr.info, the timeline)
+        self._send = np.zeros(len(names) + 1, np.float64)
+        self._recv = np.zeros(len(names) + 1, np.float64)
+        self._cached = {(t, k): names[a] for t, k, a in cached}
+
+    def _band(self, t: int, k: int, nbytes: int) -> _Band:
+        half = t == 1
+        cands = self.plan.candidates(band_bytes(k), half)
+        first = self.plan.choose(band_bytes(k), half)
+        cands = [first] + [a for a in cands if a != first]
+        cached = self._cached.get((t, k))
+        if cached in cands:
+            b = _Band(cands, cached, "cache")
+        else:
+            b = _Band(cands)
+            b.explore()
+        self.bands[(t, k)] = b
+        return b
+
+    def pick(self, nbytes: int, half: bool) -> str:
+        """The algorithm for this call of nbytes ("half": the table without native MPI)."""
+        t = 1 if half else 0
+        k = band(nbytes)
+        b = self.bands.get((t, k))
+        if b is None:
+            b = self._band(t, k, nbytes)
+        if b.choice is not None:
+            return b.choice
+        n = len(b.candidates)
+        return b.candidates[b.explore_calls % n]
+
+    def done(self, chan, algorithm: str, nbytes: int, half: bool, seconds: float) -> None:
+        """Account one finished call (every rank calls this after the same calls)."""
+        b = self.bands.get((1 if half else 0, band(nbytes)))
+        if b is None:
+            return
+        b.calls += 1
+        if b.choice is None:
+            n = len(b.candidates)
+            if b.explore_calls >= WARMUP_ROUNDS * n:
+                b.times[algorithm].append(seconds)
+            b.explore_calls += 1
+            if b.explore_calls >= (WARMUP_ROUNDS + samples(nbytes)) * n:
+                self._decide(chan, b, half, nbytes)
+            return
+        recent = b.recent
+        if len(recent) < RECENT:
+            recent.append(seconds)
+        else:
+            recent[b.since_check % RECENT] = seconds
+        b.since_check += 1
+        if b.since_check >= b.interval and len(recent) >= RECENT // 2:
+            self._check_drift(chan, b, half, nbytes)
+
+    def _agree(self, chan, values: list[float], what: str) -> np.ndarray:
+        """Every rank's values, MAX over ranks (the same vector everywhere)."""
+        k = len(values)
+        send, recv = self._send[:k], self._recv[:k]
+        send[:] = values
+        chan.count(send.nbytes, send.nbytes)
+        chan.wait([chan.comm.Iallreduce(send, recv, MPI.MAX)], what)
+        return recv.copy()
+
+    def _decide(self, chan, b: _Band, half: bool, nbytes: int) -> None:
+        local = [float(np.median(b.times[a])) if b.times[a] else float("inf") for a in b.candidates]
+        agreed = self._agree(chan, local, "auto's learning round")
+        i = int(np.argmin(agreed))            # ties: the earlier candidate (the plan's pick first)
+        b.medians = {a: float(s) for a, s in zip(b.candidates, agreed)}
+        b.choice, b.source, b.learned_at = b.candidates[i], "learned", b.calls
+        b.baseline, b.recent, b.since_check, b.interval = None, [], 0, FIRST_CHECK
+        table = TABLES[1 if half else 0]
+        k = band(nbytes)
+        event = {"table": table, "band": _label(band_bytes(k)), "choice": b.choice,
+                 "call": chan.seq, "band_call": b.calls, "reexplored": b.reexplored,
+                 "median_us": {a: round(s * 1e6, 1) for a, s in b.medians.items()}}
+        self.events.append(event)
+        logger.info("auto learned %s %s on %s: %s (medians %s us)", table, event["band"], chan.label,
+                    b.choice, event["median_us"])
+        if timeline.on:
+            timeline.instant("auto learned", event)
+        path = cache_path() if self.save else None
+        if path is not None:
+            try:
+                _save(path, self.shape, table, k, b.choice, b.medians)
+            except OSError as exc:
+                logger.warning("could not write the learned cache %s: %s", path, exc)
+
+    def _check_drift(self, chan, b: _Band, half: bool, nbytes: int) -> None:
+        recent = sorted(b.recent)
+        now = float(self._agree(chan, [recent[len(recent) // 2]], "auto's drift check")[0])
+        b.since_check = 0
+        if b.baseline is None:
+            b.baseline = now
+            return
+        if now > DRIFT * b.baseline and b.reexplored < MAX_REEXPLORE:
+            b.reexplored += 1
+            event = {"table": TABLES[1 if half else 0], "band": _label(band_bytes(band(nbytes))),
+                     "was": b.choice, "call": chan.seq, "baseline_us": round(b.baseline * 1e6, 1),
+                     "now_us": round(now * 1e6, 1), "drift": True}
+            self.events.append(event)
+            logger.info("auto: %s %s drifted (%.1f -> %.1f us); exploring again", event["table"],
+                        event["band"], b.baseline * 1e6, now * 1e6)
+            if timeline.on:
+                timeline.instant("auto drift", event)
+            b.explore()
+            return
+        b.baseline = min(b.baseline, now)
+        b.interval = min(b.interval * 2, LAST_CHECK)
+
+    def settled(self, nbytes: int, half: bool = False) -> bool:
+        """Whether the band of nbytes has a choice (learned or cached) on this channel."""
+        b = self.bands.get((1 if half else 0, band(nbytes)))
+        return b is not None and b.choice is not None
+
+    def describe(self) -> dict:
+        """{"full 1 MiB": "shm (learned at call 21: shm 220 us, mpi 410 us, ...)", ...}."""
+        out = {}
+        for (t, k), b in sorted(self.bands.items()):
+            key = f"{TABLES[t]} {_label(band_bytes(k))}"
+            if b.choice is None:
+                out[key] = f"exploring ({b.explore_calls} calls so far over {', '.join(b.candidates)})"
+            elif b.source == "cache":
+                out[key] = f"{b.choice} (from the learned cache)"
+            else:
+                meds = ", ".join(f"{a} {s * 1e6:.0f} us" for a, s in b.medians.items())
+                out[key] = f"{b.choice} (learned at band call {b.learned_at}: {meds})"
+        return out
+
+
+def _label(b: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if b >= 1 << shift:
+            return f"{b >> shift} {unit}"
+    return f"{b} B"

@@ -1,0 +1,117 @@
+"""The learning auto's schedule, decision, drift and cache, on one process (a fake channel whose
+agreement rounds run on COMM_SELF); the multi-rank behaviour is in mpi_cases/cases_learn.py."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from mpi4py import MPI
+
+from ringreduce.policy import learn, tuning
+from ringreduce.policy import plan as select
+
+
+class FakeChannel:
+    comm = MPI.COMM_SELF
+    label = "main"
+    seq = 0
+    rounds = 0
+
+    def count(self, sent, received):
+        pass
+
+    def wait(self, reqs, what="", inspector=None):
+        self.rounds += 1
+        MPI.Request.Waitall(reqs)
+
+
+def _plan():
+    return select.make_plan(tuning.DEFAULTS, 2, True)
+
+
+def _feed(learner, chan, nbytes, cost, calls):
+    """Run `calls` calls whose time is cost[algorithm]; returns the algorithms run."""
+    ran = []
+    for _ in range(calls):
+        a = learner.pick(nbytes, False)
+        chan.seq += 1
+        learner.done(chan, a, nbytes, False, cost[a])
+        ran.append(a)
+    return ran
+
+
+def test_explores_round_robin_then_keeps_the_fastest(tmp_path, monkeypatch):
+    monkeypatch.setenv("RINGREDUCE_LEARNED", str(tmp_path / "learned.json"))
+    plan, chan = _plan(), FakeChannel()
+    nbytes = 1 << 20
+    cands = plan.candidates(nbytes, False)
+    learner = learn.Learner(plan, "shape", [], select.NAMES, save=True)
+    cost = {a: 1e-3 * (i + 2) for i, a in enumerate(cands)}
+    cost["ring"] = 1e-4
+    need = (learn.WARMUP_ROUNDS + learn.samples(nbytes)) * len(cands)
+    ran = _feed(learner, chan, nbytes, cost, need)
+    assert ran[:len(cands)] == [plan.choose(nbytes, False)] + [a for a in cands if a != ran[0]]
+    assert ran == ran[:len(cands)] * (need // len(cands))         # interleaved rounds
+    assert learner.settled(nbytes) and learner.pick(nbytes, False) == "ring"
+    assert chan.rounds == 1                                          # one agreed round
+    saved = json.loads((tmp_path / "learned.json").read_text())
+    assert saved["shapes"]["shape"]["full"]["20"]["algorithm"] == "ring"
+    assert learn.load_cache("shape", select.NAMES, tmp_path / "learned.json") == \
+        [(0, 20, select.NAMES.index("ring"))]
+    assert learn.forget(tmp_path / "learned.json") == tmp_path / "learned.json"
+    assert not (tmp_path / "learned.json").exists()
+
+
+def test_drift_explores_again_and_is_bounded(monkeypatch):
+    monkeypatch.setenv("RINGREDUCE_LEARNED", "off")
+    plan, chan = _plan(), FakeChannel()
+    nbytes = 1 << 16
+    cands = plan.candidates(nbytes, False)
+    learner = learn.Learner(plan, "shape", [], select.NAMES, save=False)
+    cost = {a: 1e-4 for a in cands}
+    cost["tree"] = 1e-5
+    need = (learn.WARMUP_ROUNDS + learn.samples(nbytes)) * len(cands)
+    _feed(learner, chan, nbytes, cost, need)
+    assert learner.pick(nbytes, False) == "tree"
+    _feed(learner, chan, nbytes, cost, learn.FIRST_CHECK)           # the baseline check
+    band = learner.bands[(0, learn.band(nbytes))]
+    assert band.baseline == pytest.approx(1e-5)
+    # Steady: the checks thin out.
+    _feed(learner, chan, nbytes, cost, 2 * learn.FIRST_CHECK)
+    assert band.interval == 2 * learn.FIRST_CHECK and learner.settled(nbytes)
+    # tree gets 10x slower: the next check explores again and finds shm.
+    cost["tree"], cost["shm"] = 1e-4, 2e-5
+    _feed(learner, chan, nbytes, cost, band.interval - band.since_check)
+    assert not learner.settled(nbytes)
+    assert learner.events[-1]["drift"] and learner.events[-1]["was"] == "tree"
+    _feed(learner, chan, nbytes, cost, need)
+    assert learner.pick(nbytes, False) == "shm"
+    # A flapping machine stops re-exploring after MAX_REEXPLORE times.
+    for i in range(learn.MAX_REEXPLORE + 2):
+        slow = 1e-3 * 10 ** i
+        _feed(learner, chan, nbytes, {a: slow for a in cands}, learn.LAST_CHECK + need + 1)
+    assert band.reexplored == learn.MAX_REEXPLORE and learner.settled(nbytes)
+
+
+def test_cached_bands_start_settled_and_unknown_entries_are_ignored(tmp_path):
+    path = tmp_path / "learned.json"
+    path.write_text(json.dumps({"version": 1, "shapes": {"s": {"full": {
+        "14": {"algorithm": "mpi"}, "15": {"algorithm": "nonsense"}, "x": {"algorithm": "tree"}},
+        "half": {"14": {"algorithm": "ring"}}}}}))
+    cached = learn.load_cache("s", select.NAMES, path)
+    assert cached == [(0, 14, select.NAMES.index("mpi")), (1, 14, select.NAMES.index("ring"))]
+    learner = learn.Learner(_plan(), "s", cached, select.NAMES, save=False)
+    assert learner.pick(1 << 14, False) == "mpi" and learner.settled(1 << 14)
+    assert learner.pick(1 << 14, True) == "ring"
+    assert not learner.settled(1 << 15) or learner.pick(1 << 15, False) != "nonsense"
+    path.write_text("{broken")
+    assert learn.load_cache("s", select.NAMES, path) == []
+    assert learn.load_cache("other", select.NAMES, tmp_path / "absent.json") == []
+
+
+def test_plan_encoding_carries_learning(tmp_path):
+    plan = _plan()
+    plan.learn, plan.cached = True, [(0, 20, 3), (1, 14, 2)]
+    back = select._decode(select._encode(plan), "x")
+    assert back.learn and back.cached == plan.cached and back.size == 2
+    assert back.candidates(1 << 20, True) == plan.candidates(1 << 20, True)
