@@ -385,3 +385,19 @@ def thread_level() -> str:
 def thread_multiple() -> bool:
     context()
     return RUNTIME.thread_multiple()
+
+
+def world_comm():
+    """The user's communicator ringreduce was initialised on (initialises on first use)."""
+    return context().user_comm
+
+
+def use_timeout(seconds: float) -> None:
+    """Bound every supervised wait by `seconds` (torch's init_process_group(timeout=) lands here).
+
+    RINGREDUCE_TIMEOUT, when set, wins: it is the operator's word for the whole job.
+    """
+    if config._raw("RINGREDUCE_TIMEOUT") is not None or not seconds > 0:
+        return
+    sup = RUNTIME.supervisor
+    sup.configure(min(sup.stall_warning, seconds / 2), seconds, sup.rank)
