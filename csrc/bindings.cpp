@@ -28,9 +28,11 @@ bool cpu_has(const std::string& isa) {
   if (isa == "baseline") return true;
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  if (isa == "avx2") return __builtin_cpu_supports("avx2");
+  // Both builds also use F16C (every AVX2 CPU so far has it; checked anyway).
+  const bool f16c = __builtin_cpu_supports("f16c");
+  if (isa == "avx2") return f16c && __builtin_cpu_supports("avx2");
   if (isa == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+    return f16c && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 #endif
   return false;

@@ -18,6 +18,12 @@
 #include "cpu.h"
 #include "quantize.h"
 
+// The avx2 / avx512 builds define RR_F16C (and RR_AVX512) and include
+// <immintrin.h> before this file: the fp16 conversions then use the F16C /
+// AVX-512F instructions (vcvtps2ph / vcvtph2ps), which give the same bits as
+// quantize.h's scalar code (checked exhaustively by tests/test_kernels.py).
+// Everything else is plain C++ the compiler vectorises.
+
 #ifndef RR_ISA
 #define RR_ISA baseline
 #endif
@@ -38,12 +44,128 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
 };
 
+// ---- fp16 / bf16 conversions of whole arrays ---------------------------------
+//
+// Branch-free forms of quantize.h's f32_to_f16 / f16_to_f32 / f32_to_bf16 (the
+// same bits for every input: every branch is computed and one is selected), so
+// the loops below vectorise in every build.  Signed compares: all operands are
+// below 2^31.
+
+inline uint32_t f32_to_f16_sel(uint32_t f) {
+  const uint32_t sign = (f >> 16) & 0x8000u;
+  const int32_t a = (int32_t)(f & 0x7fffffffu);
+  const uint32_t big = a > 0x7f800000 ? (0x7e00u | (((uint32_t)a >> 13) & 0x3ffu)) : 0x7c00u;
+  const uint32_t sub = f32_bits(bits_f32((uint32_t)a) + 0.5f) - 0x3f000000u;
+  const uint32_t nrm = ((uint32_t)a - 0x38000000u + 0xfffu + (((uint32_t)a >> 13) & 1u)) >> 13;
+  const uint32_t o = a >= 0x47800000 ? big : (a < 0x38800000 ? sub : nrm);
+  return o | sign;
+}
+
+inline uint32_t f16_to_f32_sel(uint32_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  const uint32_t sub = f32_bits((float)(int32_t)m * 5.9604644775390625e-8f);
+  const uint32_t o = e == 0x1fu ? (0x7f800000u | (m << 13))
+                     : (e == 0 ? sub : (((e + 112u) << 23) | (m << 13)));
+  return o | sign;
+}
+
+inline uint32_t f32_to_bf16_sel(uint32_t f) {
+  const uint32_t nan = ((f >> 16) & 0x8000u) | 0x7fc0u;
+  const uint32_t rne = (f + 0x7fffu + ((f >> 16) & 1u)) >> 16;
+  return (int32_t)(f & 0x7fffffffu) > 0x7f800000 ? nan : rne;
+}
+
+// Whether any of the 16 halves at h has exponent bits all ones (Inf/NaN).
+#if defined(RR_F16C)
+inline bool any_f16_special(const uint16_t* h) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h));
+  const __m256i e = _mm256_set1_epi16(0x7c00);
+  return _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_and_si256(v, e), e)) != 0;
+}
+#endif
+
+// h[i] = fp16 bits of v[i] (RNE), i < n.
+inline void f32_to_f16_n(const float* v, uint16_t* h, int64_t n) {
+  int64_t i = 0;
+#if defined(RR_AVX512)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(v + i),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(RR_F16C)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(h + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) {
+    uint32_t f;
+    memcpy(&f, v + i, 4);
+    h[i] = (uint16_t)f32_to_f16_sel(f);
+  }
+}
+
+// v[i] = fp32 value of fp16 bits h[i], i < n.  vcvtph2ps quiets a signalling
+// NaN, the scalar code keeps it: groups holding an Inf/NaN take the scalar form.
+inline void f16_to_f32_n(const uint16_t* h, float* v, int64_t n) {
+  int64_t i = 0;
+#if defined(RR_AVX512)
+  for (; i + 16 <= n; i += 16) {
+    if (any_f16_special(h + i)) break;
+    _mm512_storeu_ps(v + i, _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+  }
+#elif defined(RR_F16C)
+  for (; i + 16 <= n; i += 16) {
+    if (any_f16_special(h + i)) break;
+    _mm256_storeu_ps(v + i, _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+    _mm256_storeu_ps(v + i + 8, _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i + 8))));
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint32_t f = f16_to_f32_sel(h[i]);
+    memcpy(v + i, &f, 4);
+  }
+}
+
+inline void f32_to_bf16_n(const float* v, uint16_t* h, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t f;
+    memcpy(&f, v + i, 4);
+    h[i] = (uint16_t)f32_to_bf16_sel(f);
+  }
+}
+
+inline void bf16_to_f32_n(const uint16_t* h, float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t f = (uint32_t)h[i] << 16;
+    memcpy(v + i, &f, 4);
+  }
+}
+
+template <int DT>
+inline void half_to_f32_n(const uint16_t* h, float* v, int64_t n) {
+  if constexpr (DT == DT_F16) f16_to_f32_n(h, v, n);
+  else bf16_to_f32_n(h, v, n);
+}
+
+template <int DT>
+inline void f32_to_half_n(const float* v, uint16_t* h, int64_t n) {
+  if constexpr (DT == DT_F16) f32_to_f16_n(v, h, n);
+  else f32_to_bf16_n(v, h, n);
+}
+
+// Elements per tile of the half-type loops: a few L1-resident scratch arrays.
+constexpr int64_t kTile = 512;
+
 template <int XDT>
 inline float load_x(const void* x, int64_t i) {
   if constexpr (XDT == DT_F32) {
     return static_cast<const float*>(x)[i];
   } else if constexpr (XDT == DT_F16) {
-    return f16_to_f32(static_cast<const uint16_t*>(x)[i]);
+    return bits_f32(f16_to_f32_sel(static_cast<const uint16_t*>(x)[i]));
   } else {
     return bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
   }
@@ -54,9 +176,9 @@ inline void store_out(void* out, int64_t i, float v) {
   if constexpr (ODT == DT_F32) {
     static_cast<float*>(out)[i] = v;
   } else if constexpr (ODT == DT_F16) {
-    static_cast<uint16_t*>(out)[i] = f32_to_f16(v);
+    static_cast<uint16_t*>(out)[i] = (uint16_t)f32_to_f16_sel(f32_bits(v));
   } else {
-    static_cast<uint16_t*>(out)[i] = f32_to_bf16(v);
+    static_cast<uint16_t*>(out)[i] = (uint16_t)f32_to_bf16_sel(f32_bits(v));
   }
 }
 
@@ -69,15 +191,27 @@ inline float get_scale(const uint8_t* packed, int64_t b) {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+
 // v = x (+ residual), clipped; staged into vb[0, m).
 template <int XDT, bool RES, bool CLIP>
 inline void stage_block(const CompressArgs& a, int64_t start, int64_t m, float* vb) {
   const float* res = a.residual + (RES ? start : 0);
-  for (int64_t i = 0; i < m; ++i) {
-    float v = load_x<XDT>(a.x, start + i);
-    if constexpr (RES) v = v + res[i];
-    if constexpr (CLIP) v = clip_value(v, a.clip);
-    vb[i] = v;
+  if constexpr (XDT == DT_F32) {
+    const float* x = static_cast<const float*>(a.x) + start;
+    for (int64_t i = 0; i < m; ++i) {
+      float v = x[i];
+      if constexpr (RES) v = v + res[i];
+      if constexpr (CLIP) v = clip_value(v, a.clip);
+      vb[i] = v;
+    }
+  } else {
+    half_to_f32_n<XDT>(static_cast<const uint16_t*>(a.x) + start, vb, m);
+    for (int64_t i = 0; i < m; ++i) {
+      float v = vb[i];
+      if constexpr (RES) v = v + res[i];
+      if constexpr (CLIP) v = clip_value(v, a.clip);
+      vb[i] = v;
+    }
   }
 }
 
@@ -174,37 +308,37 @@ int64_t compress_scaled(const CompressArgs& a) {
 }
 
 // fp16 / bf16: element-wise RNE; blocks only decide the non-finite count and
-// the residual reset.
+// the residual reset.  Each block goes through in tiles: stage v, convert to the
+// half type, convert back, residual = v - back, copy the bits out.
 template <int FMT, int XDT, bool RES, bool CLIP>
 int64_t compress_half(const CompressArgs& a) {
   const int64_t n = a.n, B = a.block_size, nb = num_blocks(n, B);
+  constexpr int HDT = FMT == FMT_FP16 ? DT_F16 : DT_BF16;
+  constexpr uint16_t kExp = FMT == FMT_FP16 ? 0x7c00u : 0x7f80u;
+  alignas(64) float vb[kTile];
+  alignas(64) float db[kTile];
+  alignas(64) uint16_t hb[kTile];
   int64_t bad_blocks = 0;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t start = b * B, m = min64(B, n - start);
-    float* res = a.residual + (RES ? start : 0);
-    uint8_t* o = a.out + 2 * start;
     uint32_t exp_all_ones = 0;
-    for (int64_t i = 0; i < m; ++i) {
-      float v = load_x<XDT>(a.x, start + i);
-      if constexpr (RES) v = v + res[i];
-      if constexpr (CLIP) v = clip_value(v, a.clip);
-      uint16_t h;
-      float d;
-      if constexpr (FMT == FMT_FP16) {
-        h = f32_to_f16(v);
-        d = f16_to_f32(h);
-        exp_all_ones |= (h & 0x7c00u) == 0x7c00u;
-      } else {
-        h = f32_to_bf16(v);
-        d = bf16_to_f32(h);
-        exp_all_ones |= (h & 0x7f80u) == 0x7f80u;
+    for (int64_t t = start; t < start + m; t += kTile) {
+      const int64_t k = min64(kTile, start + m - t);
+      stage_block<XDT, RES, CLIP>(a, t, k, vb);
+      f32_to_half_n<HDT>(vb, hb, k);
+      half_to_f32_n<HDT>(hb, db, k);
+      uint32_t ones = 0;
+      for (int64_t i = 0; i < k; ++i) ones |= (uint32_t)((hb[i] & kExp) == kExp);
+      exp_all_ones |= ones;
+      if constexpr (RES) {
+        float* res = a.residual + t;
+        for (int64_t i = 0; i < k; ++i) res[i] = vb[i] - db[i];
       }
-      memcpy(o + 2 * i, &h, 2);  // little-endian host; out may be unaligned
-      if constexpr (RES) res[i] = v - d;
+      memcpy(a.out + 2 * t, hb, 2 * k);  // little-endian host; out may be unaligned
     }
     if (exp_all_ones) {
       ++bad_blocks;
-      if constexpr (RES) memset(res, 0, m * sizeof(float));
+      if constexpr (RES) memset(a.residual + start, 0, m * sizeof(float));
     }
   }
   return bad_blocks;
@@ -245,10 +379,13 @@ template <int FMT, class F>
 inline void for_each_dequant(const uint8_t* packed, int64_t n, int64_t B, F&& f) {
   const int64_t nb = num_blocks(n, B);
   if constexpr (FMT == FMT_FP16 || FMT == FMT_BF16) {
-    for (int64_t i = 0; i < n; ++i) {
-      uint16_t h;
-      memcpy(&h, packed + 2 * i, 2);
-      f(i, FMT == FMT_FP16 ? f16_to_f32(h) : bf16_to_f32(h));
+    alignas(64) uint16_t hb[kTile];
+    alignas(64) float db[kTile];
+    for (int64_t t = 0; t < n; t += kTile) {
+      const int64_t k = min64(kTile, n - t);
+      memcpy(hb, packed + 2 * t, 2 * k);  // packed may be unaligned
+      half_to_f32_n<FMT == FMT_FP16 ? DT_F16 : DT_BF16>(hb, db, k);
+      for (int64_t i = 0; i < k; ++i) f(t + i, db[i]);
     }
   } else {
     const uint8_t* payload = packed + 4 * nb;
@@ -352,14 +489,18 @@ void reduce_f64(double* d, const double* s, int64_t n) {
 // fp16/bf16: computed in fp32, rounded back to nearest even.
 template <int DT, int OP>
 void reduce_half(uint16_t* d, const uint16_t* s, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    float a = DT == DT_F16 ? f16_to_f32(d[i]) : bf16_to_f32(d[i]);
-    float b = DT == DT_F16 ? f16_to_f32(s[i]) : bf16_to_f32(s[i]);
-    float r;
-    if constexpr (OP == OP_SUM) r = a + b;
-    else if constexpr (OP == OP_MIN) r = fmin_np(a, b);
-    else r = fmax_np(a, b);
-    d[i] = DT == DT_F16 ? f32_to_f16(r) : f32_to_bf16(r);
+  alignas(64) float fa[kTile];
+  alignas(64) float fb[kTile];
+  for (int64_t t = 0; t < n; t += kTile) {
+    const int64_t k = min64(kTile, n - t);
+    half_to_f32_n<DT>(d + t, fa, k);
+    half_to_f32_n<DT>(s + t, fb, k);
+    for (int64_t i = 0; i < k; ++i) {
+      if constexpr (OP == OP_SUM) fa[i] = fa[i] + fb[i];
+      else if constexpr (OP == OP_MIN) fa[i] = fmin_np(fa[i], fb[i]);
+      else fa[i] = fmax_np(fa[i], fb[i]);
+    }
+    f32_to_half_n<DT>(fa, d + t, k);
   }
 }
 

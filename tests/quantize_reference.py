@@ -97,7 +97,17 @@ def compress(fmt, x, residual=None, block_size=256, clip=None, stochastic=False,
     np.logical_or.at(bad, blk, ~np.isfinite(v))
 
     if fmt in ("fp16", "bf16"):
-        h = v.astype(np.float16 if fmt == "fp16" else ml_dtypes.bfloat16)
+        with np.errstate(over="ignore"):    # fp16 overflow to Inf is the documented rule
+            h = v.astype(np.float16 if fmt == "fp16" else ml_dtypes.bfloat16)
+        if fmt == "fp16":
+            # NaN: a quiet NaN keeping the sign and the top payload bits, as F16C does (numpy's
+            # own conversion keeps a signalling NaN signalling instead)
+            bits = v.view(np.uint32)
+            nan = (bits & 0x7fffffff) > 0x7f800000
+            h = h.view(np.uint16)
+            h[nan] = (((bits[nan] >> 16) & 0x8000) | 0x7e00 | ((bits[nan] >> 13) & 0x3ff)
+                      ).astype(np.uint16)
+            h = h.view(np.float16)
         d = h.astype(F32)
         bad = np.zeros(nb, bool)
         np.logical_or.at(bad, blk, ~np.isfinite(d))

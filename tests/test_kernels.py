@@ -101,6 +101,93 @@ def test_decompress_accumulate(fmt, isa):
         assert_bits_equal(acc, expect)
 
 
+# ---- fp16 / bf16 conversions: every path, every kind of value ------------------------------
+# The avx2/avx512 builds convert with F16C / AVX-512F (vcvtps2ph, vcvtph2ps), the baseline
+# with branch-free integer code; all must give the reference's bytes, specials included.
+
+def _bit_patterns():
+    """float32 bit patterns: a sweep of all 2^32 (a prime stride), every fp16/bf16 rounding
+    boundary region, both signs, denormals, Inf and NaNs (quiet, signalling, payloads)."""
+    sweep = np.arange(0, 2**32, 65521, dtype=np.uint64).astype(np.uint32)
+    # around each fp16 exponent boundary and tie: the fp32 patterns whose low 13 bits are near
+    # 0x1000 (half way), for every fp16 exponent, both signs
+    halves = np.arange(0, 2**16, dtype=np.uint32)
+    ties = (np.float16(1).view(np.uint16) * 0 + halves).astype(np.uint32)
+    f16_as_f32 = np.frombuffer(ties.astype(np.uint16).view(np.float16).astype(np.float32)
+                               .tobytes(), np.uint32)
+    near = (f16_as_f32[:, None] + np.array([0, 1, 0xfff, 0x1000, 0x1001, 0x1fff],
+                                           np.uint32)[None, :]).reshape(-1)
+    bf = (halves[:, None] << 16) + np.array([0x7fff, 0x8000, 0x8001, 0x18000], np.uint32)
+    special = np.array([0, 0x80000000, 0x7f800000, 0xff800000, 0x7fc00000, 0xffc00000,
+                        0x7f800001, 0x7fbfffff, 0x7fc02000, 0xff802001, 0x1, 0x807fffff,
+                        0x477fefff, 0x477ff000, 0x477fe000, 0x47800000, 0x33000000, 0x33000001,
+                        0x387fc000, 0x38800000], np.uint32)
+    return np.concatenate([sweep, near, bf.reshape(-1), special]).view(np.float32)
+
+
+@pytest.mark.parametrize("fmt", ("fp16", "bf16"))
+def test_half_conversion_bit_patterns(fmt, isa):
+    x = _bit_patterns()
+    for n in (x.size, 37, 16, 15, 1):     # vector groups and scalar tails
+        for res in (None, np.zeros(n, np.float32)):
+            out, r, bad = run(fmt, x[:n], res, B=256)
+            rout, rres, rbad = ref.compress(fmt, x[:n], res, 256)
+            assert_bits_equal(out, rout)
+            assert bad == rbad
+            if res is not None:
+                assert_bits_equal(r, rres)
+
+
+@pytest.mark.parametrize("fmt", ("fp16", "bf16"))
+@pytest.mark.parametrize("odtype", (np.float32, np.float16, BF16), ids=lambda d: np.dtype(d).name)
+def test_half_decompress_all_values(fmt, odtype, isa):
+    # Every 16-bit pattern (signalling NaNs included: vcvtph2ps would quiet them) decoded at
+    # every position of a vector group.
+    packed = np.arange(2**16, dtype=np.uint16)
+    for shift in (0, 1, 7, 15):
+        p = np.roll(packed, shift).view(np.uint8)
+        y = np.empty(2**16, odtype)
+        kernels.decompress(fmt, p, 2**16, y)
+        expect = ref.decompress(fmt, p, 2**16)
+        if np.dtype(odtype) == np.float32:
+            assert_bits_equal(y, expect)
+        else:   # finite values and Inf are exact; NaN stays NaN
+            ok = np.isnan(expect)
+            assert np.array_equal(np.isnan(y.astype(np.float32)), ok)
+            with np.errstate(over="ignore"):
+                assert_bits_equal(y[~ok], expect[~ok].astype(odtype))
+        acc = np.zeros(2**16, np.float32)
+        kernels.decompress_accumulate(fmt, p, 2**16, acc)
+        with np.errstate(invalid="ignore"):
+            assert_bits_equal(acc, np.float32(0) + expect)
+
+
+@pytest.mark.parametrize("dtype", (np.float16, BF16), ids=lambda d: np.dtype(d).name)
+def test_half_reduce_bit_patterns(dtype, isa):
+    # Random 16-bit patterns on both sides (NaN meets a number, never another NaN, whose
+    # payload choice is unspecified), every position of a vector group.
+    rng = np.random.default_rng(3)
+    for n in (2**16 + 5, 31):
+        d = rng.integers(0, 2**16, n, dtype=np.uint16).view(dtype)
+        s = rng.integers(0, 2**16, n, dtype=np.uint16).view(dtype)
+        both = np.isnan(d.astype(np.float32)) & np.isnan(s.astype(np.float32))
+        s[both] = dtype(1.0)
+        for op, uf in (("sum", np.add), ("min", np.minimum), ("max", np.maximum)):
+            expect = d.copy()
+            with np.errstate(all="ignore"):
+                uf(expect, s, out=expect)
+            got = d.copy()
+            kernels.reduce_(op, got, s)
+            if op != "sum":
+                # min/max of +0 and -0: either operand (as in numpy); a NaN operand comes back
+                # as a quiet NaN (fp16: its payload kept, bf16: 0x7fc0), numpy returns it as is
+                z = (d.astype(np.float32) == 0) & (s.astype(np.float32) == 0)
+                nan = np.isnan(expect.astype(np.float32))
+                assert np.array_equal(np.isnan(got.astype(np.float32)), nan)
+                got[z | nan] = expect[z | nan]
+            assert_bits_equal(got, expect)
+
+
 def test_stochastic_rng_depends_on_key_and_splits_by_offset():
     x = data(4096, np.float32)
     a, _, _ = run("int4", x, stochastic=True, seed=1, counter=0)
