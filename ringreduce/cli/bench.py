@@ -237,6 +237,24 @@ def _time(comm, fn, iters: int) -> float:
     return comm.allreduce(dt, op=_mpi().MAX)
 
 
+def _settle_auto(call, x, op: str, limit: int = 400) -> int:
+    """Call auto until it has learned this size, as a job's first calls would (no tuning file);
+    returns how many calls that took (0: nothing to learn, e.g. a tuning file or the tiny path)."""
+    from ..core.ops import ReduceOp
+    from ..policy import learn
+    from ..runtime.context import context
+    learner = context().main.learner
+    rop = {"sum": ReduceOp.SUM, "avg": ReduceOp.AVERAGE, "min": ReduceOp.MIN, "max": ReduceOp.MAX}[op]
+    if learner is None or x.nbytes <= learn.MIN_BYTES:
+        return 0
+    half = select.without_native(x.dtype, rop)
+    calls = 0
+    while not learner.settled(x.nbytes, half) and calls < limit:   # same count on every rank
+        call()
+        calls += 1
+    return calls
+
+
 def run_sweep(args, comm, sizes, names, comps, progress=True) -> list[dict]:
     """Time every column at every size; returns one row dict per (size, column)."""
     n, rank = comm.Get_size(), comm.Get_rank()
@@ -264,9 +282,12 @@ def run_sweep(args, comm, sizes, names, comps, progress=True) -> list[dict]:
         real = count * dtype.itemsize
         # Warm-up, correctness and a first timing decide the iteration count (same on every rank).
         errors, ratios, iters = {}, {}, {}
+        learned = 0
         for col in cols:
             for _ in range(max(1, args.warmup)):
                 col.call()
+            if col.name == "auto":
+                learned = _settle_auto(col.call, state["x"], args.op)
             state["y"].fill(0)
             col.call()
             errors[col.name] = comm.allreduce(max_error(state["y"], ref), op=_mpi().MAX)
@@ -299,6 +320,7 @@ def run_sweep(args, comm, sizes, names, comps, progress=True) -> list[dict]:
                 "error": errors[col.name], "iters": iters[col.name],
                 "vs_mpi": (native / med) if (native and col.ours and med > 0) else None,
                 "compression_ratio": ratios.get(col.name),
+                "learn_calls": learned if col.name == "auto" else None,
             })
     if bar is not None:
         bar.close()
@@ -454,6 +476,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write busbw/latency plots (PNG); with --tune, model vs measured")
     p.add_argument("--tune", action="store_true", help="fit the cost model and write the tuning file")
     p.add_argument("--tuning-file", help="where --tune writes (default: RINGREDUCE_TUNING or the cache dir)")
+    p.add_argument("--forget", action="store_true",
+                   help="delete auto's learned cache first (out-of-the-box figures: auto learns afresh)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--kernels", action="store_true",
                    help="run the compression-kernel benchmark instead (remaining arguments go to it)")
@@ -467,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         rest = [a for a in argv if a != "--kernels"]
         return bench_kernels.main(rest) or 0
     args = parser().parse_args(argv)
+    if args.forget:
+        from ..policy import learn
+        learn.forget()        # before init: rank 0 reads the cache there
     import ringreduce as rr
     rr.init()
     from ..runtime.context import context
@@ -488,8 +515,13 @@ def main(argv: list[str] | None = None) -> int:
             header = (f"# ringreduce-bench  np={n}  dtype={args.dtype}  op={args.op}  "
                       f"reps={args.repetitions}  {library}  host={socket.gethostname()}  "
                       f"check={'on' if info['mismatch_check'] else 'off'}  "
+                      f"learning={info['learning'].split(' ')[0]}  "
                       f"{time.strftime('%Y-%m-%d %H:%M')}")
             print(format_table(rows, n, header), flush=True)
+            taught = [(w["size"], w["learn_calls"]) for w in rows if w.get("learn_calls")]
+            if taught:
+                print("auto learned each size in (calls, before timing): "
+                      + ", ".join(f"{sz} B: {c}" for sz, c in taught), flush=True)
             if args.csv:
                 write_csv(rows, args.csv)
             if args.json:

@@ -144,7 +144,7 @@ def forget(path: Path | None = None) -> Path | None:
     """Delete the learned cache (the next launch starts from the plan); returns the path removed."""
     path = cache_path() if path is None else path
     if path is not None and path.exists():
-        path.unlink()
+        path.unlink(missing_ok=True)     # every rank of a node may forget the same file at once
         return path
     return None
 
