@@ -2,8 +2,10 @@
 
 Run under mpirun (rank 0 prints); ``ringreduce-bench --compression`` can call
 :func:`measure` for its columns. Each case reduces a Gaussian float32 tensor
-(a different one per rank) ``--iters`` times after one warm-up call; the time
-is the median over iterations of the slowest rank. The relative L2 error is
+(a different one per rank) ``--iters`` times after one warm-up call, the methods
+interleaved (ring, mpi, fp16, ... then again), so a machine that slows down for
+a while slows every method alike; the time is the median over iterations of
+the slowest rank. The relative L2 error is
 that of one call with fresh residuals (first step of a run), measured with an
 extra exact allreduce outside the timing. ``codec ms`` is this rank's
 compress (with residual) plus decompress of the whole tensor, no
@@ -29,15 +31,18 @@ __all__ = ["measure", "main"]
 METHODS = ("ring", "mpi", "fp16", "bf16", "int8", "int4", "onebit")
 
 
-def _time_calls(comm, fn, iters: int) -> float:
-    fn()                                   # warm-up: scratch buffers, residuals
-    times = []
-    for _ in range(iters):
-        comm.Barrier()
-        t0 = time.perf_counter()
+def _time_interleaved(comm, fns: dict, iters: int) -> dict:
+    """Median seconds (slowest rank) of each fn, the fns run in turn (A B C A B C ...)."""
+    for fn in fns.values():                # warm-up: scratch buffers, residuals
         fn()
-        times.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    return statistics.median(times)
+    times: dict = {k: [] for k in fns}
+    for _ in range(iters):
+        for k, fn in fns.items():
+            comm.Barrier()
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _codec_seconds(comp, x: np.ndarray, iters: int) -> float:
@@ -73,12 +78,17 @@ def measure(sizes_mib=(1, 16, 64), methods=METHODS, iters: int = 5) -> list[dict
         x = np.random.default_rng([r, count]).standard_normal(count).astype(np.float32)
         out = np.empty_like(x)
         base: dict[str, float] = {}
+        fns, comps = {}, {}
         for method in methods:
             comp = None if method in ("ring", "mpi") else getattr(Compression, method)
             algo = method if comp is None else "auto"
+            comps[method] = comp
+            fns[method] = (lambda c=comp, a=algo, nm=f"bench-{method}-{mib}":
+                           rr.allreduce(x, compression=c, algorithm=a, name=nm, out=out))
+        secs_by = _time_interleaved(comm, fns, iters)
+        for method in methods:
+            comp, secs = comps[method], secs_by[method]
             name = f"bench-{method}-{mib}"
-            fn = lambda: rr.allreduce(x, compression=comp, algorithm=algo, name=name, out=out)  # noqa: E731
-            secs = _time_calls(comm, fn, iters)
             row = {"mib": mib, "method": method, "ms": 1e3 * secs}
             if comp is None:
                 row.update(wire_mb=2 * (n - 1) / n * x.nbytes / 1e6, ratio=1.0, rel_error=0.0,
@@ -94,8 +104,8 @@ def measure(sizes_mib=(1, 16, 64), methods=METHODS, iters: int = 5) -> list[dict
                 codec = comm.allreduce(_codec_seconds(comp, x, 3), op=MPI.MAX)
                 row.update(wire_mb=s.wire_bytes / 1e6, ratio=s.ratio, rel_error=s.rel_error,
                            codec_ms=1e3 * codec)
-                rr.compression_state().clear()
             rows.append(row)
+        rr.compression_state().clear()
         for row in rows:
             if row["mib"] == mib:
                 for peer in ("ring", "mpi"):

@@ -1,9 +1,9 @@
 """Kernel benchmark: GB/s of the fused compression kernels beside a numpy copy.
 
 For each format and direction (``compress``, ``decompress_accumulate``) it
-times the kernel on one core and, in the same run, numpy's copy of the same
-number of bytes (an array of half the bytes copied: read + write), and
-prints both with their ratio.  Bytes counted are everything the kernel reads
+times the kernel on one core and, interleaved with it (kernel, copy, kernel,
+copy, ...; best of each), numpy's copy of the same number of bytes (an array
+of half the bytes copied: read + write), and prints both with their ratio.  Bytes counted are everything the kernel reads
 and writes: input, residual (read and written), packed output or input, and
 the fp32 accumulator (read and written).
 
@@ -30,29 +30,33 @@ from ..compression import kernels
 __all__ = ["run", "main"]
 
 
-def _best_time(fn, repeats: int, min_time: float = 0.05) -> float:
-    """Best per-call seconds over `repeats` rounds of enough calls to last min_time."""
+def _calls_for(fn, min_time: float) -> int:
     fn()  # warm up: page in the buffers
     t0 = time.perf_counter()
     fn()
-    one = max(time.perf_counter() - t0, 1e-7)
-    calls = max(1, int(min_time / one))
-    best = float("inf")
+    return max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
+
+
+def _best_times(fns, repeats: int, min_time: float = 0.05) -> list[float]:
+    """Best per-call seconds of each fn over `repeats` rounds, the fns alternating (A B A B ...)
+    so a machine that slows down for a while slows all of them alike."""
+    calls = [_calls_for(fn, min_time) for fn in fns]
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(calls[k]):
+                fn()
+            best[k] = min(best[k], (time.perf_counter() - t0) / calls[k])
     return best
 
 
-def _copy_gbps(nbytes: int, repeats: int) -> float:
-    """numpy copy GB/s (read + write) for a copy moving nbytes in total."""
+def _copy_fn(nbytes: int):
+    """A numpy copy moving nbytes in total (read + write)."""
     half = max(nbytes // 2, 1)
     src = np.ones(half, np.uint8)
     dst = np.empty_like(src)
-    t = _best_time(lambda: np.copyto(dst, src), repeats)
-    return 2 * half / t / 1e9
+    return (lambda: np.copyto(dst, src)), 2 * half
 
 
 def run(sizes=(1 << 20, 1 << 24), formats=kernels.FORMATS, block_size: int = 256,
@@ -77,19 +81,20 @@ def run(sizes=(1 << 20, 1 << 24), formats=kernels.FORMATS, block_size: int = 256
             nbytes = kernels.packed_nbytes(fmt, n, block_size)
             packed = np.empty(nbytes, np.uint8)
             moved = 4 * n + nbytes + (8 * n if residual else 0)
-            t = _best_time(lambda: kernels.compress(fmt, x, packed, residual=res,
-                                                    block_size=block_size), repeats)
-            rows.append(_row(fmt, "compress", n, residual, moved, t, repeats))
+            copy, cbytes = _copy_fn(moved)
+            t, tc = _best_times([lambda: kernels.compress(fmt, x, packed, residual=res,
+                                                          block_size=block_size), copy], repeats)
+            rows.append(_row(fmt, "compress", n, residual, moved, t, cbytes / tc / 1e9))
             moved = nbytes + 8 * n
-            t = _best_time(lambda: kernels.decompress_accumulate(fmt, packed, n, acc,
-                                                                 block_size=block_size), repeats)
-            rows.append(_row(fmt, "decompress_accumulate", n, False, moved, t, repeats))
+            copy, cbytes = _copy_fn(moved)
+            t, tc = _best_times([lambda: kernels.decompress_accumulate(
+                fmt, packed, n, acc, block_size=block_size), copy], repeats)
+            rows.append(_row(fmt, "decompress_accumulate", n, False, moved, t, cbytes / tc / 1e9))
     return rows
 
 
-def _row(fmt, direction, n, residual, moved, t, repeats):
+def _row(fmt, direction, n, residual, moved, t, copy):
     gbps = moved / t / 1e9
-    copy = _copy_gbps(moved, repeats)
     return {"format": fmt, "direction": direction, "elements": n, "residual": residual,
             "bytes": moved, "time_ms": t * 1e3, "gbps": gbps, "copy_gbps": copy,
             "ratio": gbps / copy}
