@@ -24,9 +24,10 @@ import numpy as np
 from ..core import timeline
 from ..core.errors import RingReduceError
 from ..core.ops import ReduceOp
-from . import allgather, hierarchical, native, ring, shm, tree
+from . import allgather, allgatherv, hierarchical, native, reducescatter, ring, shm, tree
 
-__all__ = ["Algorithm", "ALGORITHMS", "PUBLIC", "INTERNAL", "run", "supports_source"]
+__all__ = ["Algorithm", "ALGORITHMS", "PUBLIC", "INTERNAL", "run", "supports_source", "Collective",
+           "COLLECTIVES", "collective_terms"]
 
 
 def _ring_terms(m: float, n: int):
@@ -109,3 +110,70 @@ def run(chan, name: str, flat: np.ndarray, op: ReduceOp, src: np.ndarray | None 
         algo.run(chan, flat, op)
     if t0:
         timeline.complete(f"algorithm {name}", t0, {"bytes": flat.nbytes})
+
+
+# -- allgather and reduce-scatter: first-class algorithms of their own ----------------------
+# m is the bytes of the whole buffer: the allgather's result, the reduce-scatter's input.
+
+def _shm_blocks(m: float, n: int, block: int) -> float:
+    return max(1.0, math.ceil(m / n / block))
+
+
+def _ag_ring_terms(m: float, n: int):
+    return n - 1.0, (n - 1) / n * m, 0.0
+
+
+def _ag_native_terms(m: float, n: int):
+    return 1.0, (n - 1) / n * m, 0.0
+
+
+def _ag_shm_terms(m: float, n: int):
+    # Copy our part in, every part out.
+    return _shm_blocks(m, n, allgatherv.BLOCK_BYTES), (n + 1) / n * m, 0.0
+
+
+def _rs_ring_terms(m: float, n: int):
+    return n - 1.0, (n - 1) / n * m, (n - 1) / n * m
+
+
+def _rs_native_terms(m: float, n: int):
+    return 1.0, (n - 1) / n * m, 0.0
+
+
+def _rs_shm_terms(m: float, n: int):
+    # Copy in what the peers own, then reduce our piece from every slot.
+    return _shm_blocks(m, n, reducescatter.BLOCK_BYTES), (n - 1) / n * m, (n - 1) / n * m
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One allgather or reduce-scatter algorithm (runner signatures: algorithms.allgatherv /
+    algorithms.reducescatter); priced with the allreduce fit of the same name (policy.cost)."""
+
+    name: str
+    run: Callable
+    terms: Callable
+    half_types: bool = True
+    nan_min_max: bool = True
+    device_buffers: bool = True          # hands device arrays to a CUDA-aware MPI as they are
+
+
+COLLECTIVES = {
+    "allgather": {c.name: c for c in (
+        Collective("ring", allgatherv.ring, _ag_ring_terms),
+        Collective("shm", allgatherv.run_shm, _ag_shm_terms, device_buffers=False),
+        Collective("mpi", allgatherv.native, _ag_native_terms),
+    )},
+    "reducescatter": {c.name: c for c in (
+        Collective("ring", reducescatter.ring, _rs_ring_terms),
+        Collective("shm", reducescatter.run_shm, _rs_shm_terms, device_buffers=False),
+        Collective("mpi", reducescatter.native, _rs_native_terms, half_types=False, nan_min_max=False),
+    )},
+}
+
+
+def collective_terms(kind: str, name: str, m: float, n: int) -> tuple[float, float, float]:
+    """(L, B, G) of `kind`'s algorithm `name` ("allgather" or "reducescatter") for m bytes on n ranks."""
+    if n <= 1:
+        return 0.0, 0.0, 0.0
+    return COLLECTIVES[kind][name].terms(m, n)

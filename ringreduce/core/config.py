@@ -20,7 +20,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-__all__ = ["Settings", "check_enabled", "algorithm_override", "flag", "seconds", "OFF", "ON"]
+__all__ = ["Settings", "check_enabled", "algorithm_override", "collective_algorithm_override", "flag",
+           "seconds", "OFF", "ON"]
 
 logger = logging.getLogger("ringreduce")
 
@@ -47,6 +48,13 @@ def check_enabled() -> bool:
 def algorithm_override() -> str | None:
     """RINGREDUCE_ALGORITHM, or None when unset or empty."""
     raw = _raw("RINGREDUCE_ALGORITHM")
+    return (raw.strip() or None) if raw is not None else None
+
+
+def collective_algorithm_override(kind: str) -> str | None:
+    """RINGREDUCE_ALLGATHER_ALGORITHM / RINGREDUCE_REDUCESCATTER_ALGORITHM (kind: "allgather",
+    "reducescatter"), or None when unset or empty: forces the algorithm of that collective."""
+    raw = _raw(f"RINGREDUCE_{kind.upper()}_ALGORITHM")
     return (raw.strip() or None) if raw is not None else None
 
 
@@ -95,7 +103,7 @@ class Settings:
     """The settings rr.init() reads once.
 
     The others are read where they take effect, through the functions above:
-    RINGREDUCE_CHECK and RINGREDUCE_ALGORITHM per call, RINGREDUCE_NODE_ID and
+    RINGREDUCE_CHECK, RINGREDUCE_ALGORITHM and RINGREDUCE_{ALLGATHER,REDUCESCATTER}_ALGORITHM per call, RINGREDUCE_NODE_ID and
     RINGREDUCE_TUNING per new communicator context, RINGREDUCE_STATS_ERROR per
     compressed call, RINGREDUCE_STAGING_BYTES per stager, RINGREDUCE_CUDA_AWARE
     when the device mode is first detected (core.device).

@@ -19,7 +19,7 @@ import math
 
 from ..algorithms import hierarchical, registry
 
-__all__ = ["NETWORK_DEFAULTS", "predict", "network", "predict_across"]
+__all__ = ["NETWORK_DEFAULTS", "predict", "network", "predict_across", "predict_collective"]
 
 # Cross-node links when no cross-node tuning exists: 10 Gbit/s (payload 1.25 GB/s) and
 # 30 us per message step (TCP through a switch). Only the ranking matters for auto, and
@@ -68,3 +68,22 @@ def predict_across(params: dict, algorithm: str, m: float, n: int, nodes: int,
         L, B, G = registry.terms(algorithm, m, n)
         alpha = own[algorithm]["alpha"]
     return (alpha + net["alpha"]) * L + net["beta"] * B + params["gamma"] * G
+
+
+def predict_collective(params: dict, kind: str, algorithm: str, m: float, n: int,
+                       nodes: int = 1) -> float:
+    """Predicted seconds for an allgather or reduce-scatter ("kind") moving a buffer of m bytes.
+
+    The same alpha-beta-gamma model with the collective's own (L, B, G)
+    (algorithms.registry.COLLECTIVES). alpha and beta are the allreduce fit of
+    the algorithm of the same name (its per-message and per-byte cost on this
+    transport) unless the tuning file has ``"collectives": {kind: {name: {...}}}``;
+    across nodes the network's alpha and beta are added, as for allreduce.
+    """
+    L, B, G = registry.collective_terms(kind, algorithm, m, n)
+    p = ((params.get("collectives") or {}).get(kind) or {}).get(algorithm) \
+        or params["algorithms"][algorithm]
+    if nodes > 1:
+        net = network(params)
+        return (p["alpha"] + net["alpha"]) * L + net["beta"] * B + params["gamma"] * G
+    return p["alpha"] * L + p["beta"] * B + params["gamma"] * G

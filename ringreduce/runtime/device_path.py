@@ -13,6 +13,11 @@ device arrays here:
   which reduce in host windows): ``staging.Stager`` pipes the buffer through
   pinned host slots and each segment is reduced by the host engine.
 
+``gather`` and ``reducescatter`` hand theirs to :func:`moved`: the same two
+modes for allgather, reduce-scatter and alltoall, whose outputs differ in
+shape from their inputs (staged: the input comes down through the pinned
+slots, the host engine runs the collective, the result goes up).
+
 Stream rule (``device`` module docstring): the caller's current stream is
 synchronized before MPI first reads the buffer and again before returning, so
 the result is complete on the device when the call returns.
@@ -25,12 +30,14 @@ Example::
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..algorithms import native, registry
 from ..compression.algorithm import compressed_allreduce
 from ..core import config, device
 from ..transport import staging
 
-__all__ = ["label", "allreduce", "broadcast"]
+__all__ = ["label", "allreduce", "broadcast", "moved", "direct", "to_host", "from_host"]
 
 # Algorithms that reduce in host shared memory (MPI windows): always staged.
 HOST_ONLY = ("shm", "hierarchical")
@@ -96,3 +103,62 @@ def _broadcast(chan, x, root_rank: int, bcast_bytes) -> None:
                 download=root, upload=not root)
     finally:
         device.synchronize(x)
+
+
+# -- the collectives that do not reduce in place: allgather, reducescatter, alltoall ---------
+# Each takes a runner that works on flat buffers; CUDA-aware MPI gets the device buffers
+# themselves (unless the algorithm works in a host window), otherwise the input is staged
+# down through the pinned slots, the host runs the collective, and the result is staged up.
+
+def to_host(chan, x) -> np.ndarray:
+    """A flat host copy of cupy array x, through the channel's pinned stager (segment by segment)."""
+    flat = x.reshape(-1)
+    host = np.empty(flat.size, flat.dtype)
+    st = staging.stager_for(chan, flat)
+    bounds = staging.segment_bounds(flat.size, flat.itemsize, st.segment_bytes)
+
+    def take(seg, k):
+        lo, hi = bounds[k]
+        host[lo:hi] = seg
+
+    st.run(flat, take, upload=False)
+    return host
+
+
+def from_host(chan, host: np.ndarray, out) -> None:
+    """Copy flat host array `host` into cupy array `out` through the pinned stager."""
+    flat = out.reshape(-1)
+    st = staging.stager_for(chan, flat)
+    bounds = staging.segment_bounds(flat.size, flat.itemsize, st.segment_bytes)
+
+    def put(seg, k):
+        lo, hi = bounds[k]
+        seg[...] = host[lo:hi]
+
+    st.run(flat, put, download=False)
+
+
+def direct(algorithm: str | None = None) -> bool:
+    """Whether device buffers go to MPI as they are (CUDA-aware, and not a host-window algorithm)."""
+    return device.mode().aware and algorithm not in HOST_ONLY
+
+
+def moved(chan, x, out, algorithm: str | None, run) -> None:
+    """run(chan, src, dst) on device buffers (direct) or on staged host copies; dst -> out.
+
+    `src` and `dst` are flat arrays of x's and out's dtypes; the stream rule holds
+    on both sides (the caller's stream is synchronized before MPI reads x and
+    before returning).
+    """
+    with x.device:
+        device.synchronize(x)
+        try:
+            if direct(algorithm):
+                with chan.pool.using(device.array_module(x)):
+                    run(chan, x.reshape(-1), out.reshape(-1))
+            else:
+                dst = np.empty(out.size, out.dtype)
+                run(chan, to_host(chan, x), dst)
+                from_host(chan, dst, out)
+        finally:
+            device.synchronize(out)

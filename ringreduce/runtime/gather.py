@@ -2,7 +2,10 @@
 
 Each is validate -> agree -> move, like allreduce: a fingerprint exchange first
 (what every rank must agree on: dtype, the trailing dimensions, the root), then
-the data through the supervised wait, as bytes, so every dtype works.
+the data through the supervised wait, as bytes, so every dtype works. allgather
+is an algorithm choice of its own (ring, shm or native MPI_Allgatherv, from the
+cost model: algorithms.registry.COLLECTIVES). numpy or cupy arrays
+(runtime.device_path: CUDA-aware MPI, or staged through pinned host buffers).
 First dimensions may differ per rank (allgather) and splits are exchanged
 before the data (alltoall), so a mismatch there is found from the counts, never
 by a truncated receive.
@@ -16,13 +19,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core import device
+from ..algorithms import registry
+from ..core import device, timeline
 from ..core.dtypes import check_array, dtype_code
 from ..core.errors import RingReduceError
 from ..core.mpi import MPI
-from ..transport.p2p import MAX_MESSAGE_BYTES, allgather_bytes
-from . import agree
-from .collectives import _agree, broadcast_on
+from ..policy.collective import choose_collective, requested_collective
+from ..transport.p2p import MAX_MESSAGE_BYTES
+from . import agree, device_path
+from .collectives import _agree, _raise_if_mismatch, broadcast_on
 from .context import context
 from .engine import Handle, run_async
 from .process_sets import resolve_comm
@@ -31,59 +36,95 @@ __all__ = ["allgather", "allgather_async", "alltoall", "alltoall_async", "broadc
            "broadcast_async", "barrier", "allgather_on", "alltoall_on"]
 
 
-def _host(x, who, name):
+def _contiguous(x, who, name):
+    """x checked (any dtype we move) and C-contiguous, in its own array module."""
     x = check_array(x, who, name)
     if device.is_device_array(x):
-        raise RingReduceError(f"{who}: this collective takes host (numpy) arrays; copy device "
-                              "buffers with .get() first (device support: allreduce and broadcast)")
+        return x if x.flags.c_contiguous else device.array_module(x).array(x, order="C", copy=True)
     return np.ascontiguousarray(x)
 
 
-def _rows(x: np.ndarray) -> tuple[int, int]:
+def _rows(x) -> tuple[int, int]:
     """(first dimension, bytes per row); a 0-d array is one row."""
     first = x.shape[0] if x.ndim else 1
     per = x.dtype.itemsize * int(np.prod(x.shape[1:], dtype=np.int64)) if x.ndim else x.dtype.itemsize
     return first, per
 
 
+def _label(algorithm: str, on_device: bool) -> str:
+    return device_path.label(algorithm) if on_device else algorithm
+
+
+def _displs(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+
+
 @agree.guarded("allgather")
-def allgather_on(chan, x, name=None) -> np.ndarray:
+def allgather_on(chan, x, name=None, algorithm="auto"):
     """allgather on a channel: every rank's x concatenated along axis 0, in rank order."""
-    x = _host(x, chan.who, name)
+    x = _contiguous(x, chan.who, name)
+    on_device = device.is_device_array(x)
+    algorithm = requested_collective("allgather", algorithm, chan.who)
     seq = chan.next_seq()
     tail = x.shape[1:] if x.ndim else ()
+    first, per = _rows(x)
+    mine = np.array([first], np.int64)
     if agree.enabled():
-        # The first dimension may differ; the dtype and the other dimensions may not.
-        header = agree.fingerprint(seq, "allgather", 0, dtype_code(x.dtype), 0, "bytes", name, tail)
-        _agree(chan, header, "allgather", x, "", "bytes", name, seq)
-    first, _ = _rows(x)
-    # Each rank's first dimension rides in front of its bytes (rows may hold no bytes).
-    payload = np.concatenate([np.array([first], np.int64).view(np.uint8), x.reshape(-1).view(np.uint8)])
-    parts, _ = allgather_bytes(chan, payload, "allgather" + (f" of tensor '{name}'" if name else ""))
-    firsts = [int(p[:8].view(np.int64)[0]) for p in parts]
-    out = np.empty((sum(firsts),) + tuple(tail), x.dtype)
-    raw = out.reshape(-1).view(np.uint8)
-    at = 0
-    for p in parts:
-        raw[at:at + p.size - 8] = p[8:]
-        at += p.size - 8
+        # The first dimension may differ (it rides in the agreement row); the dtype, the
+        # other dimensions and the algorithm asked for may not.
+        label = _label(algorithm, on_device)
+        header = agree.fingerprint(seq, "allgather", 0, dtype_code(x.dtype), 0, label, name, tail)
+        table, rows = agree.exchange(chan, header, mine, name=name)
+        _raise_if_mismatch(chan, table, "allgather", x, "", label, name, seq)
+        firsts = rows[:, :8].copy().view(np.int64).reshape(-1)
+    else:
+        firsts = np.empty(chan.size, np.int64)
+        chan.count(8, 8 * (chan.size - 1))
+        chan.wait([chan.comm.Iallgather(mine, firsts)], "allgather (rows)")
+    counts = firsts * per
+    total = int(counts.sum())
+    if algorithm == "auto":
+        algorithm = choose_collective(chan.plan, "allgather", total, x.dtype, chan.size)
+    xp = device.array_module(x)
+    out = xp.empty((int(firsts.sum()),) + tuple(tail), x.dtype)
+    runner = registry.COLLECTIVES["allgather"][algorithm].run
+    extra = {"agreed": agree.enabled()} if algorithm == "mpi" else {}
+    t0 = timeline.now() if timeline.on else 0
+
+    def run(ch, src, dst):
+        runner(ch, src.view(np.uint8), dst.view(np.uint8), counts, _displs(counts), **extra)
+
+    if on_device:
+        device_path.moved(chan, x, out, algorithm, run)
+    else:
+        run(chan, x.reshape(-1), out.reshape(-1))
+    if t0:
+        timeline.complete("allgather", t0, {"name": name, "algorithm": algorithm, "bytes": total,
+                                            "call": seq})
     return out
 
 
-def allgather(x, name: str | None = None, comm=None, process_set=None) -> np.ndarray:
+def allgather(x, name: str | None = None, comm=None, process_set=None, algorithm: str = "auto"):
     """Concatenate every rank's `x` along axis 0 (first dimensions may differ; the rest must agree).
+
+    x may be a numpy or a cupy array (the result lives where x does). algorithm:
+    "auto" (the cost model's pick for the gathered size), "ring", "shm" (node-local
+    shared memory) or "mpi" (MPI_Allgatherv); RINGREDUCE_ALLGATHER_ALGORITHM
+    overrides "auto".
 
     Example::
 
         y = rr.allgather(np.full((rr.rank() + 1, 2), rr.rank(), np.float32))
         # y.shape == (1 + 2 + ... + size, 2)
     """
-    return allgather_on(context(resolve_comm(comm, process_set)).main, x, name)
+    return allgather_on(context(resolve_comm(comm, process_set)).main, x, name, algorithm)
 
 
-def allgather_async(x, name: str | None = None, comm=None, process_set=None) -> Handle:
+def allgather_async(x, name: str | None = None, comm=None, process_set=None,
+                    algorithm: str = "auto") -> Handle:
     """rr.allgather on the engine thread; returns a Handle whose wait() gives the array."""
-    return run_async(resolve_comm(comm, process_set), "allgather", lambda ch: allgather_on(ch, x, name), x)
+    return run_async(resolve_comm(comm, process_set), "allgather",
+                     lambda ch: allgather_on(ch, x, name, algorithm), x)
 
 
 def checked_splits(chan, first: int, splits, what: str) -> np.ndarray:
@@ -108,32 +149,39 @@ def _splits_of(chan, first: int, splits, what: str) -> np.ndarray:
 @agree.guarded("alltoall")
 def alltoall_on(chan, x, splits=None, name=None):
     """alltoall on a channel: returns (received array, received splits)."""
-    x = _host(x, chan.who, name)
+    x = _contiguous(x, chan.who, name)
     if x.ndim == 0:
         raise RingReduceError(f"{chan.who}: alltoall needs an array with a first dimension")
+    on_device = device.is_device_array(x)
     first, per = _rows(x)
     send_splits = _splits_of(chan, first, splits, "alltoall")
     seq = chan.next_seq()
     tail = x.shape[1:]
+    label = _label("bytes", on_device)
     if agree.enabled():
-        header = agree.fingerprint(seq, "alltoall", 0, dtype_code(x.dtype), 0, "bytes", name, tail)
-        _agree(chan, header, "alltoall", x, "", "bytes", name, seq)
+        header = agree.fingerprint(seq, "alltoall", 0, dtype_code(x.dtype), 0, label, name, tail)
+        _agree(chan, header, "alltoall", x, "", label, name, seq)
     n = chan.size
     recv_splits = np.empty(n, np.int64)
     chan.count(8 * n, 8 * n)
     chan.wait([chan.comm.Ialltoall(send_splits, recv_splits)], "alltoall (splits)")
-    out = np.empty((int(recv_splits.sum()),) + tuple(tail), x.dtype)
+    out = device.array_module(x).empty((int(recv_splits.sum()),) + tuple(tail), x.dtype)
     scounts, rcounts = send_splits * per, recv_splits * per
     if max(int(scounts.sum()), int(rcounts.sum())) > MAX_MESSAGE_BYTES:
         raise RingReduceError(f"{chan.who}: alltoall of more than {MAX_MESSAGE_BYTES} bytes per rank "
                               "is not supported yet; split the call")
-    sdispl = np.concatenate(([0], np.cumsum(scounts)[:-1])).astype(np.int64)
-    rdispl = np.concatenate(([0], np.cumsum(rcounts)[:-1])).astype(np.int64)
-    sraw, rraw = x.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8)
-    req = chan.comm.Ialltoallv([sraw, (scounts, sdispl), MPI.BYTE], [rraw, (rcounts, rdispl), MPI.BYTE])
-    me = chan.rank
-    chan.count(int(scounts.sum() - scounts[me]), int(rcounts.sum() - rcounts[me]))
-    chan.wait([req], "alltoall" + (f" of tensor '{name}'" if name else ""))
+
+    def run(ch, src, dst):
+        req = ch.comm.Ialltoallv([src.view(np.uint8), (scounts, _displs(scounts)), MPI.BYTE],
+                                 [dst.view(np.uint8), (rcounts, _displs(rcounts)), MPI.BYTE])
+        me = ch.rank
+        ch.count(int(scounts.sum() - scounts[me]), int(rcounts.sum() - rcounts[me]))
+        ch.wait([req], "alltoall" + (f" of tensor '{name}'" if name else ""))
+
+    if on_device:
+        device_path.moved(chan, x, out, None, run)
+    else:
+        run(chan, x.reshape(-1), out.reshape(-1))
     return out, recv_splits
 
 

@@ -2,9 +2,9 @@
 
 rr.reducescatter reduces every rank's x and leaves rank r with piece r along
 axis 0: split as evenly as possible (np.array_split's rule) or by explicit
-`splits`. It runs our ring's reduce-scatter phase (algorithms.ring), so every
-dtype works and each piece is computed on one rank: bit-identical whatever the
-rank count. rr.grouped_allreduce packs a list of tensors into one buffer per
+`splits`. The algorithm is a choice of its own (ring, shm or native
+MPI_Reduce_scatter: algorithms.reducescatter, priced by the cost model); each
+piece is computed on one rank. numpy or cupy arrays (runtime.device_path). rr.grouped_allreduce packs a list of tensors into one buffer per
 dtype and makes one allreduce of it (one fingerprint, one fused message).
 
 Example::
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..algorithms import ring
-from ..core import device
+from ..algorithms import native, registry
+from ..core import device, timeline
 from ..core.dtypes import check_array, dtype_code, is_integer
 from ..core.errors import RingReduceError
-from ..core.ops import Average, finish_average
+from ..core.ops import Average
+from ..policy.collective import choose_collective, requested_collective
 from ..transport.p2p import chunk_bounds
-from . import agree
+from . import agree, device_path
 from .collectives import _as_op, _raise_if_mismatch, _scale, _scales, allreduce_on, op_code
 from .context import context
 from .engine import Handle, run_async
@@ -36,30 +37,38 @@ __all__ = ["reducescatter", "reducescatter_async", "grouped_allreduce", "grouped
 
 @agree.guarded("reducescatter")
 def reducescatter_on(chan, x, op=Average, splits=None, name=None, prescale_factor=1.0,
-                     postscale_factor=1.0) -> np.ndarray:
+                     postscale_factor=1.0, algorithm="auto"):
     """reducescatter on a channel: this rank's reduced piece along axis 0."""
     who, n = chan.who, chan.size
     op = _as_op(op, who)
     x = check_array(x, who, name)
-    if device.is_device_array(x):
-        raise RingReduceError(f"{who}: reducescatter takes host (numpy) arrays")
+    on_device = device.is_device_array(x)
     if x.ndim == 0:
         raise RingReduceError(f"{who}: reducescatter needs an array with a first dimension")
     if is_integer(x.dtype) and op == Average:
         raise RingReduceError(f"{who}: op Average on integer tensor{' ' + repr(name) if name else ''} "
                               f"({x.dtype}) would truncate; use rr.Sum, or a float dtype")
+    algorithm = requested_collective("reducescatter", algorithm, who)
     scales = _scales(who, x.dtype, name, prescale_factor, postscale_factor)
     first = x.shape[0]
     if splits is None:
         rows = np.diff(chunk_bounds(first, n))      # the first ranks get one row more
     else:
         rows = checked_splits(chan, first, splits, "reducescatter")
-    buf = np.array(x, order="C", copy=True)
+    if algorithm == "auto":
+        algorithm = choose_collective(chan.plan, "reducescatter", x.nbytes, x.dtype, n, op)
+    if algorithm == "mpi" and not native.supports(x.dtype):
+        raise RingReduceError(f"{who}: algorithm 'mpi' cannot reduce-scatter {x.dtype}"
+                              f"{' tensor ' + repr(name) if name else ''}: MPI has no reduction for "
+                              "it; use 'ring', 'shm' or 'auto'")
+    xp = device.array_module(x)
+    buf = xp.array(x, order="C", copy=True)
     per = int(np.prod(x.shape[1:], dtype=np.int64))
     seq = chan.next_seq()
     if agree.enabled():
         # The splits are part of the call: hash them into the algorithm field.
-        label = f"ring rows {rows.tolist()}" if n <= 64 else f"ring rows #{agree._hash(tuple(rows))}"
+        what = device_path.label(algorithm) if on_device else algorithm
+        label = f"{what} rows {rows.tolist()}" if n <= 64 else f"{what} rows #{agree._hash(tuple(rows))}"
         header = agree.fingerprint(seq, "reducescatter", x.size, dtype_code(x.dtype),
                                    op_code(op, scales), label, name, x.shape)
         table, _ = agree.exchange(chan, header, name=name)
@@ -68,24 +77,36 @@ def reducescatter_on(chan, x, op=Average, splits=None, name=None, prescale_facto
     if scales is not None:
         _scale(flat, scales[0])
     offsets = np.concatenate(([0], np.cumsum(rows))).astype(np.int64) * per
-    if n == 1:
-        finish_average(op, flat, 1)
+    out = xp.empty((int(rows[chan.rank]),) + tuple(x.shape[1:]), x.dtype)
+    runner = registry.COLLECTIVES["reducescatter"][algorithm].run
+    extra = {"agreed": agree.enabled()} if algorithm == "mpi" else {}
+    t0 = timeline.now() if timeline.on else 0
+
+    def run(ch, src, dst):
+        runner(ch, src, op, offsets, dst, **extra)
+
+    if on_device:
+        device_path.moved(chan, flat, out, algorithm, run)
     else:
-        ring.reduce_scatter(chan, flat, op, offsets)
-    lo = int(rows[:chan.rank].sum())
-    out = buf[lo:lo + int(rows[chan.rank])].copy()
+        run(chan, flat, out.reshape(-1))
     if scales is not None:
         _scale(out.reshape(-1), scales[1])
+    if t0:
+        timeline.complete("reducescatter", t0, {"name": name, "algorithm": algorithm,
+                                                "bytes": x.nbytes, "call": seq})
     return out
 
 
 def reducescatter(x, op=Average, splits=None, name: str | None = None, comm=None,
                   prescale_factor: float = 1.0, postscale_factor: float = 1.0,
-                  process_set=None) -> np.ndarray:
+                  process_set=None, algorithm: str = "auto"):
     """Reduce `x` over all ranks and return this rank's piece along axis 0.
 
     Pieces are as even as possible (the first ranks get one row more), or
     `splits[r]` rows for rank r. op: rr.Sum, rr.Average, rr.Min, rr.Max, rr.Product.
+    x may be a numpy or a cupy array. algorithm: "auto" (the cost model's pick),
+    "ring", "shm" (node-local shared memory) or "mpi" (MPI_Reduce_scatter; not
+    for float16/bfloat16); RINGREDUCE_REDUCESCATTER_ALGORITHM overrides "auto".
 
     Example::
 
@@ -93,16 +114,16 @@ def reducescatter(x, op=Average, splits=None, name: str | None = None, comm=None
         mine = rr.reducescatter(x, op=rr.Sum)     # shape (2, 4), every value rr.size()
     """
     return reducescatter_on(context(resolve_comm(comm, process_set)).main, x, op, splits, name,
-                            prescale_factor, postscale_factor)
+                            prescale_factor, postscale_factor, algorithm)
 
 
 def reducescatter_async(x, op=Average, splits=None, name: str | None = None, comm=None,
                         prescale_factor: float = 1.0, postscale_factor: float = 1.0,
-                        process_set=None) -> Handle:
+                        process_set=None, algorithm: str = "auto") -> Handle:
     """rr.reducescatter on the engine thread; wait() gives this rank's piece."""
     return run_async(resolve_comm(comm, process_set), "reducescatter",
                      lambda ch: reducescatter_on(ch, x, op, splits, name, prescale_factor,
-                                                 postscale_factor), x)
+                                                 postscale_factor, algorithm), x)
 
 
 def _grouped_on(chan, arrays, op, name, prescale_factor, postscale_factor, algorithm="auto"):
