@@ -63,3 +63,19 @@ def test_bench_tune_writes_file(tmp_path):
         assert p["alpha"] >= 0 and p["beta"] >= 0
     assert "auto, full types" in out
     assert (tmp_path / "model.png").stat().st_size > 1000
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["allgather", "reducescatter", "alltoall"])
+def test_bench_collectives_np2(tmp_path, kind):
+    out_json = tmp_path / "c.json"
+    argv = [sys.executable, "-m", "ringreduce.cli.bench", "--collective", kind, *QUICK,
+            "--json", str(out_json)]
+    code, out = run_mpi(2, argv, timeout=240)
+    assert code == 0, out[-5000:]
+    assert f"--collective {kind}" in out and "x mpi" in out, out[-3000:]
+    rows = json.loads(out_json.read_text())
+    names = {w["column"] for w in rows}
+    assert "mpi" in names and ({"rr"} if kind == "alltoall" else {"rr-ring", "rr-shm", "rr-mpi", "rr-auto"}) <= names
+    for w in rows:
+        assert w["error"] <= (1e-5 if kind == "reducescatter" else 0.0), w

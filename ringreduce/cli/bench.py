@@ -479,6 +479,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--forget", action="store_true",
                    help="delete auto's learned cache first (out-of-the-box figures: auto learns afresh)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--collective", default="allreduce",
+                   choices=("allreduce", "allgather", "reducescatter", "alltoall"),
+                   help="the collective to sweep (default allreduce; the others: cli/collectives_bench.py)")
     p.add_argument("--kernels", action="store_true",
                    help="run the compression-kernel benchmark instead (remaining arguments go to it)")
     return p
@@ -507,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise SystemExit(f"unknown column(s) {bad}; choose from {','.join(COLUMNS)}")
         sizes = sizes_between(args.begin, args.end, args.factor)
+        if args.collective != "allreduce":
+            from .collectives_bench import run as run_collective
+            return run_collective(args, comm, sizes)
         rows = run_sweep(args, comm, sizes, names, comps)
         if comm.Get_rank() == 0:
             n = comm.Get_size()

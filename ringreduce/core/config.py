@@ -103,8 +103,8 @@ class Settings:
     """The settings rr.init() reads once.
 
     The others are read where they take effect, through the functions above:
-    RINGREDUCE_CHECK, RINGREDUCE_ALGORITHM and RINGREDUCE_{ALLGATHER,REDUCESCATTER}_ALGORITHM per call, RINGREDUCE_NODE_ID and
-    RINGREDUCE_TUNING per new communicator context, RINGREDUCE_STATS_ERROR per
+    RINGREDUCE_CHECK, RINGREDUCE_ALGORITHM and RINGREDUCE_{ALLGATHER,REDUCESCATTER}_ALGORITHM
+    per call, RINGREDUCE_NODE_ID and RINGREDUCE_TUNING per new communicator context, RINGREDUCE_STATS_ERROR per
     compressed call, RINGREDUCE_STAGING_BYTES per stager, RINGREDUCE_CUDA_AWARE
     when the device mode is first detected (core.device).
     """
