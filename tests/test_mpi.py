@@ -7,7 +7,8 @@ from mpi_util import run_pytest_mpi
 SUITES = ["mpi_cases/cases_allreduce.py", "mpi_cases/cases_errors.py", "mpi_cases/cases_broadcast.py",
           "mpi_cases/cases_compression.py", "mpi_cases/cases_ops.py",
           "mpi_cases/cases_hierarchical.py", "mpi_cases/cases_engine.py", "mpi_cases/cases_nan.py",
-          "mpi_cases/cases_collectives.py", "mpi_cases/cases_learn.py"]
+          "mpi_cases/cases_collectives.py", "mpi_cases/cases_learn.py",
+          "mpi_cases/cases_auto.py"]
 
 
 @pytest.mark.mpi

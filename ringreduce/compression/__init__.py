@@ -9,6 +9,7 @@ attribute is the default and calling it changes options::
     rr.Compression.int8      # two-sided error feedback, 8-bit levels + a scale per block
     rr.Compression.int4      # ... 4-bit levels
     rr.Compression.onebit    # ... signs + a scale (mean |v|) per block
+    rr.Compression.auto      # picks one of the above per tensor, from what it measures
     rr.Compression.int8(block_size=128, error_feedback=True, clip=None, stochastic=False, seed=0)
 
 One file per compressor (none.py, half.py, int8.py, int4.py, onebit.py) on
@@ -22,6 +23,7 @@ import dataclasses
 
 from ..core.errors import RingReduceError, who
 from .algorithm import compressed_allreduce
+from .auto import Auto
 from .base import Compressor, Quantizer
 from .half import BF16, FP16
 from .int4 import Int4
@@ -31,7 +33,7 @@ from .onebit import OneBit
 from .state import CompressionState, state_for
 from .stats import CompressionStats, last_stats, measure_error, measuring_error
 
-__all__ = ["Compression", "Compressor", "Quantizer", "CompressionState", "CompressionStats",
+__all__ = ["Auto", "Compression", "Compressor", "Quantizer", "CompressionState", "CompressionStats",
            "state_for", "last_stats", "measure_error", "resolve", "compressed_allreduce"]
 
 
@@ -54,8 +56,9 @@ class Compression:
     int8 = Int8()
     int4 = Int4()
     onebit = OneBit()
+    auto = Auto()     # a policy choosing among the others per tensor (compression/auto.py)
 
-    FORMATS = ("none", "fp16", "bf16", "int8", "int4", "onebit")
+    FORMATS = ("none", "fp16", "bf16", "int8", "int4", "onebit", "auto")
 
     def __init__(self):
         raise TypeError("rr.Compression is a namespace; use rr.Compression.int8 etc.")

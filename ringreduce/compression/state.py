@@ -20,6 +20,7 @@ import numpy as np
 from ..core import device
 from ..core.errors import RingReduceError
 from ..core.log import logger
+from .auto import AutoTensor
 
 __all__ = ["CompressionState", "state_for"]
 
@@ -79,6 +80,8 @@ class CompressionState:
         self.warned = False      # NaN/Inf in an unnamed tensor already logged
         self._lock = threading.Lock()
         self._tensors: dict[str, TensorState] = {}
+        self._auto: dict = {}         # name -> compression.auto.AutoTensor
+        self._samples: dict = {}      # (name, count) -> the sampled coordinates (a cache)
 
     def tensor(self, name: str, count: int) -> TensorState:
         """The state of tensor `name` (created on first use; reset if its size changed)."""
@@ -92,6 +95,38 @@ class CompressionState:
                 ts = TensorState(count)
                 self._tensors[name] = ts
             return ts
+
+    def tensor_if_any(self, name: str, count: int) -> TensorState | None:
+        """The state of tensor `name` if it has one of this size, else None (nothing created)."""
+        ts = self._tensors.get(name)
+        return ts if ts is not None and ts.count == count else None
+
+    # -- Compression.auto's per-tensor state (compression/auto.py) ---------------------
+    def auto_tensor(self, name: str, count: int, formats: tuple):
+        """Auto's state of tensor `name` (created on first use; restarted if its size changed)."""
+        with self._lock:
+            t = self._auto.get(name)
+            if t is None or t.count != count:
+                t = AutoTensor(count, formats)
+                self._auto[name] = t
+            return t
+
+    def auto_tensor_if_any(self, name: str, count: int):
+        t = self._auto.get(name)
+        return t if t is not None and t.count == count else None
+
+    def samples(self, name: str, count: int, make):
+        key = (name, count)
+        idx = self._samples.get(key)
+        if idx is None:
+            idx = self._samples[key] = make(name, count)
+        return idx
+
+    def auto_report(self) -> dict:
+        """Compression.auto per tensor: format now, phase, history of choices, measured call
+        times (ms) and error estimates per format, wire MB per format, the latest error."""
+        with self._lock:
+            return {name: t.report() for name, t in sorted(self._auto.items())}
 
     def names(self) -> list[str]:
         """Names of the tensors with state, sorted."""
@@ -107,6 +142,7 @@ class CompressionState:
         """Forget every residual (error feedback restarts from zero)."""
         with self._lock:
             self._tensors.clear()
+            self._auto.clear()
 
     def state_dict(self) -> dict:
         """This rank's state as plain Python/numpy values (copies), for a checkpoint."""
@@ -120,7 +156,8 @@ class CompressionState:
                     "server_lo": t.server_lo,
                 }
             return {"version": STATE_VERSION, "rank": self.rank, "size": self.size,
-                    "tensors": tensors}
+                    "tensors": tensors,
+                    "auto": {name: t.to_dict() for name, t in self._auto.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Replace this rank's state with a saved one (same rank, same number of ranks)."""
@@ -154,8 +191,10 @@ class CompressionState:
                                       f"is inconsistent (worker residual of {t.worker.size} "
                                       f"elements for a tensor of {t.count})")
             tensors[name] = t
+        auto = {name: AutoTensor.from_dict(d) for name, d in state.get("auto", {}).items()}
         with self._lock:
             self._tensors = tensors
+            self._auto = auto
 
     def __repr__(self) -> str:
         return f"CompressionState(rank={self.rank}, size={self.size}, tensors={len(self.names())})"

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..algorithms import allgather, hierarchical, registry
 from ..algorithms.native import allreduce as native_allreduce
+from ..compression import auto as compression_auto
 from ..compression import resolve as resolve_compression
 from ..compression.algorithm import compressed_allreduce
 from ..compression.algorithm import validate as validate_compression
@@ -131,6 +132,10 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     comp = resolve_compression(compression, who)
     scales = _scales(who, buf.dtype, name, prescale_factor, postscale_factor)
     flat = buf.reshape(-1)
+    auto = None
+    if isinstance(comp, compression_auto.Auto):    # a policy: this call's format, agreed by rule
+        auto, comp = comp, compression_auto.choose(chan, state_for(chan), comp, flat, buf.shape,
+                                                   op, name)
     check_on = agree.enabled()          # read once per call: the env may change between calls
     on_device = type(flat) is not np.ndarray and device.is_device_array(flat)
     learner = None
@@ -163,8 +168,10 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
                                                 "bytes": flat.nbytes, "call": seq})
         return buf
     obs = None if on_device or chan.context is None else chan.context.observations
-    t1 = perf_counter() if obs is not None else 0.0
+    t1 = perf_counter() if obs is not None or auto is not None else 0.0
     _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, check_on)
+    if auto is not None:
+        compression_auto.after(chan, state_for(chan), auto, flat, op, name, comp, perf_counter() - t1)
     if obs is not None:
         seconds = perf_counter() - t1
         obs.record(algorithm if comp is None else f"{algorithm}+{comp.format}", flat.nbytes, seconds)

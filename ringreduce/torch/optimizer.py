@@ -266,7 +266,7 @@ class _SyncState:
             raise ValueError("backward_passes_per_step must be >= 1")
         if gradient_predivide_factor != 1.0 and op is not rr.Average:
             raise ValueError("gradient_predivide_factor needs op=rr.Average")
-        self.compressor, self.compression = split_compression(compression)
+        self.compressor, self.compression = _for_buckets(*split_compression(compression))
         self.op = op
         self.passes_per_step = int(backward_passes_per_step)
         self.algorithm: str = algorithm
@@ -629,7 +629,7 @@ class _DistributedOptimizerMixin:
         if st.launched or st.in_pass:
             raise _error("set_compression() called while gradient allreduces are in flight; "
                          "call step() or synchronize() first")
-        st.compressor, st.compression = split_compression(compression)
+        st.compressor, st.compression = _for_buckets(*split_compression(compression))
 
     # ------------------------------------------------------- synchronize
     def synchronize(self):
@@ -863,6 +863,14 @@ def _check_groups(groups, num_groups) -> None:
             if p in seen:
                 raise ValueError("A parameter can only appear once in groups.")
             seen.add(p)
+
+
+def _for_buckets(compressor, compression):
+    """Compression.auto treats a fusion bucket (flat, many tensors) as one tensor to judge, so
+    its rule that 1-D tensors (biases, norms) stay uncompressed does not apply to the bucket."""
+    if isinstance(compression, rr.Compression.auto.__class__) and not compression.one_dim:
+        compression = compression(one_dim=True)
+    return compressor, compression
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression=None, op=None,
