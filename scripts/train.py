@@ -40,7 +40,7 @@ PRESETS = {
     # ~10.8 M parameters: communication matters.
     "large": dict(n_layer=6, n_head=6, n_embd=384, block=128),
 }
-COMPRESSIONS = ["none", "fp16", "bf16", "int8", "int4", "onebit"]
+COMPRESSIONS = ["none", "auto", "fp16", "bf16", "int8", "int4", "onebit"]
 
 
 def parse_args(argv=None):
@@ -52,7 +52,9 @@ def parse_args(argv=None):
                    help="peak learning rate (default 3e-3 for adamw, 0.3 for sgd)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-size", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--compression", choices=COMPRESSIONS, default="none")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="none",
+                   help="gradient compression; auto picks per bucket from what it measures "
+                        "(docs/compression.md)")
     p.add_argument("--compression-warmup", type=int, default=0, metavar="STEPS",
                    help="train this many steps uncompressed, then switch to --compression "
                         "(the 1-bit Adam recipe; every rank switches at the same step)")
@@ -403,6 +405,8 @@ def train_ringreduce(args, shard, valid, rank, size):
     sps = per_step * timed_steps / elapsed if timed_steps > 0 else float("nan")
     final = evaluate(model, valid, args, rank, size, reduce_sum)
 
+    if args.compression == "auto" and rank == 0:
+        print(rr.compression_state().auto_summary(), flush=True)
     mine = checksum(model)
     every = rr.allgather_object(mine)
     print(f"rank {rank} checksum {mine}", flush=True)

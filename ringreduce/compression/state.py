@@ -21,6 +21,7 @@ from ..core import device
 from ..core.errors import RingReduceError
 from ..core.log import logger
 from .auto import AutoTensor
+from .auto import summary as auto_summary
 
 __all__ = ["CompressionState", "state_for"]
 
@@ -127,6 +128,11 @@ class CompressionState:
         times (ms) and error estimates per format, wire MB per format, the latest error."""
         with self._lock:
             return {name: t.report() for name, t in sorted(self._auto.items())}
+
+    def auto_summary(self) -> str:
+        """Compression.auto in one line: formats now in use, when compression started, the
+        largest error estimate (what scripts/train.py prints at the end)."""
+        return auto_summary(self)
 
     def names(self) -> list[str]:
         """Names of the tensors with state, sorted."""
