@@ -92,10 +92,25 @@ def _flat(t: torch.Tensor, who: str, what: str):
     return _array(t, who, what).reshape(-1)
 
 
+def _raw(t: torch.Tensor, who: str, what: str):
+    """A tensor's bytes as a flat uint8 array: data movement is dtype-blind (bool, complex...)."""
+    _array(t, who, what)                      # the same checks as the reductions
+    return to_array(t.detach().reshape(-1).view(torch.uint8))
+
+
 def _copy_into(dst: torch.Tensor, src) -> None:
     """Copy an engine result (numpy/cupy, any shape of the same size) into a torch tensor."""
     view = dst if not dst.is_complex() else torch.view_as_real(dst)
     view.reshape(-1).copy_(from_array(src).reshape(-1))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _copy_bytes(dst: torch.Tensor, src) -> None:
+    """Copy raw bytes (a uint8 engine array) into a tensor of any dtype."""
+    dst.detach().reshape(-1).view(torch.uint8).copy_(from_array(src).reshape(-1))
 
 
 class _Work(dist.Work):
@@ -301,29 +316,31 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
     def broadcast(self, tensors, opts=None):
         tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
         root = opts.rootRank if opts is not None else 0
-        arrays = self._arrays(tensors, "broadcast")
+        arrays = [_raw(t, self._who, f"broadcast tensor {i}") for i, t in enumerate(tensors)]
 
         def fn(chan):
             for a in arrays:
-                broadcast_on(chan, a.reshape(-1), root)
+                broadcast_on(chan, a, root)
 
         return self._run("torch broadcast", fn, tensors, lambda: tensors)
 
     # -------------------------------------------------------------- allgather
     def _gather_flat(self, chan, src, outputs) -> None:
         y = allgather_on(chan, src)
-        if y.size != sum(o.numel() for o in outputs):
+        want = sum(_nbytes(o) for o in outputs)
+        if y.size != want:
             raise RingReduceError(f"{chan.who}: all_gather: the ranks' inputs total {y.size} "
-                                  f"elements, the outputs {sum(o.numel() for o in outputs)}")
+                                  f"bytes, the outputs {want}")
         at = 0
         for o in outputs:
-            _copy_into(o, y[at:at + o.numel()])
-            at += o.numel()
+            nbytes = _nbytes(o)
+            _copy_bytes(o, y[at:at + nbytes])
+            at += nbytes
 
     def allgather(self, output_tensors, input_tensors, opts=None):
         inputs = list(input_tensors)
         outputs = [list(o) for o in output_tensors]
-        srcs = [_flat(t, self._who, "all_gather input") for t in inputs]
+        srcs = [_raw(t, self._who, "all_gather input") for t in inputs]
         for o in outputs:
             if len(o) != self.size():
                 raise RingReduceError(f"{self._who}: all_gather needs {self.size()} output tensors, "
@@ -344,7 +361,7 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
 
     def all_gather_single_coalesced(self, outputs, inputs, opts=None):
         outputs, inputs = list(outputs), list(inputs)
-        srcs = [_flat(t, self._who, "all_gather_into_tensor input") for t in inputs]
+        srcs = [_raw(t, self._who, "all_gather_into_tensor input") for t in inputs]
         for i, (o, t) in enumerate(zip(outputs, inputs)):
             if o.numel() != t.numel() * self.size():
                 raise RingReduceError(f"{self._who}: all_gather_into_tensor: output {i} has {o.numel()} "
@@ -360,13 +377,18 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
     # ---------------------------------------------------------- reduce-scatter
-    def _scatter_reduced(self, chan, src, out, op, pre) -> None:
+    def _scatter_reduced(self, chan, src, out, op, pre, pieces=None) -> None:
+        """Reduce src over the ranks and keep piece `rank` (pieces: element counts, even by default)."""
         n = chan.size
-        piece = out.numel()
-        if src.size != piece * n:
-            raise RingReduceError(f"{chan.who}: reduce_scatter: the input has {src.size} elements, "
-                                  f"not {n} x the output's {piece}")
-        y = reducescatter_on(chan, src, op, [piece] * n, None, pre, 1.0)
+        if pieces is None:
+            if src.size != out.numel() * n:
+                raise RingReduceError(f"{chan.who}: reduce_scatter: the input has {src.size} elements, "
+                                      f"not {n} x the output's {out.numel()}")
+            pieces = [out.numel()] * n
+        elif pieces[chan.rank] != out.numel():
+            raise RingReduceError(f"{chan.who}: reduce_scatter: this rank's input piece has "
+                                  f"{pieces[chan.rank]} elements, its output {out.numel()}")
+        y = reducescatter_on(chan, src, op, pieces, None, pre, 1.0)
         _copy_into(out, y)
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
@@ -379,10 +401,11 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
                                       f"got {len(i)}")
         srcs = [np.concatenate([_flat(t, self._who, "reduce_scatter input") for t in ins])
                 for ins in inputs]
+        pieces = [[t.numel() for t in ins] for ins in inputs]
 
         def fn(chan):
-            for src, out in zip(srcs, outputs):
-                self._scatter_reduced(chan, src, out, op, pre)
+            for src, out, p in zip(srcs, outputs, pieces):
+                self._scatter_reduced(chan, src, out, op, pre, p)
 
         return self._run("torch reduce_scatter", fn, outputs + [t for i in inputs for t in i],
                          lambda: outputs)
@@ -415,21 +438,20 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
         return [first // self.size()] * self.size()
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
-        send_rows = self._rows(input, input_split_sizes, "all_to_all_single")
-        recv_rows = self._rows(output, output_split_sizes, "all_to_all_single")
-        per = input[0].numel() if input.dim() and input.shape[0] else 0
         if not input.dim() or not output.dim():
             raise RingReduceError(f"{self._who}: all_to_all_single needs tensors with a first dimension")
-        src = _array(input, self._who, "all_to_all_single input")
+        send_rows = self._rows(input, input_split_sizes, "all_to_all_single")
+        recv_rows = self._rows(output, output_split_sizes, "all_to_all_single")
+        row_bytes = int(np.prod(input.shape[1:], dtype=np.int64)) * input.element_size()
+        src = _raw(input, self._who, "all_to_all_single input").reshape(input.shape[0], row_bytes)
 
         def fn(chan):
-            got, counts = alltoall_on(chan, src.reshape(src.shape[0], -1) if src.size else
-                                      src.reshape(src.shape[0], max(per, 1))[:, :per], send_rows)
+            got, counts = alltoall_on(chan, src, send_rows)
             if [int(c) for c in counts] != recv_rows:
                 raise RingReduceError(f"{chan.who}: all_to_all_single: received row counts "
                                       f"{[int(c) for c in counts]}, but output_split_sizes say "
                                       f"{recv_rows}")
-            _copy_into(output, got)
+            _copy_bytes(output, got)
 
         return self._run("torch all_to_all_single", fn, [input, output], lambda: [output])
 
@@ -441,24 +463,25 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
         if len(outputs) != n or len(inputs) != n:
             raise RingReduceError(f"{self._who}: all_to_all needs {n} input and {n} output tensors, "
                                   f"got {len(inputs)} and {len(outputs)}")
-        parts = [_flat(t, self._who, f"all_to_all input {i}") for i, t in enumerate(inputs)]
-        src = np.concatenate(parts) if parts else None
+        parts = [_raw(t, self._who, f"all_to_all input {i}") for i, t in enumerate(inputs)]
+        src = np.concatenate(parts)
         splits = [p.size for p in parts]
-        expect = [o.numel() for o in outputs]
+        expect = [_nbytes(o) for o in outputs]
 
         def fn(chan):
             got, counts = alltoall_on(chan, src, splits)
             if [int(c) for c in counts] != expect:
-                raise RingReduceError(f"{chan.who}: all_to_all: received element counts "
+                raise RingReduceError(f"{chan.who}: all_to_all: received byte counts "
                                       f"{[int(c) for c in counts]}, but the outputs hold {expect}")
             at = 0
-            for o in outputs:
-                _copy_into(o, got[at:at + o.numel()])
-                at += o.numel()
+            for o, c in zip(outputs, expect):
+                _copy_bytes(o, got[at:at + c])
+                at += c
 
         return self._run("torch all_to_all", fn, inputs + outputs, lambda: outputs)
 
     # ------------------------------------------------------- gather / scatter
+    # Both are alltoalls with one non-empty split: each rank's bytes go to (or come from) the root.
     def gather(self, output_tensors, input_tensors, opts):
         root, n = opts.rootRank, self.size()
         inputs = list(input_tensors)
@@ -466,20 +489,19 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
         me = self.rank()
         if me == root and (len(outputs) != len(inputs) or any(len(o) != n for o in outputs)):
             raise RingReduceError(f"{self._who}: gather on the root needs {n} output tensors per input")
-        srcs = [_flat(t, self._who, "gather input") for t in inputs]
+        srcs = [_raw(t, self._who, "gather input") for t in inputs]
 
         def fn(chan):
             for i, src in enumerate(srcs):
-                # Every rank sends its input to the root only: an alltoall with one non-empty split.
                 splits = [src.size if r == root else 0 for r in range(n)]
                 got, counts = alltoall_on(chan, src, splits)
                 if me == root:
                     at = 0
                     for o, c in zip(outputs[i], counts):
-                        if int(c) != o.numel():
-                            raise RingReduceError(f"{chan.who}: gather: a rank sent {int(c)} elements "
-                                                  f"for an output of {o.numel()}")
-                        _copy_into(o, got[at:at + int(c)])
+                        if int(c) != _nbytes(o):
+                            raise RingReduceError(f"{chan.who}: gather: a rank sent {int(c)} bytes "
+                                                  f"for an output of {_nbytes(o)}")
+                        _copy_bytes(o, got[at:at + int(c)])
                         at += int(c)
 
         flat_outs = [t for o in outputs for t in o]
@@ -493,19 +515,19 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
         if me == root and (len(inputs) != len(outputs) or any(len(i) != n for i in inputs)):
             raise RingReduceError(f"{self._who}: scatter on the root needs {n} input tensors per output")
         if me == root:
-            srcs = [np.concatenate([_flat(t, self._who, "scatter input") for t in ins]) for ins in inputs]
-            splits = [[t.numel() for t in ins] for ins in inputs]
+            srcs = [np.concatenate([_raw(t, self._who, "scatter input") for t in ins]) for ins in inputs]
+            splits = [[_nbytes(t) for t in ins] for ins in inputs]
         else:
-            srcs = [_flat(o, self._who, "scatter output")[:0] for o in outputs]
+            srcs = [_raw(o, self._who, "scatter output")[:0] for o in outputs]
             splits = [[0] * n for _ in outputs]
 
         def fn(chan):
             for src, s, out in zip(srcs, splits, outputs):
                 got, counts = alltoall_on(chan, src, s)
-                if int(counts[root]) != out.numel():
+                if int(counts[root]) != _nbytes(out):
                     raise RingReduceError(f"{chan.who}: scatter: the root sent {int(counts[root])} "
-                                          f"elements for an output of {out.numel()}")
-                _copy_into(out, got)
+                                          f"bytes for an output of {_nbytes(out)}")
+                _copy_bytes(out, got)
 
         return self._run("torch scatter", fn, outputs + [t for i in inputs for t in i],
                          lambda: outputs)
