@@ -38,6 +38,19 @@ _HALF = frozenset(HALF_DTYPES) | {np.dtype(ml_dtypes.bfloat16)}
 _MIN_MAX = (ReduceOp.MIN, ReduceOp.MAX)
 
 
+MPI_IN_PLACE = MPI.IN_PLACE
+
+
+def native_call(dtype, op: ReduceOp, nbytes: int):
+    """(MPI datatype, MPI op) when one blocking MPI_Allreduce does the agreed call, else None
+    (half types, float Min/Max with their NaN fix, messages over the MPI count limit)."""
+    dtype = np.dtype(dtype)
+    if (dtype not in _MPI_TYPES or op not in _MPI_OPS or nbytes > p2p.MAX_MESSAGE_BYTES
+            or (op in _MIN_MAX and dtype.kind == "f")):
+        return None
+    return _MPI_TYPES[dtype], _MPI_OPS[op]
+
+
 def supports(dtype) -> bool:
     return np.dtype(dtype) in _MPI_TYPES
 

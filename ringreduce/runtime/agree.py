@@ -17,6 +17,7 @@ import zlib
 import numpy as np
 
 from ..algorithms.allgather import piggyback_bytes
+from ..compression import kernels
 from ..core import config, timeline
 from ..core.errors import RingReduceError
 from ..liveness.stall import Inspector
@@ -177,6 +178,16 @@ def _share_local_error(chan, kind: str, name, exc: BaseException) -> None:
 def describe(kind, count, dtype, op, algorithm, name, shape, compression, seq) -> tuple:
     """Readable values for each field, in FIELDS order (only built when a mismatch is reported)."""
     return (seq, kind, count, str(dtype), repr(op), algorithm, name, tuple(shape), repr(compression))
+
+
+def rows_same(rows: Rows, n: int) -> bool:
+    """Whether every rank's fingerprint in the received rows equals rank 0's (headers only)."""
+    raw = rows.recv
+    if kernels._C is not None:         # the tiny path's C++ row compare
+        return kernels._C.small_same(raw, rows.width, n)
+    head = raw[:HEADER_BYTES].tobytes()
+    w = rows.width
+    return all(raw[r * w:r * w + HEADER_BYTES].tobytes() == head for r in range(1, n))
 
 
 def all_same(table: np.ndarray) -> bool:

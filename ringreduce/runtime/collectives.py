@@ -21,6 +21,7 @@ from time import perf_counter
 import numpy as np
 
 from ..algorithms import allgather, hierarchical, registry
+from ..algorithms.native import MPI_IN_PLACE, native_call
 from ..algorithms.native import allreduce as native_allreduce
 from ..compression import auto as compression_auto
 from ..compression import resolve as resolve_compression
@@ -28,9 +29,10 @@ from ..compression.algorithm import compressed_allreduce
 from ..compression.algorithm import validate as validate_compression
 from ..compression.state import CompressionState, state_for
 from ..core import device, timeline
-from ..core.dtypes import HALF_DTYPES, check_array, dtype_code, is_integer
+from ..core import config
+from ..core.dtypes import HALF_DTYPES, SUPPORTED_DTYPES, check_array, dtype_code, is_integer
 from ..core.errors import RingReduceError
-from ..core.ops import Average, ReduceOp
+from ..core.ops import Average, ReduceOp, finish_average
 from ..policy import learn
 from ..policy import plan as policy
 from ..transport.p2p import allgather_bytes, bcast_bytes
@@ -43,6 +45,7 @@ __all__ = ["allreduce", "allreduce_", "allreduce_on", "broadcast_", "broadcast_o
 
 _OPS_BY_VALUE = {key: op for op in ReduceOp for key in (op, int(op))}
 _AUTO = ("auto", None)
+_FAST_DTYPES = frozenset(SUPPORTED_DTYPES)
 
 
 def _as_op(op, who: str) -> ReduceOp:
@@ -86,15 +89,140 @@ def allreduce_on(chan, x, op=Average, algorithm="auto", compression=None,
                  name=None, out=None, inplace=False, prescale_factor=1.0,
                  postscale_factor=1.0) -> np.ndarray:
     """allreduce on a given channel: the one entry point for both threads (tiny path first)."""
-    if (compression is None and algorithm in _AUTO and type(x) is np.ndarray
-            and x.nbytes <= tiny.REACH and prescale_factor == 1.0 and postscale_factor == 1.0):
-        # Outside _general's error sharing: the tiny path rejects by returning None,
-        # and anything it raises comes after the exchange.
-        y = tiny.allreduce(chan, x, op, name, inplace, out, _raise_tiny_mismatch)
+    if compression is None and type(x) is np.ndarray and prescale_factor == 1.0 and postscale_factor == 1.0:
+        # Outside _general's error sharing: the tiny and fast paths reject by returning
+        # None before any communication, and anything they raise comes after the exchange.
+        if algorithm in _AUTO and x.nbytes <= tiny.REACH:
+            y = tiny.allreduce(chan, x, op, name, inplace, out, _raise_tiny_mismatch)
+            if y is not None:
+                return y
+        y = _fast(chan, x, op, algorithm, name, out, inplace)
         if y is not None:
             return y
     return _general(chan, x, op, algorithm, compression, name, out, inplace,
                     prescale_factor, postscale_factor)
+
+
+class _Call:
+    """What the fast path computes once per (shape, dtype, op, algorithm, name) on a channel."""
+
+    __slots__ = ("algorithm", "dtype_code", "half", "mpi", "name_hash", "nbytes", "op", "shape_hash",
+                 "size")
+
+    def __init__(self, x, op: ReduceOp, algorithm, name):
+        self.op = op
+        self.algorithm = algorithm            # None for auto: chosen per call
+        self.size, self.nbytes = x.size, x.nbytes
+        self.dtype_code = dtype_code(x.dtype)
+        self.half = policy.without_native(x.dtype, op)
+        self.name_hash = agree._hash(name)
+        self.shape_hash = agree._hash(tuple(x.shape))
+        # Native MPI in one blocking call once agreed: (datatype, op), or None.
+        self.mpi = native_call(x.dtype, op, x.nbytes)
+
+
+_FAST_CALLS_MAX = 512          # distinct call shapes kept per channel
+
+
+def _fast(chan, x, op, algorithm, name, out, inplace):
+    """The general path for plain host calls with per-call work cut to lookups (None: not handled).
+
+    Same fingerprint, same exchange, same algorithms as _general: a rank may take
+    either path for the same call. Anything unusual (non-contiguous input, a bad
+    `out`, the timeline on, half types on native MPI, an invalid op or dtype, the
+    check's piggybacked sizes) goes to _general, which explains errors.
+    """
+    if timeline.on or not x.flags.c_contiguous or (inplace and not x.flags.writeable):
+        return None
+    cache = chan.fast_calls
+    key = (x.shape, x.dtype, op, algorithm, name)
+    call = cache.get(key) if cache is not None else None
+    if call is None:
+        call = _new_call(chan, key, x, op, algorithm, name)
+        if call is None:
+            return None
+    if out is not None and out is not x:
+        if (type(out) is not np.ndarray or out.shape != x.shape or out.dtype != x.dtype
+                or not out.flags.c_contiguous or not out.flags.writeable):
+            return None
+    check_on = config.check_enabled()
+    algo = call.algorithm
+    learner = None
+    if algo is None:
+        override = config.algorithm_override()
+        if override is not None and override != "auto":
+            return None
+        learner = chan.learner
+        if learner is not None and call.nbytes > learn.MIN_BYTES:
+            algo = learner.pick(call.nbytes, call.half)
+        else:
+            learner = None
+            algo = policy.choose(chan.plan, call.nbytes, x.dtype, chan.size, call.op, check_on)
+        if algo == "allgather" and check_on and call.nbytes <= allgather.piggyback_bytes(chan.size):
+            return None                     # rides in the check's allgather: _general
+    if inplace or out is x:
+        buf, src = x, None
+    else:
+        buf = np.empty(x.shape, x.dtype) if out is None else out
+        src = x
+    flat = buf.reshape(-1)
+    if src is not None:
+        if algo == "mpi" or algo == "shm":          # read x directly: one pass less
+            src = src.reshape(-1)
+        else:
+            np.copyto(flat, src.reshape(-1))
+            src = None
+    seq = chan.next_seq()
+    if check_on:
+        rows = chan.rows or agree.rows_of(chan)
+        agree.HEADER.pack_into(rows.send, 0, seq, 1, call.size, call.dtype_code, int(call.op),
+                               agree._hash(algo), call.name_hash, call.shape_hash, 0)
+        chan.count(rows.width, (chan.size - 1) * rows.width)
+        req = chan.comm.Iallgather(rows.send, rows.recv)
+        if not req.Test():
+            agree.finish(chan, req, seq, 1, name)
+        if not agree.rows_same(rows, chan.size):
+            table = rows.recv.reshape(chan.size, rows.width)[:, :agree.HEADER_BYTES].copy().view(np.int64)
+            _raise_if_mismatch(chan, table, "allreduce", buf, call.op, algo, name, seq)
+    obs = chan.context.observations if chan.context is not None else None
+    t1 = perf_counter()
+    mpi = call.mpi
+    if algo == "mpi" and check_on and mpi is not None:
+        # Agreed: every rank is in this call, so MPI's blocking allreduce (native.py says why).
+        chan.count(call.nbytes, call.nbytes)
+        chan.comm.Allreduce(MPI_IN_PLACE if src is None else [src, mpi[0]], [flat, mpi[0]], mpi[1])
+        if call.op == Average:
+            finish_average(call.op, flat, chan.size)
+    elif algo == "mpi":
+        native_allreduce(chan, flat, call.op, name, src=src, agreed=check_on)
+    else:
+        registry.run(chan, algo, flat, call.op, src=src)
+    if obs is not None:
+        seconds = perf_counter() - t1
+        obs.record(algo, call.nbytes, seconds)
+        if learner is not None:
+            learner.done(chan, algo, call.nbytes, call.half, seconds)
+    return buf
+
+
+def _new_call(chan, key, x, op, algorithm, name):
+    """Validate a call shape once for the fast path; None when _general must take it."""
+    op = _OPS_BY_VALUE.get(op) if isinstance(op, (int, ReduceOp)) else None
+    if op is None or x.dtype not in _FAST_DTYPES or (op == Average and is_integer(x.dtype)):
+        return None
+    if algorithm in _AUTO:
+        algorithm = None
+    elif algorithm not in registry.ALGORITHMS or (algorithm == "mpi" and x.dtype in HALF_DTYPES):
+        return None
+    if name is not None and not isinstance(name, str):
+        return None
+    call = _Call(x, op, algorithm, name)
+    if chan.fast_calls is None:
+        chan.fast_calls = {}
+    if len(chan.fast_calls) >= _FAST_CALLS_MAX:
+        chan.fast_calls.clear()
+    chan.fast_calls[key] = call
+    return call
 
 
 def _scales(who, dtype, name, pre, post) -> tuple[float, float] | None:

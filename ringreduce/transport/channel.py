@@ -61,6 +61,7 @@ class Channel:
         self.node_channels = None     # algorithms.hierarchical.NodeChannels, made on first use
         self.rows = None              # runtime.agree.Rows: the fingerprint rows
         self.tiny = None              # runtime.tiny.TinyRows: the tiny path's buffers
+        self.fast_calls = None        # runtime.collectives' fast path: call shape -> what it precomputed
         self.stagers: dict = {}       # GPU id -> transport.staging.Stager
         self.compression_state = None  # compression.state.CompressionState (shared per context)
         self.warned_shm_fallback = False
@@ -86,7 +87,7 @@ class Channel:
         for res in (self.window, self.node_channels):
             if res is not None:
                 res.close()
-        self.window = self.node_channels = self.tiny = self.rows = None
+        self.window = self.node_channels = self.tiny = self.rows = self.fast_calls = None
         self.stagers.clear()
         self.pool.clear()
         if self.comm != MPI.COMM_NULL:
