@@ -21,3 +21,13 @@ def test_backend_collectives(np_):
     print(f"np={np_}: {counts}")
     assert code == 0, out[-20000:]
     assert counts.get("passed", 0) >= 150 and not counts.get("failed"), out[-5000:]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("np_", [1, 2, 3])
+def test_ddp_fsdp_and_hooks(np_):
+    code, out, counts = run_pytest_mpi(np_, ["torch_cases/cases_ddp.py"], timeout=400,
+                                       pytest_args=["--assert=plain", "-W", "ignore::FutureWarning"])
+    print(f"np={np_}: {counts}")
+    assert code == 0, out[-20000:]
+    assert counts.get("passed", 0) >= 20 and not counts.get("failed"), out[-5000:]

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import ringreduce as rr
-import ringreduce.torch as rrt
+import ringreduce.torch as rrt  # registers the "ringreduce" backend
 from ringreduce.core.mpi import MPI
 
 warnings.filterwarnings("ignore", category=FutureWarning)   # torch's renamed collectives
@@ -405,3 +405,25 @@ def test_a_rank_that_skips_an_all_reduce_gets_a_named_error():
 def test_wrong_output_count_is_named():
     with pytest.raises(rr.RingReduceError, match="output tensors"):
         dist.all_gather([torch.empty(2)] * (N + 1), torch.ones(2))
+
+
+# ------------------------------------------------ the compression hook on gloo DDP
+def test_compression_hook_when_ddp_runs_on_gloo():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=GLOO)
+    state = rrt.HookState(rr.Compression.int8, process_group=GLOO, prefix="gloo.bucket")
+    ddp.register_comm_hook(state, rrt.compression_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    teacher = torch.randn(8, 2, generator=torch.Generator().manual_seed(3))
+    losses = []
+    for step in range(20):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(100 * step + R))
+        loss = ((ddp(x) - x @ teacher) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-4:]) < sum(losses[:4]), losses
+    assert state.step == 20 and rr.compression_state().names()
+    same_everywhere(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), list(range(N)))
