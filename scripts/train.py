@@ -12,6 +12,7 @@ Example::
     mpirun -np 2 python scripts/train.py --model-size large --steps 30 --compare-ddp
     mpirun -np 2 python scripts/train.py --compression int8 --plot loss.png
     mpirun -np 2 python scripts/train.py --sync diloco --sync-every 8 --compression int8
+    mpirun -np 2 python scripts/train.py --ddp-backend ringreduce --ddp-hook int8 --compare-ddp
 """
 from __future__ import annotations
 
@@ -73,6 +74,12 @@ def parse_args(argv=None):
     p.add_argument("--resume", metavar="PATH", help="resume from a --checkpoint file (same ranks)")
     p.add_argument("--compare-ddp", action="store_true",
                    help="also train with torch DDP (gloo) and print the throughput ratio")
+    p.add_argument("--ddp-backend", choices=["ringreduce", "gloo"], default=None,
+                   help="the main run is torch DDP on this process-group backend instead of "
+                        "rrt.DistributedOptimizer")
+    p.add_argument("--ddp-hook", choices=COMPRESSIONS, default="none",
+                   help="with --ddp-backend: DDP's buckets through ringreduce's compression hook "
+                        "(--compression-warmup sets its uncompressed warm-up steps)")
     p.add_argument("--plot", metavar="PATH", help="write loss curves (PNG)")
     p.add_argument("--save-losses", metavar="PATH",
                    help="write this run's loss curve as JSON (for --plot-with)")
@@ -487,37 +494,78 @@ def resume(args, model, opt, sched, rank, size, sync=None):
     return ckpt["step"]
 
 
-# ---------------------------------------------------------------- DDP peer
-def train_ddp(args, shard, valid, rank, size):
+# ---------------------------------------------------------------- torch DDP runs
+def init_torch_distributed(args):
+    """One torch.distributed default group for the DDP runs; returns (main group, gloo group).
+
+    With --ddp-backend ringreduce the default group is ringreduce's and the gloo peer
+    gets its own group over the same ranks (one shared tcp:// store for both).
+    """
     import torch.distributed as dist
 
-    init_gloo(MPI.COMM_WORLD, os.environ.get("MASTER_ADDR"))
-    try:
-        res = yield from _ddp_loop(args, shard, valid, rank, size)
-        dist.barrier()
-    finally:
-        # The DDP model is gone by now: destroying the group under a live Reducer can deadlock.
-        import gc
-
-        gc.collect()
-        dist.destroy_process_group()
-    return res
+    backend = args.ddp_backend or "gloo"
+    init_gloo(MPI.COMM_WORLD, os.environ.get("MASTER_ADDR"), backend=backend)
+    gloo = dist.new_group(backend="gloo") if backend != "gloo" else None
+    return None, gloo
 
 
-def _ddp_loop(args, shard, valid, rank, size):
+def finish_torch_distributed():
+    import gc
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    # The DDP models are gone by now: destroying the group under a live Reducer can deadlock.
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def train_ddp(args, shard, valid, rank, size, group=None, hook=None, main=False):
+    """Step-by-step DDP training (a generator, like train_ringreduce) on `group`.
+
+    main=True: this is the job's main run (--ddp-backend): progress bar, evaluation
+    before and after, the checksum across ranks, and the wire bytes ringreduce moved.
+    """
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     preset = PRESETS[args.model_size]
-    model = DDP(make_model(args))
+    model = DDP(make_model(args), process_group=group)
+    state = None
+    if hook is not None:
+        warm = args.compression_warmup
+        state = rrt.HookState(compression=hook, warmup_steps=warm, process_group=group)
+        model.register_comm_hook(state, rrt.compression_hook)
     opt = make_optimizer(model, args)
     sched = make_schedule(opt, args.steps)
     rng = np.random.default_rng([args.seed, rank])
     k = args.backward_passes_per_step
     per_step = args.batch_size * k * size
+
+    def reduce_sum(vals):
+        t = torch.tensor(vals, dtype=torch.float64)
+        dist.all_reduce(t, group=group)
+        return t.tolist()
+
+    init_loss = None
+    if main:
+        nparams = sum(p.numel() for p in model.parameters())
+        if rank == 0:
+            print(f"torch DDP on {args.ddp_backend}: {size} rank(s), model {args.model_size} "
+                  f"({nparams / 1e6:.2f} M params), comm hook {args.ddp_hook}"
+                  + (f" after {args.compression_warmup} uncompressed steps"
+                     if hook is not None and args.compression_warmup else "")
+                  + f", optimizer {args.optimizer}", flush=True)
+        init_loss = evaluate(model.module, valid, args, rank, size, reduce_sum)
+        if rank == 0:
+            print(f"initial loss {init_loss:.4f}", flush=True)
+    wire = WireMeter(None, 0, size) if main else None
+    if wire is not None:
+        wire.start()
+    wire_curve = []
     losses, timed_from, busy = [], min(2, max(args.steps - 1, 0)), 0.0
     step_times = []
-    pb = None if args.compare_ddp else bar(args, rank, args.steps)
+    pb = bar(args, rank, args.steps) if main or not args.compare_ddp else None
     for step in range(args.steps):
         yield
         t_step = time.perf_counter()
@@ -533,24 +581,31 @@ def _ddp_loop(args, shard, valid, rank, size):
         opt.step()
         sched.step()
         losses.append((step + 1, loss_val))
+        if wire is not None:
+            wire_curve.append((step + 1, wire.sent()))
         if step >= timed_from:
             dt = time.perf_counter() - t_step
             busy += dt
             step_times.append((step, dt))
         if pb is not None:
-            pb.set_postfix(loss=f"{loss_val:.3f}", ddp=True)
+            pb.set_postfix(loss=f"{loss_val:.3f}", ddp=args.ddp_backend or "gloo")
             pb.update(1)
     if pb is not None:
         pb.close()
     sps = per_step * (args.steps - timed_from) / busy
-
-    def reduce_sum(vals):
-        t = torch.tensor(vals, dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
-
     final = evaluate(model.module, valid, args, rank, size, reduce_sum)
-    return dict(final=final, sps=sps, losses=losses, step_times=step_times, per_step=per_step)
+    res = dict(final=final, sps=sps, losses=losses, step_times=step_times, per_step=per_step)
+    if main:
+        mine = checksum(model.module)
+        every = rr.allgather_object(mine)
+        print(f"rank {rank} checksum {mine}", flush=True)
+        if len(set(every)) != 1:
+            raise rr.RingReduceError(f"rank {rank}: parameters differ across ranks: {every}")
+        # gloo's own traffic is not counted: only what ringreduce moved (the hook's buckets)
+        res.update(init=init_loss, checksum=mine, wire=wire_curve, wire_sent=wire.sent(),
+                   wire_exact=wire.exact and (args.ddp_backend == "ringreduce" or hook is not None),
+                   sync_totals=None, nparams=sum(p.numel() for p in model.parameters()))
+    return res
 
 
 def sps_from(res, first_step):
@@ -628,11 +683,25 @@ def main(argv=None):
     shard, valid = load_data(args, rank, size)
     if args.compare_ddp and args.resume:
         raise SystemExit("--compare-ddp trains both from step 0; leave out --resume")
-    ours = train_ringreduce(args, shard, valid, rank, size)
+    if args.ddp_backend and (args.resume or args.checkpoint or args.sync != "step"
+                             or args.compression != "none"):
+        raise SystemExit("--ddp-backend trains torch DDP from step 0 with --ddp-hook for "
+                         "compression; leave out --resume, --checkpoint, --sync and --compression")
+    if args.ddp_hook != "none" and not args.ddp_backend:
+        raise SystemExit("--ddp-hook needs --ddp-backend ringreduce or gloo")
+    torch_dist = args.compare_ddp or args.ddp_backend
+    main_group, gloo_group = init_torch_distributed(args) if torch_dist else (None, None)
+    if args.ddp_backend:
+        ours = train_ddp(args, shard, valid, rank, size, main_group,
+                         compression_of(args.ddp_hook), main=True)
+    else:
+        ours = train_ringreduce(args, shard, valid, rank, size)
     if args.compare_ddp:
-        res, ddp = interleave(ours, train_ddp(args, shard, valid, rank, size))
+        res, ddp = interleave(ours, train_ddp(args, shard, valid, rank, size, gloo_group))
     else:
         res = run_to_end(ours)
+    if torch_dist:
+        finish_torch_distributed()
     if rank == 0:
         print(f"final loss {res['final']:.4f}")
         print(f"samples/s {res['sps']:.1f}")
@@ -653,6 +722,10 @@ def main(argv=None):
         label = (f"diloco H={args.sync_every} outer {args.outer_lr:g}/{args.outer_momentum:g}"
                  + (f" F={args.fragments}" if args.fragments > 1 else "")
                  + (f" overlap {args.overlap_sync}" if args.overlap_sync else "") + f", {label}")
+    if args.ddp_backend:
+        label = f"torch DDP ({args.ddp_backend}), hook {args.ddp_hook}" + (
+            f" (warm-up {args.compression_warmup})"
+            if args.ddp_hook != "none" and args.compression_warmup else "")
     runs = {f"{args.optimizer}, {label}": res}
     if args.compare_ddp:
         runs["torch DDP (gloo)"] = ddp

@@ -7,8 +7,11 @@ full-batch training.
 """
 from __future__ import annotations
 
+import re
+import sys
+
 import pytest
-from mpi_util import run_pytest_mpi
+from mpi_util import ROOT, run_mpi, run_pytest_mpi
 
 pytest.importorskip("torch")
 
@@ -31,3 +34,20 @@ def test_ddp_fsdp_and_hooks(np_):
     print(f"np={np_}: {counts}")
     assert code == 0, out[-20000:]
     assert counts.get("passed", 0) >= 20 and not counts.get("failed"), out[-5000:]
+
+
+@pytest.mark.mpi
+def test_train_script_on_the_ringreduce_backend():
+    # scripts/train.py --ddp-backend: torch DDP is the main run, our hook on its buckets,
+    # DDP on gloo interleaved as the peer.
+    script = ROOT / "scripts" / "train.py"
+    code, out = run_mpi(2, [sys.executable, str(script), "--steps", "8", "--no-progress",
+                            "--ddp-backend", "ringreduce", "--ddp-hook", "int8",
+                            "--compression-warmup", "2", "--compare-ddp"], timeout=300)
+    assert code == 0, out[-10000:]
+    assert re.search(r"^final loss \d+\.\d+", out, re.M), out[-3000:]
+    assert re.search(r"^throughput ratio ringreduce/ddp \d+\.\d+", out, re.M), out[-3000:]
+    sums = re.findall(r"^rank (\d+) checksum ([0-9a-f]+)", out, re.M)
+    assert len(sums) == 2 and sums[0][1] == sums[1][1], out[-3000:]
+    wire = float(re.search(r"^wire MiB/rank (\d+\.\d+)", out, re.M).group(1))
+    assert wire > 0, out[-3000:]

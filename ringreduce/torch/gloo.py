@@ -18,11 +18,12 @@ import socket
 __all__ = ["init_gloo"]
 
 
-def init_gloo(comm, addr: str | None = None) -> None:
+def init_gloo(comm, addr: str | None = None, backend: str = "gloo") -> None:
     """Initialise torch.distributed with gloo over `comm`'s ranks (collective).
 
     addr is where rank 0 listens; by default 127.0.0.1 when every rank shares
-    one node, else rank 0's hostname.
+    one node, else rank 0's hostname. backend="ringreduce" makes ringreduce's
+    group the default one, on the same shared store (so gloo groups can join it).
     """
     import torch.distributed as dist
 
@@ -39,5 +40,5 @@ def init_gloo(comm, addr: str | None = None) -> None:
             s.bind(("", 0))
             where = (addr, s.getsockname()[1])
     host, port = comm.bcast(where, root=0)
-    dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=comm.Get_rank(),
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=comm.Get_rank(),
                             world_size=comm.Get_size())
