@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = sizes_between(args.begin, args.end, args.factor)
         if args.collective != "allreduce":
             from .collectives_bench import run as run_collective
-            return run_collective(args, comm, sizes)
+            return run_collective(args, comm, sizes, sys.modules[__name__])
         rows = run_sweep(args, comm, sizes, names, comps)
         if comm.Get_rank() == 0:
             n = comm.Get_size()

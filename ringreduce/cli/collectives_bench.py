@@ -29,11 +29,11 @@ __all__ = ["run", "COLLECTIVE_KINDS"]
 COLLECTIVE_KINDS = ("allgather", "reducescatter", "alltoall")
 
 
-def _columns(kind: str, comm, state, torch_ok):
+def _columns(kind: str, comm, state, torch_ok, h):
     import ringreduce as rr
 
-    from .bench import _mpi, _torch_view
-    MPI = _mpi()
+    _torch_view = h._torch_view
+    MPI = h._mpi()
     cols = []
 
     def mpi_call():
@@ -91,12 +91,17 @@ def _reference(kind: str, n: int, rank: int, per: int, dtype, make_input):
     return np.concatenate([make_input(r, per * n, dtype)[rank * per:(rank + 1) * per] for r in range(n)])
 
 
-def run(args, comm, sizes) -> int:
-    """The --collective sweep (args from ringreduce-bench's parser); rank 0 prints the table."""
+def run(args, comm, sizes, h) -> int:
+    """The --collective sweep (args from ringreduce-bench's parser); rank 0 prints the table.
+
+    `h` is the ringreduce.cli.bench module (its helpers: timing, inputs, gloo set-up), passed
+    in so the two modules do not import each other.
+    """
     import ringreduce as rr
 
-    from .bench import _gloo_setup, _mpi, _np_dtype, _time, human, make_input
-    MPI = _mpi()
+    _gloo_setup, _np_dtype, _time, human, make_input = (h._gloo_setup, h._np_dtype, h._time,
+                                                        h.human, h.make_input)
+    MPI = h._mpi()
     kind = args.collective
     n, rank = comm.Get_size(), comm.Get_rank()
     dtype = _np_dtype(args.dtype)
@@ -109,7 +114,7 @@ def run(args, comm, sizes) -> int:
         state["x"] = make_input(rank, per if kind == "allgather" else per * n, dtype)
         state["y"] = np.empty(per * n if kind != "reducescatter" else per, dtype)
         if cols is None:
-            cols = _columns(kind, comm, state, torch_ok)
+            cols = _columns(kind, comm, state, torch_ok, h)
         ref = _reference(kind, n, rank, per, dtype, make_input)
         errors, once = {}, []
         for name, call, _ in cols:
@@ -163,8 +168,7 @@ def run(args, comm, sizes) -> int:
         print("\nsize: bytes of the whole buffer (allgather result, reducescatter input, alltoall "
               "send buffer); x mpi / x gloo: peer time / our time", flush=True)
         if args.csv:
-            from .bench import write_csv
-            write_csv(rows, args.csv)
+            h.write_csv(rows, args.csv)
         if args.json:
             import json
             with open(args.json, "w") as f:
