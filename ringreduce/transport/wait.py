@@ -117,17 +117,25 @@ class Supervisor:
             raise RingReduceError(f"rank {self.rank}: {_text(what)} cannot start: {self.failure}")
         if MPI.Request.Testall(reqs):
             return
+        self.wait_until(lambda: MPI.Request.Testall(reqs), what, inspector, chan)
+
+    def wait_until(self, done, what="", inspector=None, chan=None) -> None:
+        """Wait until done() is true, under the same supervision as wait() (spin, then poll
+        with stall warnings, timeout and liveness checks). For conditions that are not MPI
+        requests, such as flags in a shared-memory window."""
+        if self.failure is not None:
+            raise RingReduceError(f"rank {self.rank}: {_text(what)} cannot start: {self.failure}")
         start = time.perf_counter()
         t0 = timeline.now() if timeline.on else 0
         spin_end = start + SPIN_SECONDS
         while time.perf_counter() < spin_end:
-            if MPI.Request.Testall(reqs):
+            if done():
                 if timeline.on:
                     timeline.complete("wait", t0, {"what": _text(what)})
                 return
         root = chan.root if chan is not None else None
         with self.blocked(_text(what), root):
-            self._wait_slowly(reqs, what, inspector, start)
+            self._wait_slowly(done, what, inspector, start)
         if timeline.on:
             timeline.complete("wait", t0, {"what": _text(what)})
 
@@ -160,11 +168,11 @@ class Supervisor:
                 self.fail(f"a liveness check failed ({text})")
                 raise RingReduceError(text)
 
-    def _wait_slowly(self, reqs, what, inspector, start: float) -> None:
+    def _wait_slowly(self, done, what, inspector, start: float) -> None:
         entry = self.waiting[threading.get_ident()]
         warned = asked = False
         nap = 5e-5
-        while not MPI.Request.Testall(reqs):
+        while not done():
             self.tick(entry)
             waited = time.perf_counter() - start
             if inspector is not None:

@@ -15,6 +15,7 @@ from ..core.mpi import MPI
 __all__ = ["SharedWindow"]
 
 _MIN_SLOT_BYTES = 1 << 16
+_FLAG_BYTES = 64        # a rank's barrier counter, alone in its cache line
 
 
 class SharedWindow:
@@ -33,17 +34,29 @@ class SharedWindow:
         self.win = None
         self.half = 0          # bytes in one half-slot
         self.calls = 0         # parity source: every rank makes the same calls
+        self.epoch = 0         # barriers passed since the window was (re)allocated
+        self._flag = None      # this rank's barrier counter (int64 view into the window)
+        self._peers: list = []  # the other ranks' counters
         self._cache: dict = {}
 
     def _allocate(self, half: int) -> None:
         self.close()
         self.half = half
-        self.win = MPI.Win.Allocate_shared(2 * half, 1, comm=self.comm)
+        # Each rank's segment: its two half-slots, then its barrier flag (own cache line).
+        self.win = MPI.Win.Allocate_shared(2 * half + _FLAG_BYTES, 1, comm=self.comm)
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self._raw = []
+        flags = []
         for peer in range(self.comm.Get_size()):
             mem, _ = self.win.Shared_query(peer)
             self._raw.append(np.frombuffer(mem, dtype=np.uint8, count=2 * half))
+            flags.append(np.frombuffer(mem, dtype=np.int64, count=1, offset=2 * half))
+        rank = self.comm.Get_rank()
+        self._flag = flags[rank]
+        self._flag[0] = 0
+        self._peers = [f for j, f in enumerate(flags) if j != rank]
+        self.epoch = 0
+        self.comm.Barrier()            # every flag is zero before anyone counts on it
 
     def views(self, dtype, count: int):
         """Per-parity, per-rank typed views of `count` elements, growing the window if needed."""
@@ -68,14 +81,32 @@ class SharedWindow:
         return self.calls & 1
 
     def sync(self) -> None:
-        """Make this rank's stores visible, wait for every rank, see theirs."""
+        """Make this rank's stores visible, wait for every rank, see theirs.
+
+        A barrier in the window itself: each rank counts its barriers in its own flag
+        and waits until every peer's flag has reached the same count (a peer may be
+        ahead, never more than one barrier: it waits for us at its next one). Reading
+        a flag costs a cache-line transfer, where MPI_Ibarrier's schedule costs
+        microseconds. The wait goes through the supervisor (stall warning, timeout,
+        liveness checks) like any MPI request.
+        """
         self.win.Sync()
-        # A non-blocking barrier, so the wait gets the supervisor's stall warning and timeout.
-        self.chan.wait([self.comm.Ibarrier()], "shared-memory allreduce barrier")
+        self.epoch = e = self.epoch + 1
+        self._flag[0] = e
+        if not self._arrived(e):
+            self.chan.supervisor.wait_until(lambda: self._arrived(e), "shared-memory allreduce barrier",
+                                            chan=self.chan)
         self.win.Sync()
+
+    def _arrived(self, e: int) -> bool:
+        for f in self._peers:
+            if f[0] < e:
+                return False
+        return True
 
     def close(self) -> None:
         if self.win is not None:
+            self._flag, self._peers = None, []      # views into the memory freed below
             self.win.Unlock_all()
             self.win.Free()
             self.win = None

@@ -218,3 +218,15 @@ def test_wire_stats_count_what_moves(algorithm, monkeypatch):
 def test_info_reports_the_check_as_the_engine_reads_it(value, on, monkeypatch):
     monkeypatch.setenv("RINGREDUCE_CHECK", value)
     assert rr.info()["mismatch_check"] is on
+
+
+def test_shm_window_barrier_waits_for_a_late_peer(monkeypatch):
+    # The window's own barrier (flags in shared memory): a late rank is waited for through
+    # the supervisor's slow phase, on both the one-barrier and the blocked path.
+    import time
+    monkeypatch.setenv("RINGREDUCE_CHECK", "0")        # no agreement round in front to absorb it
+    for count in (100, 300000):
+        if R == N - 1:
+            time.sleep(0.05)
+        y = rr.allreduce(np.full(count, R + 1, np.float32), op=rr.Sum, algorithm="shm")
+        assert everyone(bool(np.all(y == N * (N + 1) / 2)))
