@@ -40,6 +40,7 @@ from .runtime.gather import (
                                   broadcast_async,
 )
 from .runtime.info import info
+from .runtime.join import join
 from .runtime.process_sets import (
                                   ProcessSet,
                                   add_process_set,
@@ -63,7 +64,7 @@ __all__ = [
     "allreduce", "allreduce_", "allreduce_async", "Handle",
     "broadcast_", "broadcast_object", "allgather_object",
     "allgather", "allgather_async", "reducescatter", "reducescatter_async", "alltoall", "alltoall_async",
-    "broadcast", "broadcast_async", "barrier",
+    "broadcast", "broadcast_async", "barrier", "join",
     "grouped_allreduce", "grouped_allreduce_async", "grouped_allgather", "grouped_allgather_async",
     "grouped_reducescatter", "grouped_reducescatter_async",
     "ProcessSet", "add_process_set", "remove_process_set", "global_process_set",

@@ -8,7 +8,7 @@ SUITES = ["mpi_cases/cases_allreduce.py", "mpi_cases/cases_errors.py", "mpi_case
           "mpi_cases/cases_compression.py", "mpi_cases/cases_ops.py",
           "mpi_cases/cases_hierarchical.py", "mpi_cases/cases_engine.py", "mpi_cases/cases_nan.py",
           "mpi_cases/cases_collectives.py", "mpi_cases/cases_learn.py",
-          "mpi_cases/cases_auto.py"]
+          "mpi_cases/cases_auto.py", "mpi_cases/cases_gather_algorithms.py", "mpi_cases/cases_join.py"]
 
 
 @pytest.mark.mpi

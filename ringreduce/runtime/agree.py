@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import json
 import struct
 import zlib
 
@@ -21,7 +22,7 @@ from ..compression import kernels
 from ..core import config, timeline
 from ..core.errors import RingReduceError
 from ..liveness.stall import Inspector
-from ..transport.p2p import allgather_bytes
+from ..transport.p2p import allgather_bytes, bcast_bytes
 
 FIELDS = ("call number", "collective", "count", "dtype", "op", "algorithm", "name", "shape",
           "compression")
@@ -33,8 +34,9 @@ HEADER = struct.Struct(f"={NFIELDS}q")
 _HEADER = HEADER
 KINDS = {"allreduce": 1, "broadcast": 2, "broadcast_object": 3, "allgather_object": 4,
          "allgather": 5, "reducescatter": 6, "alltoall": 7, "barrier": 8, "grouped_allreduce": 9,
-         "error": 99}
+         "join": 10, "error": 99}
 ERROR_KIND = KINDS["error"]
+JOIN_KIND = KINDS["join"]
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
 
 
@@ -166,8 +168,9 @@ def guarded(kind: str):
 def _share_local_error(chan, kind: str, name, exc: BaseException) -> None:
     seq = chan.next_seq()
     table, _ = exchange(chan, fingerprint(seq, "error"), name=name)
-    if (table[:, 1] == ERROR_KIND).all():
-        return                      # every rank rejected its call: each raises its own error
+    kinds = table[:, 1]
+    if ((kinds == ERROR_KIND) | (kinds == JOIN_KIND)).all():
+        return                      # every rank rejected its call (or has joined): each raises its own
     readable = (seq, f"{kind} rejected on this rank: {exc}", "", "", "", "", name, (), "")
     try:
         raise_if_mismatch(table, chan, readable, name)
@@ -204,6 +207,9 @@ def raise_if_mismatch(table: np.ndarray, chan, readable: tuple, name: str | None
     """
     if all_same(table):
         return
+    joined = joined_ranks(table)
+    if joined is not None:
+        raise PeersJoined(joined)
     rank, who = chan.rank, chan.who
     everyone = _exchange_readable(chan, readable)
     kinds = table[:, 1]
@@ -238,3 +244,68 @@ def _exchange_readable(chan, readable: tuple) -> list[list[str]]:
 
 def _ranks(rs: list[int]) -> str:
     return ("rank " if len(rs) == 1 else "ranks ") + ",".join(map(str, rs))
+
+
+
+# -- join: ranks that have run out of work keep serving the others' collectives -------------
+
+class PeersJoined(Exception):
+    """Raised by raise_if_mismatch on a rank whose call met joined ranks (and no disagreement).
+
+    Internal: each collective catches it right after its agreement round and runs
+    the call again in its joined form (every rank, joined ones included, makes the
+    same calls then: runtime.join).
+    """
+
+    def __init__(self, joined: list[int]):
+        super().__init__(f"ranks {joined} have joined")
+        self.joined = joined
+
+
+def joined_ranks(table: np.ndarray) -> list[int] | None:
+    """The joined ranks when the others all make one and the same call, else None."""
+    kinds = table[:, 1]
+    joined = kinds == JOIN_KIND
+    if not joined.any() or joined.all():
+        return None
+    others = table[~joined]
+    if (others[:, 1] == ERROR_KIND).any() or not all_same(np.ascontiguousarray(others)):
+        return None
+    return [int(r) for r in np.flatnonzero(joined)]
+
+
+def join_fingerprint(seq: int, joined_at: int) -> np.ndarray:
+    """A joined rank's row: kind "join", the call number it joined at in the count field."""
+    return fingerprint(seq, "join", joined_at)
+
+
+def share_spec(chan, joined: list[int], spec: dict | None = None) -> dict:
+    """The call the ranks still working make, described by the lowest of them to every rank.
+
+    Every rank calls it at the same point (after an agreement round that met joined
+    ranks); `spec` matters only on that lowest rank. JSON, not pickle: plain fields.
+    """
+    root = min(r for r in range(chan.size) if r not in joined)
+    data = json.dumps(spec).encode() if chan.rank == root else b""
+    length = np.array([len(data)], np.int64)
+    bcast_bytes(chan, length, root, "join (call description length)")
+    buf = (np.frombuffer(data, np.uint8).copy() if chan.rank == root
+           else np.empty(int(length[0]), np.uint8))
+    bcast_bytes(chan, buf, root, "join (call description)")
+    return json.loads(buf.tobytes().decode())
+
+
+def joinable(handler):
+    """Decorate a collective fn(chan, ...): when its agreement round meets joined ranks,
+    ``handler()(chan, joined, ...)`` runs instead, with fn's arguments (handler is a
+    thunk, so it may be defined below fn). See runtime.join.
+    """
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(chan, *args, **kwargs):
+            try:
+                return fn(chan, *args, **kwargs)
+            except PeersJoined as peers:
+                return handler()(chan, peers.joined, *args, **kwargs)
+        return wrapper
+    return deco

@@ -85,6 +85,7 @@ def _prepare_output(chan, x, out, name, inplace: bool, defer: bool = False) -> n
     return out
 
 
+@agree.joinable(lambda: _allreduce_after_join)
 def allreduce_on(chan, x, op=Average, algorithm="auto", compression=None,
                  name=None, out=None, inplace=False, prescale_factor=1.0,
                  postscale_factor=1.0) -> np.ndarray:
@@ -430,6 +431,7 @@ def _check_root(chan, root_rank) -> None:
                               f"{chan.size} ranks")
 
 
+@agree.joinable(lambda: _broadcast_after_join)
 @agree.guarded("broadcast")
 def broadcast_on(chan, x: np.ndarray, root_rank: int = 0, name=None) -> np.ndarray:
     _check_root(chan, root_rank)
@@ -477,6 +479,7 @@ def _pickle(obj) -> tuple[np.ndarray | None, str | None]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
+@agree.joinable(lambda: _broadcast_object_after_join)
 @agree.guarded("broadcast_object")
 def _broadcast_object_on(chan, obj, root_rank: int = 0):
     _check_root(chan, root_rank)
@@ -508,6 +511,7 @@ def broadcast_object(obj, root_rank: int = 0, comm=None, process_set=None):
     return _broadcast_object_on(context(resolve_comm(comm, process_set)).main, obj, root_rank)
 
 
+@agree.joinable(lambda: _allgather_object_after_join)
 @agree.guarded("allgather_object")
 def _allgather_object_on(chan, obj) -> list:
     _object_check(chan, "allgather_object", 0)
@@ -544,3 +548,79 @@ def compression_state(comm=None) -> CompressionState:
         rr.compression_state().load_state_dict(ckpt["residuals"])
     """
     return state_for(context(comm).main)
+
+
+# -- join (runtime.join): the calls of the ranks still working, once some rank has joined ------
+# After an agreement round that met joined ranks (agree.PeersJoined), the lowest rank still
+# working describes the call (agree.share_spec) and every rank, joined ones included, makes it
+# again as a plain host collective: joined ranks contribute the op's identity (nothing, for the
+# gathers) and the op is unchanged (an Average still divides by every rank: Horovod's rule).
+
+def with_host(x, fn, copy_back: bool = False):
+    """fn(host array of x) for numpy or cupy x (a joined call runs on the host on every rank, so
+    every rank's fingerprint is the same); returns fn's result, device arrays copied back."""
+    if not device.is_device_array(x):
+        return fn(x)
+    xp = device.array_module(x)
+    host = xp.asnumpy(x)
+    got = fn(host)
+    if copy_back:
+        x[...] = xp.asarray(host)
+        device.synchronize(x)
+    return got
+
+
+def check_joined_root(chan, joined: list[int], root: int, kind: str) -> None:
+    """A broadcast from a rank that has joined cannot happen: the same error on every rank."""
+    if root in joined:
+        raise RingReduceError(f"{chan.who}: {kind} from root rank {root}, which has called join(); "
+                              "broadcast from a rank still working")
+
+
+def serve_allreduce(chan, buf: np.ndarray, op, name) -> None:
+    """The joined form of an allreduce, in place on host array buf (the same call on every rank)."""
+    allreduce_on(chan, buf, op, "auto", None, name, None, True)
+
+
+def _allreduce_after_join(chan, joined, x, op=Average, algorithm="auto", compression=None, name=None,
+                          out=None, inplace=False, prescale_factor=1.0, postscale_factor=1.0):
+    """allreduce_on on a rank still working, after its agreement round met joined ranks.
+
+    In place, x was prescaled before the round; otherwise the result is made afresh from x.
+    Compression is not applied while some rank has joined (the joined call is exact).
+    """
+    op = _as_op(op, chan.who)
+    scales = _scales(chan.who, x.dtype, name, prescale_factor, postscale_factor)
+    if inplace:
+        buf = x
+    else:
+        buf = _prepare_output(chan, x, out, name, False)
+        if scales is not None:
+            _scale(buf.reshape(-1), scales[0])
+    spec = {"kind": "allreduce", "dtype": dtype_code(buf.dtype), "shape": list(buf.shape),
+            "op": int(op), "name": name}
+    agree.share_spec(chan, joined, spec)
+    with_host(buf, lambda h: serve_allreduce(chan, h, op, name), copy_back=True)
+    if scales is not None:
+        _scale(buf.reshape(-1), scales[1])
+    return buf
+
+
+def _broadcast_after_join(chan, joined, x, root_rank=0, name=None):
+    spec = {"kind": "broadcast", "dtype": dtype_code(x.dtype), "shape": list(x.shape),
+            "root": int(root_rank), "name": name}
+    agree.share_spec(chan, joined, spec)
+    check_joined_root(chan, joined, int(root_rank), "broadcast")
+    with_host(x, lambda h: broadcast_on(chan, h, root_rank, name), copy_back=True)
+    return x
+
+
+def _broadcast_object_after_join(chan, joined, obj, root_rank=0):
+    agree.share_spec(chan, joined, {"kind": "broadcast_object", "root": int(root_rank)})
+    check_joined_root(chan, joined, int(root_rank), "broadcast_object")
+    return _broadcast_object_on(chan, obj, root_rank)
+
+
+def _allgather_object_after_join(chan, joined, obj):
+    agree.share_spec(chan, joined, {"kind": "allgather_object"})
+    return _allgather_object_on(chan, obj)          # joined ranks contribute None

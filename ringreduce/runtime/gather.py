@@ -27,7 +27,7 @@ from ..core.mpi import MPI
 from ..policy.collective import choose_collective, requested_collective
 from ..transport.p2p import MAX_MESSAGE_BYTES
 from . import agree, device_path
-from .collectives import _agree, _raise_if_mismatch, broadcast_on
+from .collectives import _agree, _raise_if_mismatch, broadcast_on, with_host
 from .context import context
 from .engine import Handle, run_async
 from .process_sets import resolve_comm
@@ -59,6 +59,7 @@ def _displs(counts: np.ndarray) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
 
 
+@agree.joinable(lambda: _allgather_after_join)
 @agree.guarded("allgather")
 def allgather_on(chan, x, name=None, algorithm="auto"):
     """allgather on a channel: every rank's x concatenated along axis 0, in rank order."""
@@ -127,11 +128,16 @@ def allgather_async(x, name: str | None = None, comm=None, process_set=None,
                      lambda ch: allgather_on(ch, x, name, algorithm), x)
 
 
+class SplitsError(RingReduceError, ValueError):
+    """Bad splits or a first dimension that does not split: a RingReduceError, and a ValueError
+    as in Horovod (its tests catch ValueError for these)."""
+
+
 def checked_splits(chan, first: int, splits, what: str) -> np.ndarray:
-    """Explicit `splits` as int64, or a RingReduceError: n non-negative counts summing to `first`."""
+    """Explicit `splits` as int64, or a SplitsError: n non-negative counts summing to `first`."""
     s = np.asarray(splits, np.int64).reshape(-1)
     if s.size != chan.size or (s < 0).any() or int(s.sum()) != first:
-        raise RingReduceError(f"{chan.who}: {what}: splits {s.tolist()} must be {chan.size} "
+        raise SplitsError(f"{chan.who}: {what}: splits {s.tolist()} must be {chan.size} "
                               f"non-negative counts summing to the first dimension ({first})")
     return s
 
@@ -140,12 +146,13 @@ def _splits_of(chan, first: int, splits, what: str) -> np.ndarray:
     n = chan.size
     if splits is None:
         if first % n:
-            raise RingReduceError(f"{chan.who}: {what}: the first dimension ({first}) does not divide "
+            raise SplitsError(f"{chan.who}: {what}: the first dimension ({first}) does not divide "
                                   f"evenly into {n} ranks; pass splits=")
         return np.full(n, first // n, np.int64)
     return checked_splits(chan, first, splits, what)
 
 
+@agree.joinable(lambda: _alltoall_after_join)
 @agree.guarded("alltoall")
 def alltoall_on(chan, x, splits=None, name=None):
     """alltoall on a channel: returns (received array, received splits)."""
@@ -226,6 +233,7 @@ def broadcast_async(x, root_rank: int = 0, name: str | None = None, comm=None,
                      lambda ch: broadcast_on(ch, y, root_rank, name), y)
 
 
+@agree.joinable(lambda: _barrier_after_join)
 @agree.guarded("barrier")
 def _barrier_on(chan) -> None:
     seq = chan.next_seq()
@@ -238,3 +246,29 @@ def barrier(comm=None, process_set=None) -> None:
     """Wait until every rank has called barrier (supervised: stall warning, timeout, deadlock)."""
     _barrier_on(context(resolve_comm(comm, process_set)).main)
 
+
+
+# -- join (runtime.join): a joined rank contributes no rows, sends nothing, receives what it is sent
+
+def _allgather_after_join(chan, joined, x, name=None, algorithm="auto"):
+    x = _contiguous(x, chan.who, name)
+    algorithm = requested_collective("allgather", algorithm, chan.who)
+    spec = {"kind": "allgather", "dtype": dtype_code(x.dtype), "tail": list(x.shape[1:] if x.ndim else ()),
+            "name": name, "algorithm": algorithm}
+    agree.share_spec(chan, joined, spec)
+    got = with_host(x, lambda h: allgather_on(chan, h if h.ndim else h.reshape(1), name, algorithm))
+    return device.array_module(x).asarray(got) if device.is_device_array(x) else got
+
+
+def _alltoall_after_join(chan, joined, x, splits=None, name=None):
+    x = _contiguous(x, chan.who, name)
+    send_splits = _splits_of(chan, x.shape[0], splits, "alltoall")
+    spec = {"kind": "alltoall", "dtype": dtype_code(x.dtype), "tail": list(x.shape[1:]), "name": name}
+    agree.share_spec(chan, joined, spec)
+    got, recv = with_host(x, lambda h: alltoall_on(chan, h, send_splits, name))
+    return (device.array_module(x).asarray(got) if device.is_device_array(x) else got), recv
+
+
+def _barrier_after_join(chan, joined):
+    agree.share_spec(chan, joined, {"kind": "barrier"})
+    _barrier_on(chan)

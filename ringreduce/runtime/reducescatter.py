@@ -24,7 +24,7 @@ from ..core.ops import Average
 from ..policy.collective import choose_collective, requested_collective
 from ..transport.p2p import chunk_bounds
 from . import agree, device_path
-from .collectives import _as_op, _raise_if_mismatch, _scale, _scales, allreduce_on, op_code
+from .collectives import _as_op, _raise_if_mismatch, _scale, _scales, allreduce_on, op_code, with_host
 from .context import context
 from .engine import Handle, run_async
 from .gather import allgather_on, checked_splits
@@ -35,6 +35,7 @@ __all__ = ["reducescatter", "reducescatter_async", "grouped_allreduce", "grouped
            "grouped_reducescatter_async", "reducescatter_on"]
 
 
+@agree.joinable(lambda: _reducescatter_after_join)
 @agree.guarded("reducescatter")
 def reducescatter_on(chan, x, op=Average, splits=None, name=None, prescale_factor=1.0,
                      postscale_factor=1.0, algorithm="auto"):
@@ -95,6 +96,36 @@ def reducescatter_on(chan, x, op=Average, splits=None, name=None, prescale_facto
         timeline.complete("reducescatter", t0, {"name": name, "algorithm": algorithm,
                                                 "bytes": x.nbytes, "call": seq})
     return out
+
+
+def serve_reducescatter(chan, buf, op, rows, name, algorithm):
+    """The joined form of a reducescatter on host array buf (the same call on every rank)."""
+    return reducescatter_on(chan, buf, op, rows, name, 1.0, 1.0, algorithm)
+
+
+def _reducescatter_after_join(chan, joined, x, op=Average, splits=None, name=None,
+                              prescale_factor=1.0, postscale_factor=1.0, algorithm="auto"):
+    """reducescatter_on on a rank still working, after its agreement round met joined ranks."""
+    op = _as_op(op, chan.who)
+    scales = _scales(chan.who, x.dtype, name, prescale_factor, postscale_factor)
+    n = chan.size
+    rows = (np.diff(chunk_bounds(x.shape[0], n)) if splits is None
+            else checked_splits(chan, x.shape[0], splits, "reducescatter"))
+    algorithm = requested_collective("reducescatter", algorithm, chan.who)
+    spec = {"kind": "reducescatter", "dtype": dtype_code(x.dtype), "shape": list(x.shape),
+            "op": int(op), "rows": [int(r) for r in rows], "name": name, "algorithm": algorithm}
+    agree.share_spec(chan, joined, spec)
+
+    def serve(h):
+        h = np.array(h, order="C", copy=True)
+        if scales is not None:
+            _scale(h.reshape(-1), scales[0])
+        return serve_reducescatter(chan, h, op, rows, name, algorithm)
+
+    got = with_host(x, serve)
+    if scales is not None:
+        _scale(got.reshape(-1), scales[1])
+    return device.array_module(x).asarray(got) if device.is_device_array(x) else got
 
 
 def reducescatter(x, op=Average, splits=None, name: str | None = None, comm=None,

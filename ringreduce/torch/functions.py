@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 import ringreduce as rr
@@ -190,22 +189,22 @@ def allgather_object(obj, name=None, process_set=None) -> list:
 
 
 def join(device=-1) -> int:
-    """Wait here until every rank has joined, serving the others' gradient steps.
+    """Wait here until every rank has joined, serving the others' collectives meanwhile.
 
-    A rank that runs out of data calls ``join()``. Until every rank has
-    called it, this rank takes part in each ``step()`` of the ranks still
-    training, contributing zero gradients, and the averages they get are taken
-    over the ranks still training (not over all ranks). The joined rank does
+    A rank that runs out of data calls ``join()``. Until every rank has called
+    it, this rank takes part in every collective of the ranks still working
+    (Horovod's semantics; ``rr.join`` in ringreduce.runtime.join): their
+    DistributedOptimizer steps, metric allreduces, allgathers, broadcasts,
+    barriers and the rest, async forms included. It contributes zeros (the op's
+    identity; no rows to a gather). As in Horovod, a plain ``allreduce(op=Average)``
+    then still divides by every rank; a DistributedOptimizer's step averages
+    over the ranks still training (it counts them). The joined rank does
     not update its own parameters: after ``join()`` returns, broadcast the
-    model and optimizer state from the returned rank. Only optimizer steps are
-    served: ranks still training must not run other collectives (metric
-    allreduce, broadcasts) until everyone has joined. With several
-    DistributedOptimizers, step them in the order they were created. Each
-    live DistributedOptimizer is served through its :class:`Joinable` methods
-    (``needs_synchronize``, ``active_ranks``, ``join_round``, ``end_join``).
+    model and optimizer state from the returned rank. A broadcast whose root
+    has joined is an error on every rank.
 
     ``device`` is Horovod's argument (where its zero tensors live); accepted
-    and unused, the zeros live in each bucket's own buffers.
+    and unused: the joined rank's contributions live on the host.
 
     Returns
     -------
@@ -221,38 +220,13 @@ def join(device=-1) -> int:
     >>> rrt.broadcast_optimizer_state(opt, root_rank=last)
     """
     opts: list[Joinable] = _live_optimizers()
-    size, me = rr.size(), rr.rank()
-    if size == 1:
+    if rr.size() == 1:
         return 0
     if any(o.needs_synchronize() for o in opts):
         raise _error("join() called with a backward pass not yet stepped; call step() "
                      "or synchronize() first")
-    # Who was still training at the last step: the rank that joins last is among them.
-    prev = None
-    for o in opts:
-        if o.active_ranks() is not None:
-            prev = o.active_ranks()
-    if prev is None:
-        prev = np.ones(size, dtype=np.int32)
-    done = False
-    while not done:
-        # One round serves one step of every optimizer, in creation order (the order the
-        # training ranks step them); with none alive a bare flags allreduce stands in.
-        for o in opts or (None,):
-            active = _join_barrier(size) if o is None else o.join_round()
-            if active is not None and not active.any():
-                done = True   # every rank has joined: all of them stop at this optimizer
-                break
-            if active is not None:
-                prev = active
+    last = rr.join()
     for o in opts:
         o.end_join()
-    last = int(np.flatnonzero(prev).max()) if prev.any() else size - 1
-    log.debug("rank %d: join done, last rank to join was %d", me, last)
+    log.debug("rank %d: join done, last rank to join was %d", rr.rank(), last)
     return last
-
-
-def _join_barrier(size: int) -> np.ndarray:
-    """join()'s round when no DistributedOptimizer is alive: all-zero flags, reduced."""
-    flags = np.zeros(size, dtype=np.int32)
-    return np.asarray(rr.allreduce_async(flags, op=rr.Sum, name="join.barrier").wait())

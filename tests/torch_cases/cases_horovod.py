@@ -456,17 +456,37 @@ def test_sparse_allreduce_async():
     assert torch.equal(got, expected)
 
 
-def test_join_against_another_collective_is_a_named_error():
-    """join() serves DistributedOptimizer steps only (Horovod's also serves allreduce):
-    a plain allreduce on the ranks still working meets the joined rank's round and
-    fails on every rank, naming both calls, instead of hanging."""
+def test_join_serves_every_collective():
+    """A joined rank serves the others' allreduce (zeros; Average still divides by every
+    rank, as Horovod's), allgather (no rows) and broadcast (receiving)."""
     if N == 1:
         pytest.skip("needs two ranks")
-    with pytest.raises(hvd.HorovodInternalError, match="join"):
-        if R == 0:
+    if R == 0:
+        assert hvd.join() == N - 1
+    else:
+        s = hvd.synchronize(hvd.allreduce_async(torch.ones(5) * R, name="tensor_a", op=hvd.Sum))
+        assert torch.equal(s, torch.full((5,), float(sum(range(1, N)))))
+        avg = hvd.allreduce(torch.ones(3) * R, name="tensor_b")
+        assert torch.allclose(avg, torch.full((3,), sum(range(1, N)) / N))
+        g = hvd.allgather(torch.full((1, 2), float(R)))
+        assert torch.equal(g, torch.tensor([[float(r)] * 2 for r in range(1, N)]))
+        b = hvd.broadcast(torch.full((2,), float(R)), root_rank=N - 1)
+        assert torch.equal(b, torch.full((2,), float(N - 1)))
+        assert hvd.join() == N - 1
+    assert float(hvd.allreduce(torch.ones(1), op=hvd.Sum)) == N
+
+
+def test_broadcast_from_a_joined_root_is_a_named_error():
+    """The working ranks raise at once; the joined rank's join() raises it once all joined."""
+    if N == 1:
+        pytest.skip("needs two ranks")
+    if R == 0:
+        with pytest.raises(hvd.HorovodInternalError, match="root rank 0"):
             hvd.join()
-        else:
-            hvd.synchronize(hvd.allreduce_async(torch.ones(5), name="tensor_a"))
+    else:
+        with pytest.raises(hvd.HorovodInternalError, match="root rank 0"):
+            hvd.broadcast(torch.ones(2), root_rank=0)
+        hvd.join()
     assert float(hvd.allreduce(torch.ones(1), op=hvd.Sum)) == N
 
 
