@@ -29,6 +29,7 @@ from ..core.errors import RingReduceError, who
 from ..core.log import logger
 from ..core.ops import ReduceOp
 from . import learn, tuning
+from .collective import COLLECTIVE_TABLES, build_collective_tables
 from .cost import predict, predict_across
 
 PUBLIC = registry.PUBLIC
@@ -154,6 +155,7 @@ def _fmt(b: int) -> str:
 def make_plan(params: dict, n: int, node_local: bool, nodes: int = 1, max_local: int = 1) -> Plan:
     tables = {"full": build_table(params, n, node_local, False, nodes, max_local),
               "half": build_table(params, n, node_local, True, nodes, max_local)}
+    tables.update(build_collective_tables(params, n, node_local, nodes))   # allgather, reducescatter
     plan = Plan(tables, node_local, params.get("path", params.get("source", "defaults")))
     plan.size, plan.nodes, plan.max_local = n, nodes, max_local
     return plan
@@ -167,13 +169,14 @@ def tuned_for(params: dict, n: int, node_local: bool) -> bool:
 
 _NAMES = CANDIDATES + ("hierarchical",)
 NAMES = _NAMES           # the algorithm indices of the encoded plan and the learned cache
+_TABLE_KEYS = ("full", "half") + tuple(COLLECTIVE_TABLES)
 
 
 def _encode(plan: "Plan") -> np.ndarray:
     """The plan as int64: size, node_local, nodes, max_local, per table its length and pairs,
     then learn, the number of cached decisions and their (table, band, algorithm) triples."""
     out = [plan.size, int(plan.node_local), plan.nodes, plan.max_local]
-    for key in ("full", "half"):
+    for key in _TABLE_KEYS:
         t = plan.tables[key]
         out.append(len(t))
         for bound, algo in t:
@@ -187,7 +190,7 @@ def _encode(plan: "Plan") -> np.ndarray:
 def _decode(ints: np.ndarray, source: str) -> "Plan":
     size, node_local, nodes, max_local = (int(v) for v in ints[:4])
     tables, i = {}, 4
-    for key in ("full", "half"):
+    for key in _TABLE_KEYS:
         k = int(ints[i])
         i += 1
         tables[key] = [(None if ints[i + 2 * j] < 0 else int(ints[i + 2 * j]), _NAMES[int(ints[i + 2 * j + 1])])
