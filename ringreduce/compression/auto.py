@@ -6,9 +6,11 @@ tensor) it decides, and keeps re-deciding:
 
 * **Whether compression pays, and which format is fastest**, from the tensor's own
   calls: the first ``WARM`` calls run uncompressed, then each candidate format runs
-  ``TRIAL`` calls in turn, finer ones first (fp16, bf16, int8, int4, onebit), then
-  "none" again; the median call time of the last ``TRIAL - 1`` calls of each,
-  MAX over the ranks, is the measurement (the first pays for scratch buffers). A
+  ``TRIAL`` calls in turn, coarsest first (onebit, int4, int8, bf16, fp16); once one
+  is within quality, finer ones run only if predicted faster than it measured; "none"
+  runs again at the end when the best format beat it by less than 1.5x. The median
+  call time of the last ``TRIAL - 1`` calls of each, MAX over the ranks, is the
+  measurement (the first pays for scratch buffers). A
   candidate is skipped without a trial when its predicted call, its compress +
   decompress of the tensor (this machine's kernel speed, measured once per process
   on 2**22 elements) plus the uncompressed call's time scaled by its wire bytes, is
@@ -70,7 +72,7 @@ from .onebit import OneBit
 __all__ = ["Auto", "AutoTensor", "choose", "after"]
 
 FINE_TO_COARSE = ("none", "fp16", "bf16", "int8", "int4", "onebit")
-WARM = 4            # uncompressed calls first (timed: the baseline)
+WARM = 3            # uncompressed calls first (timed: the baseline)
 TRIAL = 3           # calls per candidate format (the first untimed)
 SAMPLE = 1024       # coordinates the error estimate watches
 FIRST_CHECK = 8     # calls between error checks once settled, doubling up to LAST_CHECK
@@ -165,6 +167,13 @@ class AutoTensor:
         self.history: list[dict] = []       # {"call", "format", "why"}
         self.wire: dict[str, float] = {}    # bytes sent per rank, by format
         self.last_error: float | None = None
+        self.predicted: dict[str, float] = {}   # predicted call seconds per format (agreed)
+
+    def remeasure_none(self, auto) -> bool:
+        """Whether the best format within quality beat the warm-up's "none" by less than 1.5x."""
+        ok = [s for f, s in self.medians.items() if f != "none"
+              and self.errors.get(f, float("inf")) <= auto.quality]
+        return bool(ok) and min(ok) * 1.5 > self.medians.get("none", 0.0)
 
     # -- checkpoint -----------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -175,7 +184,7 @@ class AutoTensor:
                 "nonfinite": self.nonfinite, "sum": self.sum.copy(),
                 "next_check": self.next_check, "interval": self.interval,
                 "history": [dict(h) for h in self.history], "wire": dict(self.wire),
-                "last_error": self.last_error,
+                "last_error": self.last_error, "predicted": dict(self.predicted),
                 "times": {k: list(v) for k, v in self.times.items()}}
 
     @classmethod
@@ -194,6 +203,7 @@ class AutoTensor:
         t.wire = {k: float(v) for k, v in d["wire"].items()}
         t.last_error = None if d.get("last_error") is None else float(d["last_error"])
         t.times = {k: [float(x) for x in v] for k, v in d.get("times", {}).items()}
+        t.predicted = {k: float(v) for k, v in d.get("predicted", {}).items()}
         return t
 
     def report(self) -> dict:
@@ -367,15 +377,15 @@ def _end_warm(chan, state, auto, t, flat, op, name, idx) -> None:
         # Predicted call: the kernels (compress + decompress of the whole tensor, slowest rank)
         # plus the uncompressed call's time scaled by the wire bytes (as if it were all link).
         shrink = _CONFIGS[f].packed_nbytes(flat.size) / flat.nbytes
-        (t.skipped if cost + none * shrink >= none else t.trial).append(f)
+        t.predicted[f] = float(cost + none * shrink)
+        (t.skipped if t.predicted[f] >= none else t.trial).append(f)
     t.last_error = err
     t.errors["none"] = err
     t.err_sum["none"] = norm
     if t.trial:
-        # "none" once more at the end: by then the engine's own algorithm choice for this size
-        # has settled (policy.learn explores during the first calls), so its time is fair.
-        t.trial.append("none")
-        t.times["none"] = []
+        # Coarsest first: once a format is within quality, the finer ones (more bytes, so
+        # predicted slower) are tried only if predicted faster than it measured.
+        t.trial.reverse()
         t.phase = "trial"
         _event(chan, t, name, t.trial[0], "trial")
     else:
@@ -394,6 +404,13 @@ def _end_trial(chan, state, auto, t, flat, op, name, idx, fmt) -> None:
     if bad:
         t.errors[fmt] = float("inf")
     t.trial = [f for f in t.trial if f != fmt]
+    if fmt != "none" and t.errors[fmt] <= auto.quality:
+        t.trial = [f for f in t.trial if f == "none" or t.predicted.get(f, 0.0) < t.medians[fmt]]
+    if not t.trial and fmt != "none" and "none" not in t.trial and t.remeasure_none(auto):
+        # "none" once more when it was close: by then the engine's own algorithm choice for
+        # this size has settled (policy.learn explores during the first calls).
+        t.trial = ["none"]
+        t.times["none"] = []
     if t.trial:
         _event(chan, t, name, t.trial[0], "trial")
         return

@@ -49,7 +49,9 @@ def test_same_decisions_and_bit_identical_results(monkeypatch):
     reports = rr.allgather_object(rep)
     assert all(r == reports[0] for r in reports), reports
     tried = [h["format"] for h in rep["history"] if h["why"] == "trial"]
-    assert tried == ["fp16", "int8", "int4", "onebit", "none"]
+    order = ["onebit", "int4", "int8", "fp16"]           # coarsest first
+    compressed = [f for f in tried if f != "none"]
+    assert compressed == order[:len(compressed)] and compressed[:1] == ["onebit"], tried
     assert rep["phase"] == "settled"
     # The choice is the fastest measured format within quality (none always qualifies).
     choice = rep["format"]
@@ -57,14 +59,17 @@ def test_same_decisions_and_bit_identical_results(monkeypatch):
     assert choice == "none" or rep["errors"][choice] <= 0.01
 
 
-def test_results_close_to_exact_mean():
-    # Whatever auto picks, each result is the mean up to the chosen format's error.
-    ys = run("close", 12)
-    for s, y in enumerate(ys):
-        g = grads(s).astype(np.float64)
-        exact = rr.allreduce(g, op=rr.Average)
-        rel = np.linalg.norm(y - exact) / np.linalg.norm(exact)
-        assert everyone(rel < 1.0), rel
+def test_accumulated_result_close_to_exact(monkeypatch):
+    # Whatever auto tries and picks, the sum of its results is the sum of the exact means up
+    # to the pending residuals: the error it estimates (single onebit trial steps are far off).
+    no_pruning(monkeypatch)
+    ys = run("close", 30)
+    total = np.sum([y.astype(np.float64) for y in ys], axis=0)
+    exact = sum(rr.allreduce(grads(s).astype(np.float64), op=rr.Average) for s in range(30))
+    rel = np.linalg.norm(total - exact) / np.linalg.norm(exact)
+    est = rr.compression_state().auto_report()["close"]["error"]
+    assert everyone(rel < 0.05), (rel, est)
+    assert everyone(rel <= 2 * est + 1e-6), (rel, est)
 
 
 def test_picks_none_on_shared_memory():
@@ -122,14 +127,17 @@ def test_falls_back_on_nonfinite():
 
 
 def test_checkpoint_resume_is_exact(monkeypatch):
+    # Saved once settled: from there on the decisions depend on the data only (error
+    # estimates at the checks), so a resumed run repeats every choice and every bit.
     no_pruning(monkeypatch)
-    run("ck", 9)
+    run("ck", 26)
+    assert rr.compression_state().auto_report()["ck"]["phase"] == "settled"
     saved = rr.compression_state().state_dict()
-    after = run("ck", 14, start=9)
+    after = run("ck", 24, start=26)
     rep = rr.compression_state().auto_report()["ck"]
     rr.compression_state().clear()
     rr.compression_state().load_state_dict(saved)
-    again = run("ck", 14, start=9)
+    again = run("ck", 24, start=26)
     assert rr.compression_state().auto_report()["ck"]["history"] == rep["history"]
     for a, b in zip(after, again):
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
