@@ -96,11 +96,21 @@ class _Worker:
 
     def __init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # Held while a job runs, here or inline (run_blocking): the two never overlap.
+        self.running = threading.Lock()
+        self._count = threading.Lock()
+        self._pending = 0            # submitted and not finished
         self._thread = threading.Thread(target=self._loop, name="ringreduce-engine", daemon=True)
         self._thread.start()
 
     def submit(self, handle: Handle, fn) -> None:
+        with self._count:
+            self._pending += 1
         self._queue.put((handle, fn))
+
+    def idle(self) -> bool:
+        """Nothing queued or running (meaningful while holding `running`)."""
+        return self._pending == 0
 
     def _loop(self) -> None:
         while True:
@@ -108,7 +118,10 @@ class _Worker:
             if item is None:
                 return
             handle, fn = item
-            handle._run(fn)
+            with self.running:
+                handle._run(fn)
+            with self._count:
+                self._pending -= 1
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -179,6 +192,25 @@ def allreduce_async(x, op=Average, algorithm: str = "auto", compression=None,
     return run_async(resolve_comm(comm, process_set), label,
                      lambda chan: allreduce_on(chan, x, op, algorithm, compression, name, out, False,
                                                prescale_factor, postscale_factor), x)
+
+
+def run_blocking(comm, label: str, fn, *arrays) -> Handle:
+    """Run fn(background channel) for a caller that waits at once: here, when the engine is idle.
+
+    A blocking call behind no queued work runs on the calling thread, on the engine's
+    channel, so it keeps its place in the channel's order and skips two thread
+    switches (tens of microseconds); behind queued work it queues too.
+    """
+    worker = _get_worker()
+    if worker is None:
+        return run_async(comm, label, fn, *arrays)
+    chan = _comm.context(comm).background
+    with worker.running:
+        if worker.idle():
+            handle = Handle(f"{chan.who}: {label}", _comm.RUNTIME)
+            handle._run(lambda: fn(chan))
+            return handle
+    return run_async(comm, label, fn, *arrays)
 
 
 def run_async(comm, label: str, fn, *arrays) -> Handle:

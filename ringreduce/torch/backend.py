@@ -34,7 +34,7 @@ from ..core.errors import RingReduceError
 from ..core.mpi import MPI
 from ..runtime import context as _context
 from ..runtime.collectives import allreduce_on, broadcast_on
-from ..runtime.engine import run_async
+from ..runtime.engine import run_async, run_blocking
 from ..runtime.gather import _barrier_on, allgather_on, alltoall_on
 from ..runtime.reducescatter import _grouped_on, reducescatter_on
 from ._convert import from_array, to_array
@@ -149,11 +149,13 @@ class _Work(dist.Work):
         self.wait()
 
 
-def engine_work(comm, label: str, fn, tensors, result) -> _Work:
+def engine_work(comm, label: str, fn, tensors, result, blocking: bool = False) -> _Work:
     """Run fn(chan) on the engine thread; the Work's future completes with result() after it.
 
     The future is set from the engine thread, so callbacks chained on it (DDP's) run
     there too; an error sets it as the future's exception and is raised by wait().
+    blocking=True (torch's async_op=False: the caller waits at once) runs it on the
+    calling thread when the engine has nothing queued (engine.run_blocking).
     """
     future = torch.futures.Future()
 
@@ -165,7 +167,8 @@ def engine_work(comm, label: str, fn, tensors, result) -> _Work:
             raise
         future.set_result(result())
 
-    handle = run_async(comm, label, job, *[t for t in tensors if t is not None])
+    start = run_blocking if blocking else run_async
+    handle = start(comm, label, job, *[t for t in tensors if t is not None])
     return _Work(handle, future, keep=tuple(tensors))
 
 
@@ -274,8 +277,9 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
         return f"ProcessGroupRingReduce(rank={self.rank()}, size={self.size()})"
 
     # ---------------------------------------------------------------- plumbing
-    def _run(self, label: str, fn, tensors, result):
-        return engine_work(self._engine_comm, label, fn, tensors, result)
+    def _run(self, label: str, fn, tensors, result, opts=None):
+        blocking = opts is not None and not getattr(opts, "asyncOp", True)
+        return engine_work(self._engine_comm, label, fn, tensors, result, blocking)
 
     def _arrays(self, tensors, what):
         return [_array(t, self._who, f"{what} tensor {i}") for i, t in enumerate(tensors)]
@@ -293,7 +297,7 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
             for a, y in zip(arrays, _grouped_on(chan, arrays, op, None, pre, 1.0)):
                 a[...] = y
 
-        return self._run("torch all_reduce", fn, tensors, lambda: tensors)
+        return self._run("torch all_reduce", fn, tensors, lambda: tensors, opts)
 
     def allreduce_coalesced(self, tensors, opts=None):
         return self.allreduce(tensors, opts)
@@ -310,7 +314,7 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
                 if chan.rank == root:
                     a[...] = y
 
-        return self._run("torch reduce", fn, tensors, lambda: tensors)
+        return self._run("torch reduce", fn, tensors, lambda: tensors, opts)
 
     # -------------------------------------------------------------- broadcast
     def broadcast(self, tensors, opts=None):
@@ -322,7 +326,7 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
             for a in arrays:
                 broadcast_on(chan, a, root)
 
-        return self._run("torch broadcast", fn, tensors, lambda: tensors)
+        return self._run("torch broadcast", fn, tensors, lambda: tensors, opts)
 
     # -------------------------------------------------------------- allgather
     def _gather_flat(self, chan, src, outputs) -> None:
@@ -351,7 +355,7 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
                 self._gather_flat(chan, src, outs)
 
         flat_outs = [t for o in outputs for t in o]
-        return self._run("torch all_gather", fn, inputs + flat_outs, lambda: outputs)
+        return self._run("torch all_gather", fn, inputs + flat_outs, lambda: outputs, opts)
 
     def allgather_coalesced(self, output_lists, input_list, opts=None):
         return self.allgather(output_lists, input_list, opts)
@@ -371,7 +375,7 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
             for src, o in zip(srcs, outputs):
                 self._gather_flat(chan, src, [o])
 
-        return self._run("torch all_gather_into_tensor", fn, inputs + outputs, lambda: outputs)
+        return self._run("torch all_gather_into_tensor", fn, inputs + outputs, lambda: outputs, opts)
 
     _allgather_base = all_gather_single
     allgather_into_tensor_coalesced = all_gather_single_coalesced
@@ -408,7 +412,7 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
                 self._scatter_reduced(chan, src, out, op, pre, p)
 
         return self._run("torch reduce_scatter", fn, outputs + [t for i in inputs for t in i],
-                         lambda: outputs)
+                         lambda: outputs, opts)
 
     def reduce_scatter_single(self, output, input, opts=None):
         return self.reduce_scatter_single_coalesced([output], [input], opts)
@@ -422,7 +426,7 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
             for src, out in zip(srcs, outputs):
                 self._scatter_reduced(chan, src, out, op, pre)
 
-        return self._run("torch reduce_scatter_tensor", fn, outputs + inputs, lambda: outputs)
+        return self._run("torch reduce_scatter_tensor", fn, outputs + inputs, lambda: outputs, opts)
 
     _reduce_scatter_base = reduce_scatter_single
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
@@ -453,7 +457,7 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
                                       f"{recv_rows}")
             _copy_bytes(output, got)
 
-        return self._run("torch all_to_all_single", fn, [input, output], lambda: [output])
+        return self._run("torch all_to_all_single", fn, [input, output], lambda: [output], opts)
 
     alltoall_base = all_to_all_single
 
@@ -478,7 +482,7 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
                 _copy_bytes(o, got[at:at + c])
                 at += c
 
-        return self._run("torch all_to_all", fn, inputs + outputs, lambda: outputs)
+        return self._run("torch all_to_all", fn, inputs + outputs, lambda: outputs, opts)
 
     # ------------------------------------------------------- gather / scatter
     # Both are alltoalls with one non-empty split: each rank's bytes go to (or come from) the root.
@@ -505,7 +509,7 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
                         at += int(c)
 
         flat_outs = [t for o in outputs for t in o]
-        return self._run("torch gather", fn, inputs + flat_outs, lambda: outputs)
+        return self._run("torch gather", fn, inputs + flat_outs, lambda: outputs, opts)
 
     def scatter(self, output_tensors, input_tensors, opts):
         root, n = opts.rootRank, self.size()
@@ -530,11 +534,11 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
                 _copy_bytes(out, got)
 
         return self._run("torch scatter", fn, outputs + [t for i in inputs for t in i],
-                         lambda: outputs)
+                         lambda: outputs, opts)
 
     # ----------------------------------------------------------------- barrier
     def barrier(self, opts=None):
-        return self._run("torch barrier", _barrier_on, [], list)
+        return self._run("torch barrier", _barrier_on, [], list, opts)
 
     # -------------------------------------------------------- point-to-point
     def _tag(self, tag: int) -> int:
