@@ -51,3 +51,14 @@ def test_train_script_on_the_ringreduce_backend():
     assert len(sums) == 2 and sums[0][1] == sums[1][1], out[-3000:]
     wire = float(re.search(r"^wire MiB/rank (\d+\.\d+)", out, re.M).group(1))
     assert wire > 0, out[-3000:]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("flags", [["--hook", "int8", "--warmup", "5"], ["--fsdp"]])
+def test_ddp_example_script(flags):
+    script = ROOT / "scripts" / "examples" / "ddp_ringreduce.py"
+    code, out = run_mpi(2, [sys.executable, str(script), *flags], timeout=240)
+    assert code == 0, out[-10000:]
+    first = float(re.search(r"^step 0 loss (\d+\.\d+)", out, re.M).group(1))
+    last = float(re.search(r"^final loss (\d+\.\d+)", out, re.M).group(1))
+    assert last < 0.6 * first, out[-3000:]
