@@ -42,7 +42,9 @@ class HookState:
     Parameters
     ----------
     compression : an rr.Compression (fp16, bf16, int8, int4, onebit, or a configured
-        one such as ``rr.Compression.int8.with_options(...)``), or None for plain allreduce.
+        one such as ``rr.Compression.int8.with_options(...)``), ``rr.Compression.auto``
+        (which picks per bucket from what it measures; buckets are flat, so its
+        ``one_dim`` is turned on), or None for plain allreduce.
     warmup_steps : iterations that run uncompressed before compression starts
         (error feedback starts from zero at the first compressed step).
     process_group : DDP's process group when it is not the default one; a
@@ -59,6 +61,8 @@ class HookState:
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise RingReduceError(f"rank {rr.rank()}: warmup_steps must be a non-negative int, "
                                   f"got {warmup_steps!r}")
+        if isinstance(compression, type(rr.Compression.auto)) and not compression.one_dim:
+            compression = compression(one_dim=True)     # DDP's buckets are flat: let auto compress them
         self.compression = compression
         self.warmup_steps = warmup_steps
         self.prefix = prefix

@@ -163,6 +163,17 @@ def test_compression_hook_trains_and_ranks_agree(fmt):
     assert len(names) >= 1 and all(n.startswith(f"hook.{fmt}.") for n in names), names
 
 
+def test_compression_hook_with_auto():
+    # the test model is small: let auto consider its one bucket (323 elements)
+    state = rrt.HookState(compression=rr.Compression.auto(min_elements=0), prefix="hook.auto.")
+    assert state.compression.one_dim
+    model, _, losses = train_with_hook(state, 12)
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    same_everywhere(flat(model))
+    report = rr.compression_state().auto_report()
+    assert any(name.startswith("hook.auto.") for name in report), report
+
+
 def test_compression_hook_warmup_is_uncompressed():
     # During the warm-up, the hook is exactly DDP's own averaging.
     torch.manual_seed(0)
