@@ -401,3 +401,8 @@ def use_timeout(seconds: float) -> None:
         return
     sup = RUNTIME.supervisor
     sup.configure(min(sup.stall_warning, seconds / 2), seconds, sup.rank)
+
+
+def wait_until(done, what: str) -> None:
+    """Wait for done() under the engine's supervision: stall warnings, the timeout, liveness."""
+    RUNTIME.supervisor.wait_until(done, what)

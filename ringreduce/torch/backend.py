@@ -197,19 +197,23 @@ class _P2PWork(dist.Work):
     def wait(self, timeout: datetime.timedelta | None = None) -> bool:
         if self._done:
             return True
-        limit = self._group.timeout_seconds
+        limit = None
         if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0:
-            limit = timeout.total_seconds()
+            limit = time.monotonic() + timeout.total_seconds()
         status = MPI.Status()
-        start = time.monotonic()
-        nap = 5e-5
-        while not self._request.Test(status):
-            if time.monotonic() - start > limit:
+
+        def done() -> bool:
+            if self._request.Test(status):
+                return True
+            if limit is not None and time.monotonic() > limit:
                 self._request.Cancel()
                 raise RingReduceError(f"rank {rr.rank()}: {self._what} did not complete within "
-                                      f"{limit:g} s: is its peer posting the matching call?")
-            time.sleep(nap)
-            nap = min(2 * nap, 0.005)
+                                      f"{timeout.total_seconds():g} s: is its peer posting the "
+                                      "matching call?")
+            return False
+
+        # Supervised like every engine wait: stall warnings, RINGREDUCE_TIMEOUT, deadlocks.
+        _context.wait_until(done, self._what)
         self._complete(status)
         return True
 
@@ -240,7 +244,8 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
     Parameters
     ----------
     comm : mpi4py communicator of the group's ranks (torch's rank i is its rank i)
-    timeout : float seconds a point-to-point wait gives its peer before it raises
+    timeout : float seconds of torch's timeout= for this group (point-to-point waits are
+        bounded by ringreduce's timeout, which the default group's timeout= sets)
     """
 
     def __init__(self, comm, timeout: float, is_world: bool = False):
