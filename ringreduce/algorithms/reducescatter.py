@@ -75,7 +75,10 @@ def native(chan, flat, op: ReduceOp, offsets, out, agreed: bool = False) -> None
         device.synchronize(nans)      # the stream rule: MPI reads it next
         calls.append(([nans, MPI.UINT8_T], [got, MPI.UINT8_T], counts, MPI.MAX))
     chan.count(flat.nbytes - out.nbytes, flat.nbytes - out.nbytes)
-    if agreed:
+    if agreed and (counts == counts[0]).all():
+        for s, r, _, mop in calls:            # Open MPI's Reduce_scatter_block: 2-3x its v-form
+            chan.comm.Reduce_scatter_block(s, r, mop)
+    elif agreed:
         for s, r, c, mop in calls:
             chan.comm.Reduce_scatter(s, r, c, mop)
     else:

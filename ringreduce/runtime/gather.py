@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..algorithms import registry
+from ..algorithms.allgather import piggyback_bytes
 from ..core import device, timeline
 from ..core.dtypes import check_array, dtype_code
 from ..core.errors import RingReduceError
@@ -69,31 +70,53 @@ def allgather_on(chan, x, name=None, algorithm="auto"):
     seq = chan.next_seq()
     tail = x.shape[1:] if x.ndim else ()
     first, per = _rows(x)
-    mine = np.array([first], np.int64)
+    n = chan.size
+    rode = None
     if agree.enabled():
-        # The first dimension may differ (it rides in the agreement row); the dtype, the
-        # other dimensions and the algorithm asked for may not.
+        # The first dimension may differ (it rides in the agreement row, with the bytes
+        # themselves when they fit: then the call is one MPI call); the dtype, the other
+        # dimensions and the algorithm asked for may not.
+        room = piggyback_bytes(n) - 16
+        fits = not on_device and x.nbytes <= room
+        mine = np.empty(16 + (x.nbytes if fits else 0), np.uint8)
+        mine[:16].view(np.int64)[:] = (first, int(fits))
+        if fits and x.nbytes:
+            mine[16:] = x.reshape(-1).view(np.uint8)
         label = _label(algorithm, on_device)
         header = agree.fingerprint(seq, "allgather", 0, dtype_code(x.dtype), 0, label, name, tail)
         table, rows = agree.exchange(chan, header, mine, name=name)
         _raise_if_mismatch(chan, table, "allgather", x, "", label, name, seq)
-        firsts = rows[:, :8].copy().view(np.int64).reshape(-1)
+        words = rows[:, :16].copy().view(np.int64)
+        firsts, rode = words[:, 0].copy(), words[:, 1].astype(bool)
     else:
-        firsts = np.empty(chan.size, np.int64)
-        chan.count(8, 8 * (chan.size - 1))
-        chan.wait([chan.comm.Iallgather(mine, firsts)], "allgather (rows)")
+        firsts = np.empty(n, np.int64)
+        chan.count(8, 8 * (n - 1))
+        chan.wait([chan.comm.Iallgather(np.array([first], np.int64), firsts)], "allgather (rows)")
     counts = firsts * per
     total = int(counts.sum())
-    if algorithm == "auto":
-        algorithm = choose_collective(chan.plan, "allgather", total, x.dtype, chan.size)
     xp = device.array_module(x)
     out = xp.empty((int(firsts.sum()),) + tuple(tail), x.dtype)
+    displs = _displs(counts)
+    if rode is not None and rode.any():
+        raw = out.reshape(-1).view(np.uint8)
+        for j in np.flatnonzero(rode):
+            raw[displs[j]:displs[j] + counts[j]] = rows[j, 16:16 + counts[j]]
+        if rode.all():
+            if timeline.on:
+                timeline.complete("allgather", timeline.now(), {"name": name, "algorithm": "piggyback",
+                                                                "bytes": total, "call": seq})
+            return out
+        counts = np.where(rode, 0, counts)      # the rest move by the algorithm
+    if algorithm == "auto":
+        algorithm = choose_collective(chan.plan, "allgather", total, x.dtype, n)
     runner = registry.COLLECTIVES["allgather"][algorithm].run
     extra = {"agreed": agree.enabled()} if algorithm == "mpi" else {}
     t0 = timeline.now() if timeline.on else 0
+    mine_rode = rode is not None and bool(rode[chan.rank])
 
     def run(ch, src, dst):
-        runner(ch, src.view(np.uint8), dst.view(np.uint8), counts, _displs(counts), **extra)
+        send = src.view(np.uint8)
+        runner(ch, send[:0] if mine_rode else send, dst.view(np.uint8), counts, displs, **extra)
 
     if on_device:
         device_path.moved(chan, x, out, algorithm, run)

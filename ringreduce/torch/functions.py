@@ -121,8 +121,10 @@ def broadcast_optimizer_state(optimizer, root_rank: int = 0, comm=None, model=No
     is created lazily (Adam before its first step): the root's state dict
     structure travels as a small object, its tensors as one packed broadcast,
     and the other ranks load it with ``load_state_dict``. No dummy step is taken,
-    so parameters and step counters are untouched. ``model`` is Horovod's
-    (it finds sparse parameters there); accepted, not needed.
+    so parameters and step counters are untouched; as after Horovod's (which
+    steps on zero gradients), every parameter that requires a gradient and
+    had none holds zeros afterwards. ``model`` is Horovod's (it finds sparse
+    parameters there); accepted, not needed.
 
     Example
     -------
@@ -153,6 +155,10 @@ def broadcast_optimizer_state(optimizer, root_rank: int = 0, comm=None, model=No
             super(_DistributedOptimizerMixin, optimizer).load_state_dict(sd)
         else:
             optimizer.load_state_dict(sd)
+    for group in optimizer.param_groups:      # Horovod leaves zero gradients (test_broadcast_state_no_grad)
+        for p in group["params"]:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
 
 def _collect_slots(obj, out):

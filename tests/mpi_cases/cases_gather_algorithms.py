@@ -112,10 +112,20 @@ def test_env_forces_the_algorithm(kind, algorithm, monkeypatch):
     entry = registry.COLLECTIVES[kind][algorithm]
     monkeypatch.setitem(registry.COLLECTIVES[kind], algorithm, dataclasses.replace(
         entry, run=lambda *a, **k: (seen.append(algorithm), entry.run(*a, **k))))
-    x = np.ones((2 * N, 3), np.float32)
+    x = np.ones((200 * N, 3), np.float32)      # above what rides in the agreement row
     y = rr.allgather(x) if kind == "allgather" else rr.reducescatter(x, op=rr.Sum)
-    assert y.shape == ((2 * N * N, 3) if kind == "allgather" else (2, 3))
+    assert y.shape == ((200 * N * N, 3) if kind == "allgather" else (200, 3))
     assert seen == [algorithm]
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "shm", "mpi"])
+def test_allgather_some_ranks_ride_in_the_agreement_row(algorithm):
+    """Small inputs travel inside the agreement allgather; larger ones by the algorithm."""
+    rows = [1 if r % 2 == 0 else 300 for r in range(N)]        # 12 B rides, 3600 B does not
+    x = _values(R, (rows[R], 3), np.float32, "mixed")
+    y = rr.allgather(x, algorithm=algorithm)
+    want = np.concatenate([_values(r, (rows[r], 3), np.float32, "mixed") for r in range(N)])
+    assert np.array_equal(y, want)
 
 
 def test_auto_picks_from_the_plan():
