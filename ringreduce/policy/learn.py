@@ -209,6 +209,12 @@ class Learner:
         self.bands[(t, k)] = b
         return b
 
+    def band_for(self, nbytes: int, half: bool) -> _Band:
+        """The state of nbytes' band (made on first use): ``.choice`` is set once it settled."""
+        t, k = (1 if half else 0), band(nbytes)
+        b = self.bands.get((t, k))
+        return b if b is not None else self._band(t, k, nbytes)
+
     def pick(self, nbytes: int, half: bool) -> str:
         """The algorithm for this call of nbytes ("half": the table without native MPI)."""
         t = 1 if half else 0

@@ -24,6 +24,7 @@ from ..algorithms import allgather, hierarchical, registry
 from ..algorithms.native import MPI_IN_PLACE, native_call
 from ..algorithms.native import allreduce as native_allreduce
 from ..compression import auto as compression_auto
+from ..compression import kernels
 from ..compression import resolve as resolve_compression
 from ..compression.algorithm import compressed_allreduce
 from ..compression.algorithm import validate as validate_compression
@@ -108,7 +109,7 @@ class _Call:
     """What the fast path computes once per (shape, dtype, op, algorithm, name) on a channel."""
 
     __slots__ = ("algorithm", "dtype_code", "half", "mpi", "name_hash", "nbytes", "op", "shape_hash",
-                 "size", "observe")
+                 "size", "observe", "learner", "band")
 
     def __init__(self, x, op: ReduceOp, algorithm, name):
         self.op = op
@@ -123,11 +124,13 @@ class _Call:
         # Observations feed the link-speed estimates: worth their ~0.4 us from 64 KiB up
         # (auto's learning records every call it explores or watches, at any size).
         self.observe = x.nbytes >= _OBSERVE_BYTES
+        self.learner = self.band = None       # the learner's state for this size, once looked up
 
 
 _FAST_CALLS_MAX = 512          # distinct call shapes kept per channel
 _OBSERVE_BYTES = 1 << 16
 _ALGO_HASHES = {a: agree._hash(a) for a in registry.ALGORITHMS}
+_small_same = kernels._C.small_same if kernels._C is not None else None    # the C++ row compare
 
 
 def _fast(chan, x, op, algorithm, name, out, inplace):
@@ -160,7 +163,11 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
             return None
         learner = chan.learner
         if learner is not None and call.nbytes > learn.MIN_BYTES:
-            algo = learner.pick(call.nbytes, call.half)
+            band = call.band
+            if band is None or call.learner is not learner:
+                call.learner, band = learner, learner.band_for(call.nbytes, call.half)
+                call.band = band
+            algo = band.choice if band.choice is not None else learner.pick(call.nbytes, call.half)
         else:
             learner = None
             algo = policy.choose(chan.plan, call.nbytes, x.dtype, chan.size, call.op, check_on)
@@ -187,7 +194,8 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
         req = chan.comm.Iallgather(rows.send, rows.recv)
         if not req.Test():
             agree.finish(chan, req, seq, 1, name)
-        if not agree.rows_same(rows, chan.size):
+        if not (_small_same(rows.recv, rows.width, chan.size) if _small_same is not None
+                else agree.rows_same(rows, chan.size)):
             table = rows.recv.reshape(chan.size, rows.width)[:, :agree.HEADER_BYTES].copy().view(np.int64)
             _raise_if_mismatch(chan, table, "allreduce", buf, call.op, algo, name, seq)
     obs = (chan.context.observations if chan.context is not None and (call.observe or learner is not None)
