@@ -22,7 +22,10 @@ tensor) it decides, and keeps re-deciding:
   residuals), so auto estimates the relative L2 error of the accumulated result,
   ``||pending|| / ||sum of exact results||``, on ``SAMPLE`` fixed coordinates of
   the tensor (the same on every rank). Early the sum is short and only fine formats
-  pass; as it grows coarser ones do: this replaces a hand-set warm-up. A format
+  pass; as it grows coarser ones do: this replaces a hand-set warm-up. Before a
+  format is tried, its error is predicted (``ONE_STEP``, its typical one-call error,
+  times ||result|| / ||sum of results||); one predicted over quality waits
+  ("deferred") and is tried at a later check once predicted under ``quality / 2``. A format
   whose error estimate exceeds ``quality`` at a check, or that met NaN/Inf, is
   dropped for the next finer one ("fallback"); a faster format rejected for its
   error is tried again once its predicted error (it shrinks as the sum grows) is
