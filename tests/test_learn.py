@@ -82,14 +82,24 @@ def test_drift_explores_again_and_is_bounded(monkeypatch):
     # tree gets 10x slower: the next check explores again and finds shm.
     cost["tree"], cost["shm"] = 1e-4, 2e-5
     _feed(learner, chan, nbytes, cost, band.interval - band.since_check)
+    assert learner.settled(nbytes) and band.slow == 1       # one slow check: maybe a burst
+    _feed(learner, chan, nbytes, cost, learn.FIRST_CHECK)
     assert not learner.settled(nbytes)
     assert learner.events[-1]["drift"] and learner.events[-1]["was"] == "tree"
     _feed(learner, chan, nbytes, cost, need)
     assert learner.pick(nbytes, False) == "shm"
+    # A burst (one slow check) passes without exploring.
+    _feed(learner, chan, nbytes, cost, 4 * learn.LAST_CHECK)
+    base = band.baseline
+    cost2 = dict(cost, shm=10 * cost["shm"])
+    _feed(learner, chan, nbytes, cost2, band.interval - band.since_check)
+    assert band.slow == 1
+    _feed(learner, chan, nbytes, cost, learn.FIRST_CHECK)
+    assert band.slow == 0 and learner.settled(nbytes) and band.baseline == base
     # A flapping machine stops re-exploring after MAX_REEXPLORE times.
     for i in range(learn.MAX_REEXPLORE + 2):
         slow = 1e-3 * 10 ** i
-        _feed(learner, chan, nbytes, {a: slow for a in cands}, learn.LAST_CHECK + need + 1)
+        _feed(learner, chan, nbytes, {a: slow for a in cands}, 2 * learn.LAST_CHECK + need + 1)
     assert band.reexplored == learn.MAX_REEXPLORE and learner.settled(nbytes)
 
 

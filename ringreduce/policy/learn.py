@@ -22,8 +22,8 @@ float Min/Max, which never run native MPI):
 3. **Watch for drift.** A settled band keeps the last few call times; every
    ``interval`` calls (32, doubling to 1024 while nothing changes) the ranks
    allreduce the median of the recent ones. Slower than ``DRIFT`` x the band's
-   baseline (the first such check after a decision) means the machine changed:
-   the band explores again.
+   baseline (the first such check after a decision) at two checks in a row
+   means the machine changed: the band explores again.
 4. **Remember.** Rank 0 writes each decision to the learned cache
    (``~/.cache/ringreduce/learned.json``, or ``RINGREDUCE_LEARNED``), keyed by
    the machine shape (ranks, nodes, ranks per node, shared memory or not). The
@@ -70,6 +70,7 @@ FIRST_CHECK = 32          # calls between drift checks right after a decision ..
 LAST_CHECK = 1024         # ... doubling up to this while nothing drifts
 RECENT = 8                # call times kept for the drift check
 MAX_REEXPLORE = 4         # re-explorations per band and launch (a flapping machine stops here)
+SLOW_CHECKS = 2           # consecutive slow drift checks before exploring again
 TABLES = ("full", "half")
 CACHE_VERSION = 1
 
@@ -153,7 +154,7 @@ class _Band:
     """One (table, band)'s learning state; identical on every rank of a channel."""
 
     __slots__ = ("candidates", "explore_calls", "times", "choice", "source", "baseline", "recent",
-                 "since_check", "interval", "reexplored", "learned_at", "calls", "medians")
+                 "since_check", "interval", "reexplored", "learned_at", "calls", "medians", "slow")
 
     def __init__(self, candidates: list[str], choice: str | None = None, source: str = ""):
         self.candidates = candidates
@@ -169,6 +170,7 @@ class _Band:
         self.learned_at = 0               # the band's call number when it settled
         self.calls = 0
         self.medians: dict[str, float] = {}
+        self.slow = 0                     # consecutive drift checks above DRIFT x baseline
 
     def explore(self) -> None:
         self.choice, self.source = None, ""
@@ -290,7 +292,14 @@ class Learner:
         if b.baseline is None:
             b.baseline = now
             return
-        if now > DRIFT * b.baseline and b.reexplored < MAX_REEXPLORE:
+        if now > DRIFT * b.baseline:
+            # Slow twice in a row (the second check comes FIRST_CHECK calls later): a burst of
+            # load from another process passes, a changed machine stays.
+            b.slow += 1
+            b.interval = FIRST_CHECK
+            if b.slow < SLOW_CHECKS or b.reexplored >= MAX_REEXPLORE:
+                return
+            b.slow = 0
             b.reexplored += 1
             event = {"table": TABLES[1 if half else 0], "band": _label(band_bytes(band(nbytes))),
                      "was": b.choice, "call": chan.seq, "baseline_us": round(b.baseline * 1e6, 1),
@@ -302,6 +311,7 @@ class Learner:
                 timeline.instant("auto drift", event)
             b.explore()
             return
+        b.slow = 0
         b.baseline = min(b.baseline, now)
         b.interval = min(b.interval * 2, LAST_CHECK)
 
