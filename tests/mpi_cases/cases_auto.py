@@ -170,3 +170,29 @@ def test_tightens_to_a_deferred_format_as_the_sum_grows():
     assert any(h["why"] == "tighten" and h["format"] == "onebit" for h in t.history), t.history
     rep = rr.allgather_object(rr.compression_state().auto_report()["tight"])
     assert all(r == rep[0] for r in rep)
+
+
+def test_distributed_optimizer_with_auto(monkeypatch):
+    # Buckets (flat) are judged as tensors; every rank ends with the same parameters and the
+    # optimizer's state_dict carries auto's state with the residuals.
+    torch = pytest.importorskip("torch")
+    import ringreduce.torch as rrt
+
+    no_pruning(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 128)
+    opt = rrt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                   named_parameters=model.named_parameters(),
+                                   compression=rr.Compression.auto)
+    rrt.broadcast_parameters(model.state_dict(), root_rank=0)
+    gen = torch.Generator().manual_seed(R)
+    for _ in range(30):
+        opt.zero_grad()
+        model(torch.randn(8, 256, generator=gen)).pow(2).mean().backward()
+        opt.step()
+    rep = rr.compression_state().auto_report()
+    assert rep and all(r["phase"] == "settled" for r in rep.values()), rep
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    assert all_ranks_identical(flat)
+    saved = opt.state_dict()["ringreduce"]["compression_state"][R]
+    assert set(saved["auto"]) == set(rep)
