@@ -24,6 +24,7 @@ import numpy as np
 
 from ..core import device as _device
 from ..core.errors import RingReduceError
+from ..core.mpi import MPI
 from ..core.ops import Average
 from ..liveness.faults import abort
 from ..transport.wait import SPIN_SECONDS
@@ -91,6 +92,12 @@ class Handle:
             self._event.set()
 
 
+_NOTHING = object()         # no queue item yet
+_LINGER = object()          # queue marker: an inline job ran; keep MPI progressing a while
+LINGER_SECONDS = 0.2        # how long the idle engine thread keeps poking MPI after a job
+LINGER_POLL = 0.001         # between pokes: the GIL is taken for a microsecond per millisecond
+
+
 class _Worker:
     """The engine thread: runs submitted collectives one at a time, in submission order."""
 
@@ -112,16 +119,40 @@ class _Worker:
         """Nothing queued or running (meaningful while holding `running`)."""
         return self._pending == 0
 
+    def linger(self) -> None:
+        """Ask the idle thread to keep MPI progressing for a while (after an inline job)."""
+        self._queue.put(_LINGER)
+
     def _loop(self) -> None:
+        item = _NOTHING
         while True:
-            item = self._queue.get()
-            if item is None:
+            item = self._queue.get() if item is _NOTHING else item
+            if item is None:          # stop()
                 return
-            handle, fn = item
-            with self.running:
-                handle._run(fn)
-            with self._count:
-                self._pending -= 1
+            if item is not _LINGER:
+                handle, fn = item
+                with self.running:
+                    handle._run(fn)
+                with self._count:
+                    self._pending -= 1
+            item = self._progress_while_idle()
+
+    def _progress_while_idle(self):
+        """Poke MPI's progress engine every LINGER_POLL s for LINGER_SECONDS, or until work comes.
+
+        A large receive completes before MPI has acknowledged it to the sender (the
+        rendezvous acknowledgement waits for this rank's next progress). If the caller
+        now blocks outside MPI until that sender moves on (a gloo collective beside
+        ours, a file lock, a socket), neither rank would move: these pokes send it.
+        Returns the next queue item (None is stop()'s), or _NOTHING when none came.
+        """
+        end = time.monotonic() + LINGER_SECONDS
+        while time.monotonic() < end:
+            try:
+                return self._queue.get(timeout=LINGER_POLL)
+            except queue.Empty:
+                MPI.COMM_WORLD.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
+        return _NOTHING
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -209,6 +240,7 @@ def run_blocking(comm, label: str, fn, *arrays) -> Handle:
         if worker.idle():
             handle = Handle(f"{chan.who}: {label}", _comm.RUNTIME)
             handle._run(lambda: fn(chan))
+            worker.linger()
             return handle
     return run_async(comm, label, fn, *arrays)
 

@@ -427,3 +427,14 @@ def test_compression_hook_when_ddp_runs_on_gloo():
     assert sum(losses[-4:]) < sum(losses[:4]), losses
     assert state.step == 20 and rr.compression_state().names()
     same_everywhere(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), list(range(N)))
+
+
+def test_interleaving_with_gloo_never_hangs():
+    # After a large receive, MPI acknowledges the sender only on our next progress; a
+    # rank that then blocks in gloo (DDP-on-gloo beside ours, --compare-ddp) must have
+    # sent it first, or both ranks wait forever.
+    x, y = torch.zeros(2**24), torch.zeros(2**24)     # 64 MiB: segmented, rendezvous
+    for _ in range(6):
+        dist.all_reduce(x)
+        dist.all_reduce(y, group=GLOO)
+    assert not x.any() and not y.any()
