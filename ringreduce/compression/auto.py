@@ -519,10 +519,12 @@ def summary(state) -> str:
         by[r["format"]] = by.get(r["format"], 0) + 1
     errs = [r["error"] for r in rep.values() if r["error"] is not None]
     first = min((h["call"] for r in rep.values() for h in r["history"]
-                 if h["format"] != "none" and h["why"] != "trial"), default=None)
+                 if h["format"] != "none"), default=None)
+    changes = sum(1 for r in rep.values() for h in r["history"] if h["why"] != "trial")
     parts = ", ".join(f"{f} x{c}" for f, c in sorted(by.items(), key=lambda kv: -kv[1]))
     return (f"Compression.auto: {len(rep)} tensor(s) now {parts}"
-            + (f", first settled on compression at call {first}" if first is not None else "")
+            + (f", compressed from call {first}" if first is not None else "")
+            + f", {changes} change(s) after the trials"
             + (f", error estimate <= {max(errs):.2%}" if errs else ""))
 
 
