@@ -733,7 +733,8 @@ def main(argv=None):
             print(f"ddp final loss {ddp['final']:.4f}")
             print(f"ddp samples/s {ddp['sps']:.1f}")
             print(f"throughput ratio ringreduce/ddp {res['sps'] / ddp['sps']:.3f}", flush=True)
-            warm = args.compression_warmup if args.compression != "none" else 0
+            compressed = args.compression != "none" or args.ddp_hook != "none"
+            warm = args.compression_warmup if compressed else 0
             if warm > 0:   # the compressed phase alone, the same steps for both
                 ours_c, ddp_c = sps_from(res, warm), sps_from(ddp, warm)
                 print(f"after warm-up (steps {warm}-{args.steps - 1}): samples/s {ours_c:.1f}, "
