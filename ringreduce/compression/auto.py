@@ -13,7 +13,7 @@ tensor) it decides, and keeps re-deciding:
   measurement (the first pays for scratch buffers). A
   candidate is skipped without a trial unless its predicted call, its compress +
   decompress of the tensor (this machine's kernel speed, measured once per process
-  on 2**22 elements) plus the uncompressed call's time scaled by its wire bytes, is
+  on 2**20 elements) plus the uncompressed call's time scaled by its wire bytes, is
   at most ``TRIAL_GAIN`` (0.6) of the uncompressed call: on one machine with shared
   memory that leaves "none" after the warm-up.
 * **Whether its error stays within quality**: with error feedback (auto turns it on
@@ -85,7 +85,7 @@ TRIAL_GAIN = 0.6    # try a format only if predicted at most this fraction of th
 ONE_STEP = {"none": 0.0, "fp16": 5e-4, "bf16": 4e-3, "int8": 1.5e-2, "int4": 0.25, "onebit": 1.0}
 FIRST_CHECK = 8     # calls between error checks once settled, doubling up to LAST_CHECK
 LAST_CHECK = 128
-_CALIBRATE_N = 1 << 22     # 16 MiB of fp32: out of cache, as real tensors are
+_CALIBRATE_N = 1 << 20     # 4 MiB of fp32: mostly out of cache, and ~10 ms for all formats
 _TINY_NORM = 1e-30
 
 
@@ -240,7 +240,7 @@ _codec_cost: dict[str, float] = {}
 
 
 def _codec_seconds_per_element(fmt: str) -> float:
-    """compress (with residual) + decompress of one element, measured once on 2**22."""
+    """compress (with residual) + decompress of one element, measured once on 2**20."""
     if fmt == "none":
         return 0.0
     if fmt not in _codec_cost:
