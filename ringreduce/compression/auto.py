@@ -85,7 +85,7 @@ TRIAL_GAIN = 0.6    # try a format only if predicted at most this fraction of th
 ONE_STEP = {"none": 0.0, "fp16": 5e-4, "bf16": 4e-3, "int8": 1.5e-2, "int4": 0.25, "onebit": 1.0}
 FIRST_CHECK = 8     # calls between error checks once settled, doubling up to LAST_CHECK
 LAST_CHECK = 128
-_CALIBRATE_N = 1 << 20     # 4 MiB of fp32: mostly out of cache, and ~10 ms for all formats
+_CALIBRATE_N = 1 << 20     # 4 MiB of fp32: mostly out of cache; ~70 ms for all formats, once
 _TINY_NORM = 1e-30
 
 
