@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _common import everyone, expect_everywhere
+from _common import expect_everywhere
 
 import ringreduce as rr
 
