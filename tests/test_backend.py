@@ -16,24 +16,24 @@ from mpi_util import ROOT, run_mpi, run_pytest_mpi
 pytest.importorskip("torch")
 
 
-@pytest.mark.mpi
-@pytest.mark.parametrize("np_", [1, 2, 3, 4])
-def test_backend_collectives(np_):
-    code, out, counts = run_pytest_mpi(np_, ["torch_cases/cases_backend.py"], timeout=400,
+def _run_cases(np_: int, case_file: str, at_least: int) -> None:
+    code, out, counts = run_pytest_mpi(np_, [case_file], timeout=400,
                                        pytest_args=["--assert=plain", "-W", "ignore::FutureWarning"])
     print(f"np={np_}: {counts}")
     assert code == 0, out[-20000:]
-    assert counts.get("passed", 0) >= 150 and not counts.get("failed"), out[-5000:]
+    assert counts.get("passed", 0) >= at_least and not counts.get("failed"), out[-5000:]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("np_", [1, 2, 3, 4])
+def test_backend_collectives(np_):
+    _run_cases(np_, "torch_cases/cases_backend.py", 150)
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("np_", [1, 2, 3])
 def test_ddp_fsdp_and_hooks(np_):
-    code, out, counts = run_pytest_mpi(np_, ["torch_cases/cases_ddp.py"], timeout=400,
-                                       pytest_args=["--assert=plain", "-W", "ignore::FutureWarning"])
-    print(f"np={np_}: {counts}")
-    assert code == 0, out[-20000:]
-    assert counts.get("passed", 0) >= 20 and not counts.get("failed"), out[-5000:]
+    _run_cases(np_, "torch_cases/cases_ddp.py", 20)
 
 
 @pytest.mark.mpi

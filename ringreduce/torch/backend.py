@@ -98,6 +98,13 @@ def _raw(t: torch.Tensor, who: str, what: str):
     return to_array(t.detach().reshape(-1).view(torch.uint8))
 
 
+def _seconds(timeout) -> float | None:
+    """A Work.wait(timeout=) as seconds; None when torch passes no bound (timedelta(0))."""
+    if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0:
+        return timeout.total_seconds()
+    return None
+
+
 def _copy_into(dst: torch.Tensor, src) -> None:
     """Copy an engine result (numpy/cupy, any shape of the same size) into a torch tensor."""
     view = dst if not dst.is_complex() else torch.view_as_real(dst)
@@ -123,10 +130,7 @@ class _Work(dist.Work):
         self._keep = keep            # tensors the engine reads or writes: alive until done
 
     def wait(self, timeout: datetime.timedelta | None = None) -> bool:
-        seconds = None
-        if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0:
-            seconds = timeout.total_seconds()
-        self._handle.wait(seconds)
+        self._handle.wait(_seconds(timeout))
         self._keep = ()
         return True
 
@@ -175,9 +179,8 @@ def engine_work(comm, label: str, fn, tensors, result, blocking: bool = False) -
 class _P2PWork(dist.Work):
     """A send or receive posted on the group's point-to-point communicator."""
 
-    def __init__(self, group: ProcessGroupRingReduce, request, what: str, finish=None, keep=()):
+    def __init__(self, request, what: str, finish=None, keep=()):
         super().__init__()
-        self._group = group
         self._request = request
         self._what = what
         self._finish = finish        # for receives: copy the staged bytes into the tensor, etc.
@@ -197,9 +200,8 @@ class _P2PWork(dist.Work):
     def wait(self, timeout: datetime.timedelta | None = None) -> bool:
         if self._done:
             return True
-        limit = None
-        if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0:
-            limit = time.monotonic() + timeout.total_seconds()
+        seconds = _seconds(timeout)
+        limit = None if seconds is None else time.monotonic() + seconds
         status = MPI.Status()
 
         def done() -> bool:
@@ -208,8 +210,7 @@ class _P2PWork(dist.Work):
             if limit is not None and time.monotonic() > limit:
                 self._request.Cancel()
                 raise RingReduceError(f"rank {rr.rank()}: {self._what} did not complete within "
-                                      f"{timeout.total_seconds():g} s: is its peer posting the "
-                                      "matching call?")
+                                      f"{seconds:g} s: is its peer posting the matching call?")
             return False
 
         # Supervised like every engine wait: stall warnings, RINGREDUCE_TIMEOUT, deadlocks.
@@ -244,17 +245,15 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
     Parameters
     ----------
     comm : mpi4py communicator of the group's ranks (torch's rank i is its rank i)
-    timeout : float seconds of torch's timeout= for this group (point-to-point waits are
-        bounded by ringreduce's timeout, which the default group's timeout= sets)
     """
 
-    def __init__(self, comm, timeout: float, is_world: bool = False):
+    def __init__(self, comm, is_world: bool = False):
         super().__init__(comm.Get_rank(), comm.Get_size())
         self.comm = comm
         self._engine_comm = None if is_world else comm    # None: the init communicator's context
-        self.timeout_seconds = timeout
         self._p2p = comm.Dup()       # sends/receives never match the engine's traffic
         self._p2p_lock = threading.Lock()
+        self._tag_ub = self._p2p.Get_attr(MPI.TAG_UB)
         self._who = f"rank {rr.rank()}"
         self._group_name = self._group_desc = ""
 
@@ -547,9 +546,8 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
 
     # -------------------------------------------------------- point-to-point
     def _tag(self, tag: int) -> int:
-        top = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
-        if not 0 <= tag <= top:
-            raise RingReduceError(f"{self._who}: tag {tag} is outside MPI's range 0..{top}")
+        if not 0 <= tag <= self._tag_ub:
+            raise RingReduceError(f"{self._who}: tag {tag} is outside MPI's range 0..{self._tag_ub}")
         return tag
 
     def _peer(self, peer: int, what: str) -> int:
@@ -565,7 +563,7 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
         raw = host.reshape(-1).view(torch.uint8).numpy()
         with self._p2p_lock:
             req = self._p2p.Isend([raw, MPI.BYTE], dst, self._tag(tag))
-        return _P2PWork(self, req, f"send of {raw.size} bytes to rank {dst} (tag {tag})", keep=(host,))
+        return _P2PWork(req, f"send of {raw.size} bytes to rank {dst} (tag {tag})", keep=(host,))
 
     def _recv(self, tensors, src, tag, what):
         t = tensors if isinstance(tensors, torch.Tensor) else next(iter(tensors))
@@ -582,7 +580,7 @@ class ProcessGroupRingReduce(dist.ProcessGroup):
 
         with self._p2p_lock:
             req = self._p2p.Irecv([raw, MPI.BYTE], src, self._tag(tag) if tag >= 0 else MPI.ANY_TAG)
-        return _P2PWork(self, req, what, finish, keep=(t, host))
+        return _P2PWork(req, what, finish, keep=(t, host))
 
     def recv(self, tensors, srcRank, tag=0):
         src = self._peer(srcRank, "recv")
@@ -611,7 +609,6 @@ def _create(dist_opts, backend_opts) -> ProcessGroupRingReduce:
     world = _context.world_comm()
     size, rank = dist_opts.group_size, dist_opts.group_rank
     ranks = list(dist_opts.global_ranks_in_group or [])
-    timeout = dist_opts.timeout.total_seconds() if dist_opts.timeout else 1800.0
     if not ranks or ranks == list(range(world.Get_size())):
         if size != world.Get_size() or rank != world.Get_rank():
             hint = (" Each process here is its own one-rank MPI world (torchrun and similar "
@@ -621,8 +618,9 @@ def _create(dist_opts, backend_opts) -> ProcessGroupRingReduce:
                                   f"{size}, but MPI says rank {world.Get_rank()} of {world.Get_size()}: "
                                   f"the ringreduce backend needs torch's ranks to be MPI's.{hint}")
         if dist_opts.timeout is not None and dist_opts.timeout != default_pg_timeout:
-            _context.use_timeout(timeout)     # the user's timeout=, not torch's default
-        return ProcessGroupRingReduce(world, timeout, is_world=True)
+            # the user's timeout=, not torch's default
+            _context.use_timeout(dist_opts.timeout.total_seconds())
+        return ProcessGroupRingReduce(world, is_world=True)
     # A sub-group: MPI_Comm_create_group is collective over its members only, as torch calls us.
     group = world.Get_group().Incl(ranks)
     try:
@@ -632,7 +630,7 @@ def _create(dist_opts, backend_opts) -> ProcessGroupRingReduce:
     if comm.Get_rank() != rank or comm.Get_size() != size:
         raise RingReduceError(f"rank {world.Get_rank()}: new_group({ranks}): torch's group rank {rank} "
                               f"of {size} does not match MPI's {comm.Get_rank()} of {comm.Get_size()}")
-    return ProcessGroupRingReduce(comm, timeout)
+    return ProcessGroupRingReduce(comm)
 
 
 _registered = False
