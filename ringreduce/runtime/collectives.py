@@ -188,12 +188,9 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
     seq = chan.next_seq()
     if check_on:
         rows = chan.rows or agree.rows_of(chan)
-        agree.HEADER.pack_into(rows.send, 0, seq, 1, call.size, call.dtype_code, call.op,
+        agree.HEADER.pack_into(rows.begin(), 0, seq, 1, call.size, call.dtype_code, call.op,
                                _ALGO_HASHES[algo], call.name_hash, call.shape_hash, 0)
-        chan.count(rows.width, (chan.size - 1) * rows.width)
-        req = chan.comm.Iallgather(rows.send, rows.recv)
-        if not req.Test():
-            agree.finish(chan, req, seq, 1, name)
+        rows.post(chan, seq, 1, name)
         if not (_small_same(rows.recv, rows.width, chan.size) if _small_same is not None
                 else agree.rows_same(rows, chan.size)):
             table = rows.recv.reshape(chan.size, rows.width)[:, :agree.HEADER_BYTES].copy().view(np.int64)

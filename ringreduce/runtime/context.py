@@ -43,6 +43,7 @@ from ..policy.plan import plan_for
 from ..transport.channel import Channel
 from ..transport.topology import NodeTopology
 from ..transport.wait import Supervisor
+from . import agree
 
 __all__ = ["init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
            "context", "CommContext", "Runtime", "RUNTIME", "wire_stats"]
@@ -93,6 +94,8 @@ class CommContext:
             chan.topology = self.topology
             chan.plan = plan
             chan.compression_state = self.compression
+            if self.topology.shares_memory:
+                agree.shared_rows(chan)       # the check's rows through shared memory, not MPI
             if plan.learn:
                 # Each channel learns on its own calls (their order is the same on every rank).
                 chan.learner = learn.Learner(plan, shape, plan.cached, PLAN_NAMES, save=self.rank == 0)
@@ -117,15 +120,19 @@ class CommContext:
         for chan in self.channels():
             chan.sent = chan.received = 0
 
-    def free(self) -> None:
-        """Free the duplicates and windows (idempotent: shutdown and the user's Comm.Free both call it)."""
+    def free(self, at_shutdown: bool = False) -> None:
+        """Free the duplicates and windows (idempotent: shutdown and the user's Comm.Free both call it).
+
+        At shutdown the ranks leave one by one, so nothing collective may run: the
+        agreement rows' window (MPI_Win_free synchronises) is left to MPI_Finalize.
+        """
         if self._freed:
             return
         self._freed = True
         self._notices.retire(self)
         self._retire_wire(self.label, self.wire())
-        self.main.free()
-        self.background.free()
+        self.main.free(at_shutdown)
+        self.background.free(at_shutdown)
         self.topology.close()
 
 
@@ -313,7 +320,7 @@ def shutdown() -> None:
         rt.faults.before_shutdown(run_hooks, rt.world.main.comm)
         if not MPI.Is_finalized():
             for ctx in rt.contexts.values():
-                ctx.free()
+                ctx.free(at_shutdown=True)
         rt.contexts.clear()
         rt.world = None
 

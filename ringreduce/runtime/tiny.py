@@ -1,4 +1,4 @@
-"""The tiny path: "auto" allreduces up to 4 KiB of host data in one allgather and two C++ calls.
+"""The tiny path: "auto" allreduces up to 4 KiB of host data in one row exchange and two C++ calls.
 
 It makes exactly the call the general path makes for "auto" at this size (same
 fingerprint, payload piggybacked in the agreement's own allgather, rows
@@ -39,13 +39,13 @@ _SHAPE_HASHES: dict = {}
 class TinyRows:
     """The tiny path's buffers: the channel's fingerprint rows (agree.Rows) and the tail.
 
-    Each call posts the very Iallgather that agree.exchange makes, so it matches
-    whatever another rank does at that call (a persistent request would not).
+    Each call makes the very exchange that agree.exchange makes (Rows.begin, Rows.post),
+    so it matches whatever another rank does at that call (a persistent request would not).
     """
 
     def __init__(self, chan):
-        own = agree.rows_of(chan)
-        self.width, self.send, self.recv = own.width, own.send, own.recv
+        self.own = own = agree.rows_of(chan)
+        self.width = own.width
         self.limit = self.width - agree.HEADER_BYTES
         extra = max(REACH - self.limit, 0)
         self.tail = np.zeros(extra, np.uint8)
@@ -91,14 +91,13 @@ def allreduce(chan, x: np.ndarray, op, name, inplace: bool, out, raise_mismatch)
     tail = rest = None
     if nbytes > rows.limit:
         tail, rest = rows.tail_views(nbytes - rows.limit, chan.size)
-    C.small_pack(rows.send, x, seq, codes[0], ops[0], _AUTO_HASH,
+    own = rows.own
+    C.small_pack(own.begin(), x, seq, codes[0], ops[0], _AUTO_HASH,
                  0 if name is None else agree._hash(name), shape_hash, tail)
-    chan.count(rows.width, (chan.size - 1) * rows.width)
-    req = chan.comm.Iallgather(rows.send, rows.recv)
-    if not req.Test():
-        agree.finish(chan, req, seq, 1, name)
-    if not C.small_same(rows.recv, rows.width, chan.size):
-        table = rows.recv.reshape(chan.size, rows.width)[:, :agree.HEADER_BYTES].copy().view(np.int64)
+    own.post(chan, seq, 1, name)
+    recv = own.recv
+    if not C.small_same(recv, rows.width, chan.size):
+        table = recv.reshape(chan.size, rows.width)[:, :agree.HEADER_BYTES].copy().view(np.int64)
         # With the check off, names and shapes may differ; counts and dtypes never
         # may: a second allgather would not match (a hang, not an error). Every rank
         # sees the same table, so every rank takes the same branch.
@@ -108,7 +107,7 @@ def allreduce(chan, x: np.ndarray, op, name, inplace: bool, out, raise_mismatch)
         chan.count(tail.size, (chan.size - 1) * tail.size)
         agree.finish(chan, chan.comm.Iallgather(tail, rest), seq, 1, name)
     buf = x if inplace else out if out is not None else np.empty_like(x)
-    C.small_reduce(rows.recv, rows.width, chan.size, buf, codes[1], ops[1], ops[2], rest)
+    C.small_reduce(recv, rows.width, chan.size, buf, codes[1], ops[1], ops[2], rest)
     return buf
 
 

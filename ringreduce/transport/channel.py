@@ -83,8 +83,11 @@ class Channel:
         """Wait for the requests under supervision (stall warning, timeout, liveness checks)."""
         self.supervisor.wait(reqs, what, inspector, self)
 
-    def free(self) -> None:
-        for res in (self.window, self.node_channels):
+    def free(self, at_shutdown: bool = False) -> None:
+        """Free everything the channel holds; at_shutdown, the agreement rows' window is left
+        to MPI_Finalize (freeing a window synchronises its ranks, which leave one by one then)."""
+        held = (self.window, self.node_channels) if at_shutdown else (self.window, self.node_channels, self.rows)
+        for res in held:
             if res is not None:
                 res.close()
         self.window = self.node_channels = self.tiny = self.rows = self.fast_calls = None

@@ -169,3 +169,53 @@ def test_sub_communicator_errors_say_which_numbering():
         assert f"rank {me} of the sub-communicator (world rank {R})" in str(info.value), str(info.value)
     finally:
         sub.Free()
+
+
+@multi
+@pytest.mark.parametrize("rows_over", ["shared memory", "MPI"])
+def test_agreement_rows_over_shared_memory_and_mpi(rows_over, monkeypatch):
+    # Ranks on one node exchange the check's rows through a shared window; ranks on
+    # different nodes (here: node ids that say so) through Iallgather. Both give the
+    # same results and the same named errors, on every path (tiny, fast, general).
+    from mpi4py import MPI
+
+    from ringreduce.runtime.context import context
+
+    if rows_over == "MPI":
+        monkeypatch.setenv("RINGREDUCE_NODE_ID", f"node{R}")
+    comm = MPI.COMM_WORLD.Dup()
+    try:
+        ctx = context(comm)
+        monkeypatch.delenv("RINGREDUCE_NODE_ID", raising=False)
+        assert (ctx.main.rows is not None and ctx.main.rows.window is not None) == (rows_over == "shared memory")
+        for count in (3, 700, 5000, 300000):          # tiny, tiny with a tail, fast, large
+            y = rr.allreduce(np.full(count, R, np.float32), op=rr.Sum, name="r", comm=comm)
+            assert np.all(y == N * (N - 1) // 2), count
+            x = np.ones(count + (R == N - 1), np.float32)
+            _raises_everywhere(lambda: rr.allreduce(x, name="w", comm=comm), "count", f"rank {N - 1}")
+            _raises_everywhere(
+                lambda: rr.allreduce(x[:count], name="w", comm=comm, algorithm="ring" if R else "tree"),
+                "algorithm")
+        if R == 0:
+            bad = lambda: rr.broadcast_object("a", root_rank=0, comm=comm)     # noqa: E731
+        else:
+            bad = lambda: rr.allreduce(np.ones(3, np.float32), name="w", comm=comm)   # noqa: E731
+        _raises_everywhere(bad, "collective")
+        got = rr.allgather_object(R, comm=comm)
+        assert got == list(range(N))
+    finally:
+        comm.Free()
+
+
+def _raises_everywhere(fn, *patterns) -> None:
+    """fn() raises RingReduceError on every rank of the world, with every pattern in it."""
+    try:
+        fn()
+    except rr.RingReduceError as exc:
+        msg = str(exc)
+    else:
+        msg = ""
+    assert everyone(bool(msg)), f"some rank did not raise (this rank: {msg!r})"
+    assert msg.startswith(f"rank {R} of the sub-communicator (world rank {R}):"), msg
+    for p in patterns:
+        assert p in msg, f"{p!r} not in {msg!r}"
