@@ -14,7 +14,8 @@ Two-sided scheme, on n ranks, for a tensor split into n block-aligned chunks
    bit-identical results.
 
 The three phases are pipelined: each chunk is cut into block-aligned segments
-(SEGMENT_BYTES of input each, at most MAX_SEGMENTS), and while segment k+1 is
+(SEGMENT_BYTES of input each, NODE_SEGMENT_BYTES when every rank is on one node;
+at most MAX_SEGMENTS), and while segment k+1 is
 compressed and on the wire, the owners reduce and re-compress segment k and send
 it back, and every rank decompresses the results that have arrived. A slow link
 then carries the scatter and the gather back to back instead of idling while the
@@ -50,7 +51,7 @@ from . import kernels
 from . import stats as _stats
 from .state import state_for
 
-__all__ = ["compressed_allreduce", "validate", "chunk_layout", "segment_layout", "TwoSided"]
+__all__ = ["TwoSided", "chunk_layout", "compressed_allreduce", "segment_layout", "validate"]
 
 _TAG_SCATTER = 81
 _TAG_GATHER = 82
@@ -119,24 +120,31 @@ def compressed_allreduce(chan, flat: np.ndarray, op: ReduceOp, algorithm: str, c
 # large enough that a segment's Python and MPI overheads (tens of microseconds) stay
 # small against its compression and wire time.
 SEGMENT_BYTES = 1 << 20
+# ... and when every rank is on one node, where the "link" is memory and a process has no
+# spare core to overlap a transfer with compression: fewer, larger steps (each wait that
+# misses its spin costs a sleep on a loaded machine). 4 MiB measured 1.05-1.27x faster
+# than 1 MiB at 16 and 64 MiB, np=2 (docs/compression.md); the bits do not change.
+NODE_SEGMENT_BYTES = 4 << 20
 # ... and at least this many packed bytes, so onebit's segments (1/28 of the input) do not
 # shrink to messages whose per-segment overheads outweigh their wire time.
 MIN_SEGMENT_PACKED = 1 << 18
 MAX_SEGMENTS = 64
 
 
-def segment_layout(bounds: np.ndarray, block_size: int, packed_per_element: float = 0.0) -> np.ndarray:
+def segment_layout(bounds: np.ndarray, block_size: int, packed_per_element: float = 0.0,
+                   segment_bytes: int | None = None) -> np.ndarray:
     """Element offsets (n, S + 1) of the S pipeline segments of each owner chunk.
 
     Segments are whole blocks, so every block (its scale, its rounding offsets) is
     the same as without segmentation: the result does not depend on S. S is the
     same for every chunk (set by the largest); a short chunk gets empty segments.
-    A segment covers SEGMENT_BYTES of fp32 input, or more when its packed form
-    (packed_per_element bytes per element) would be under MIN_SEGMENT_PACKED.
+    A segment covers segment_bytes (default SEGMENT_BYTES) of fp32 input, or more
+    when its packed form (packed_per_element bytes per element) would be under
+    MIN_SEGMENT_PACKED.
     """
     sizes = np.diff(bounds)
     largest = int(sizes.max()) if sizes.size else 0
-    per = max(SEGMENT_BYTES // 4, block_size)
+    per = max((SEGMENT_BYTES if segment_bytes is None else segment_bytes) // 4, block_size)
     if packed_per_element > 0:
         per = max(per, int(MIN_SEGMENT_PACKED / packed_per_element))
     S = max(1, min(MAX_SEGMENTS, -(-largest // per)))
@@ -170,7 +178,10 @@ class TwoSided:
         n, r = self.n, self.r = chan.size, chan.rank
         bounds = chunk_layout(flat.size, n, comp.block_size)
         B = comp.block_size
-        self.segs = segs = segment_layout(bounds, B, comp.packed_nbytes(64 * B) / (64 * B))
+        ctx = chan.context
+        one_node = ctx is not None and getattr(ctx, "num_nodes", 0) == 1
+        self.segs = segs = segment_layout(bounds, B, comp.packed_nbytes(64 * B) / (64 * B),
+                                          NODE_SEGMENT_BYTES if one_node else SEGMENT_BYTES)
         self.S = S = segs.shape[1] - 1
         psz = [[comp.packed_nbytes(int(segs[j, s + 1] - segs[j, s])) for s in range(S)]
                for j in range(n)]

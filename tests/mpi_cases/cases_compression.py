@@ -129,6 +129,7 @@ def test_pipelined_segments_match_simulation(fmt, segment_bytes, monkeypatch):
     # over): the pipelined scheme must give the unsegmented simulation's bits.
     from ringreduce.compression import algorithm
     monkeypatch.setattr(algorithm, "SEGMENT_BYTES", segment_bytes)
+    monkeypatch.setattr(algorithm, "NODE_SEGMENT_BYTES", segment_bytes)   # ranks on one node
     monkeypatch.setattr(algorithm, "MIN_SEGMENT_PACKED", 0)
     count = 64 * (7 * N + 2) + 5
     segs = algorithm.segment_layout(algorithm.chunk_layout(count, N, 64), 64)
@@ -155,6 +156,8 @@ def test_segment_layout_is_block_aligned_and_capped(monkeypatch):
     assert algorithm.segment_layout(bounds, 256).shape[1] - 1 == algorithm.MAX_SEGMENTS
     # A packed floor of 2**18 bytes at 1/8 byte per element: segments of 2**21 elements.
     assert algorithm.segment_layout(bounds, 256, 1 / 8).shape[1] - 1 == 1
+    # An explicit segment size (one node's NODE_SEGMENT_BYTES) wins over SEGMENT_BYTES.
+    assert algorithm.segment_layout(bounds, 256, 0.0, 4 << 20).shape[1] - 1 == 1
 
 
 @pytest.mark.parametrize("fmt", QUANT)
