@@ -122,9 +122,11 @@ def compressed_allreduce(chan, flat: np.ndarray, op: ReduceOp, algorithm: str, c
 SEGMENT_BYTES = 1 << 20
 # ... and when every rank is on one node, where the "link" is memory and a process has no
 # spare core to overlap a transfer with compression: fewer, larger steps (each wait that
-# misses its spin costs a sleep on a loaded machine). 4 MiB measured 1.05-1.27x faster
-# than 1 MiB at 16 and 64 MiB, np=2 (docs/compression.md); the bits do not change.
-NODE_SEGMENT_BYTES = 4 << 20
+# misses its spin costs a sleep on a loaded machine; one large message is one single-copy
+# transfer). At np=2, 16 and 64 MiB, int8 with error feedback took 0.75-0.9x the time of
+# 1 MiB segments with 16 MiB ones (4 interleaved launches, 1/4/8/16/32 MiB tried; see
+# docs/compression.md); the bits do not change.
+NODE_SEGMENT_BYTES = 16 << 20
 # ... and at least this many packed bytes, so onebit's segments (1/28 of the input) do not
 # shrink to messages whose per-segment overheads outweigh their wire time.
 MIN_SEGMENT_PACKED = 1 << 18

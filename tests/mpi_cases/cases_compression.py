@@ -157,7 +157,7 @@ def test_segment_layout_is_block_aligned_and_capped(monkeypatch):
     # A packed floor of 2**18 bytes at 1/8 byte per element: segments of 2**21 elements.
     assert algorithm.segment_layout(bounds, 256, 1 / 8).shape[1] - 1 == 1
     # An explicit segment size (one node's NODE_SEGMENT_BYTES) wins over SEGMENT_BYTES.
-    assert algorithm.segment_layout(bounds, 256, 0.0, 4 << 20).shape[1] - 1 == 1
+    assert algorithm.segment_layout(bounds, 256, 0.0, 16 << 20).shape[1] - 1 == 1
 
 
 @pytest.mark.parametrize("fmt", QUANT)
