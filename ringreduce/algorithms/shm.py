@@ -71,14 +71,7 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, src: np.ndarray | None = None
         if t0:
             timeline.complete("shm copy in", t0, {"bytes": buf.nbytes})
             t0 = timeline.now()
-        # Rank order on every rank: identical bits everywhere.
-        if n == 2:
-            combine(op, slots[0], slots[1], buf)
-        else:
-            np.copyto(buf, slots[0])
-            for j in range(1, n):
-                reduce_into(op, buf, slots[j])
-        finish_average(op, buf, n)
+        reduce_replicated(slots, buf, op, n)
         if t0:
             timeline.complete("shm reduce", t0, {"bytes": buf.nbytes, "replicated": True})
         return
@@ -90,6 +83,44 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, src: np.ndarray | None = None
     for start in range(0, count, step):
         stop = min(count, start + step)
         _block(win, views[win.next_parity()], buf[start:stop], src[start:stop], op, n, r, traced)
+
+
+def reduce_replicated(slots, buf: np.ndarray, op: ReduceOp, n: int) -> None:
+    """buf = op over every rank's slot, in rank order on every rank: identical bits everywhere."""
+    if n == 2:
+        combine(op, slots[0], slots[1], buf)
+    else:
+        np.copyto(buf, slots[0])
+        for j in range(1, n):
+            reduce_into(op, buf, slots[j])
+    finish_average(op, buf, n)
+
+
+def stage(chan, buf: np.ndarray, src: np.ndarray | None = None):
+    """Copy this rank's input into its slot for a replicated shm call whose barrier the caller
+    takes (the agreement's, runtime.collectives): the slots, or None where that does not
+    apply (another size band, no window yet or one too small, ranks on several nodes).
+
+    Whether it applies depends only on the call's size and the window, the same on every
+    rank once the fingerprints agree; unstage() undoes it when they do not.
+    """
+    win = chan.window
+    nbytes = buf.nbytes
+    if (win is None or win.win is None or nbytes == 0 or nbytes > REPLICATED_MAX_BYTES
+            or nbytes > win.half or chan.size == 1 or type(buf) is not np.ndarray):
+        return None
+    topo = chan.root.topology
+    if topo is None or not topo.shares_memory:
+        return None
+    slots = win.views(buf.dtype, buf.size)[win.next_parity()]
+    np.copyto(slots[chan.rank], buf if src is None else src)
+    win.win.Sync()
+    return slots
+
+
+def unstage(chan) -> None:
+    """Take back a stage() whose call was not agreed (the parity is the ranks' shared count)."""
+    chan.window.calls -= 1
 
 
 def reduce_chunk(op, own: np.ndarray, slots, r: int, lo: int, hi: int, acc: np.ndarray) -> None:

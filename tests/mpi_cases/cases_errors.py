@@ -16,7 +16,7 @@ multi = pytest.mark.skipif(N < 2, reason="needs two or more ranks to disagree")
 
 
 @multi
-@pytest.mark.parametrize("algorithm", ["auto", "ring", "tree", "mpi"])
+@pytest.mark.parametrize("algorithm", ["auto", "ring", "tree", "mpi", "shm"])
 def test_count_mismatch(algorithm):
     x = np.ones(100 + (R == N - 1), dtype=np.float32)
     expect_everywhere(lambda: rr.allreduce(x, algorithm=algorithm, name="w"),
@@ -205,6 +205,29 @@ def test_agreement_rows_over_shared_memory_and_mpi(rows_over, monkeypatch):
         assert got == list(range(N))
     finally:
         comm.Free()
+
+
+@multi
+@pytest.mark.parametrize("count", [1000, 16384])
+@pytest.mark.parametrize("route", ["fast", "general on rank 0"])
+def test_shm_fingerprint_in_band(count, route):
+    # Up to 64 KiB, shm's data and fingerprint share one barrier: nobody reads a peer's
+    # slot before every row matched. Rank 0 may take the general path (a strided input)
+    # while the others take the fast one: the same in-band call either way.
+    def make(n, value):
+        base = np.full(2 * n, value, np.float32)
+        return base[::2] if (route != "fast" and R == 0) else base[:n]
+    rr.allreduce(np.ones(1 << 16, np.float32), algorithm="shm", name="warm")   # the window holds it
+    for _ in range(3):
+        y = rr.allreduce(make(count, R), op=rr.Sum, algorithm="shm", name="s")
+        assert np.all(y == N * (N - 1) // 2)
+    expect_everywhere(lambda: rr.allreduce(make(count + (R == N - 1), 1), algorithm="shm", name="s"),
+                      "count", f"rank {N - 1}: {count + 1}")
+    expect_everywhere(lambda: rr.allreduce(make(count, 1), algorithm="shm", name=f"s{R}"), "name")
+    expect_everywhere(lambda: rr.allreduce(make(count, 1), algorithm="shm" if R else "tree", name="s"),
+                      "algorithm")
+    y = rr.allreduce(make(count, R), op=rr.Max, algorithm="shm", name="s")   # in step afterwards
+    assert np.all(y == N - 1)
 
 
 def _raises_everywhere(fn, *patterns) -> None:
