@@ -192,14 +192,15 @@ def test_agreement_rows_over_shared_memory_and_mpi(rows_over, monkeypatch):
             y = rr.allreduce(np.full(count, R, np.float32), op=rr.Sum, name="r", comm=comm)
             assert np.all(y == N * (N - 1) // 2), count
             x = np.ones(count + (R == N - 1), np.float32)
-            _raises_everywhere(lambda: rr.allreduce(x, name="w", comm=comm), "count", f"rank {N - 1}")
+            _raises_everywhere(lambda x=x: rr.allreduce(x, name="w", comm=comm), "count", f"rank {N - 1}")
             _raises_everywhere(
-                lambda: rr.allreduce(x[:count], name="w", comm=comm, algorithm="ring" if R else "tree"),
+                lambda x=x, count=count: rr.allreduce(x[:count], name="w", comm=comm,
+                                                      algorithm="ring" if R else "tree"),
                 "algorithm")
         if R == 0:
-            bad = lambda: rr.broadcast_object("a", root_rank=0, comm=comm)     # noqa: E731
+            bad = lambda: rr.broadcast_object("a", root_rank=0, comm=comm)
         else:
-            bad = lambda: rr.allreduce(np.ones(3, np.float32), name="w", comm=comm)   # noqa: E731
+            bad = lambda: rr.allreduce(np.ones(3, np.float32), name="w", comm=comm)
         _raises_everywhere(bad, "collective")
         got = rr.allgather_object(R, comm=comm)
         assert got == list(range(N))
