@@ -15,9 +15,9 @@ import argparse
 import time
 
 import numpy as np
-from mpi4py import MPI
 
-import ringreduce  # noqa: F401  (before mpi4py.MPI: it quiets Open MPI's osc/ucx warnings)
+import ringreduce  # noqa: F401  # isort: skip  (before mpi4py.MPI: it quiets Open MPI's osc/ucx warnings)
+from mpi4py import MPI  # isort: skip
 from ringreduce.runtime.agree import Rows
 from ringreduce.transport.window import RowWindow
 
