@@ -87,10 +87,14 @@ def chunk_layout(count: int, n: int, block_size: int) -> np.ndarray:
     return np.minimum(chunk_bounds(nblocks, n) * block_size, count)
 
 
-def compressed_allreduce(chan, flat: np.ndarray, op: ReduceOp, algorithm: str, comp, name) -> None:
+def compressed_allreduce(chan, flat: np.ndarray, op: ReduceOp, algorithm: str, comp, name,
+                         src: np.ndarray | None = None) -> None:
     """Reduce the flat float buffer in place with compression `comp` (Sum or Average).
 
     Called by the engine after the mismatch check; every rank gets the same bits.
+    Out of place, ``src`` (flat, same dtype and size as ``flat``) holds the input and
+    ``flat`` only receives the result: the first compression reads ``src`` directly,
+    which saves copying the input into the result first. The bits are the same.
 
     Example::
 
@@ -102,12 +106,15 @@ def compressed_allreduce(chan, flat: np.ndarray, op: ReduceOp, algorithm: str, c
     calls = ts.calls if ts is not None else chan.seq
     if ts is not None:
         ts.calls += 1
-    exact = _exact(chan, flat, op) if comp.measure_error else None
+    if src is not None and (src.dtype != flat.dtype or src.size != flat.size):
+        raise RingReduceError(f"{chan.who}: the input of {_label(name)} ({src.dtype}, {src.size} "
+                              f"elements) does not match its result ({flat.dtype}, {flat.size})")
+    exact = _exact(chan, flat if src is None else src, op) if comp.measure_error else None
     if comp.two_sided:
-        bad, used = _two_sided(chan, flat, op, comp, name, ts, calls), "two-sided"
+        bad, used = _two_sided(chan, flat, op, comp, name, ts, calls, src), "two-sided"
         wire = 2 * (chan.size - 1) * comp.packed_nbytes(flat.size) / chan.size
     else:
-        bad, used = _half_ring(chan, flat, op, algorithm, comp, name, ts)
+        bad, used = _half_ring(chan, flat, op, algorithm, comp, name, ts, src)
         wire = _traffic(used, 2 * flat.size, chan.size)
     _after_nonfinite(chan, ts, name, bad, comp)
     _record(chan, flat, comp, name, ts, bad, wire, used, exact, time.perf_counter() - start)
@@ -158,9 +165,9 @@ def segment_layout(bounds: np.ndarray, block_size: int, packed_per_element: floa
     return out
 
 
-def _two_sided(chan, flat, op, comp, name, ts, calls) -> int:
+def _two_sided(chan, flat, op, comp, name, ts, calls, src=None) -> int:
     """The pipelined two-sided allreduce; returns the non-finite blocks met."""
-    return TwoSided(chan, flat, op, comp, name, ts, calls).run()
+    return TwoSided(chan, flat, op, comp, name, ts, calls, src).run()
 
 
 class TwoSided:
@@ -175,8 +182,9 @@ class TwoSided:
     counters and offsets).
     """
 
-    def __init__(self, chan, flat, op, comp, name, ts, calls):
+    def __init__(self, chan, flat, op, comp, name, ts, calls, src=None):
         self.chan, self.flat, self.op, self.comp, self.name = chan, flat, op, comp, name
+        self.x = flat if src is None else src      # the input (flat itself when in place)
         n, r = self.n, self.r = chan.size, chan.rank
         bounds = chunk_layout(flat.size, n, comp.block_size)
         B = comp.block_size
@@ -254,7 +262,7 @@ class TwoSided:
             if a == b:
                 continue
             dst = self.piece(r, s) if j == r else self.packed(self.send, j, s)
-            bad += comp.compress(self.flat[a:b], dst, None if self.wres is None else self.wres[a:b],
+            bad += comp.compress(self.x[a:b], dst, None if self.wres is None else self.wres[a:b],
                                  counter=self.wcounter, offset=a, name=self.name)
             if j != r:
                 self.sends.extend(isend(self.chan, dst, j, _TAG_SCATTER))
@@ -307,7 +315,7 @@ def _ready(reqs: list) -> bool:
 
 # -- fp16 / bf16 ----------------------------------------------------------------------------
 
-def _half_ring(chan, flat, op, algorithm, comp, name, ts) -> tuple[int, str]:
+def _half_ring(chan, flat, op, algorithm, comp, name, ts, src=None) -> tuple[int, str]:
     """Convert to the half type, run the engine's algorithm on it, convert back."""
     count = flat.size
     wire_dtype = comp.wire_dtype
@@ -315,12 +323,14 @@ def _half_ring(chan, flat, op, algorithm, comp, name, ts) -> tuple[int, str]:
         # The shipped defaults' plan (no shm): the half-type ring's traffic is what it reports.
         algorithm = policy_plan.choose(None, 2 * count, wire_dtype, chan.size)
     if flat.dtype == wire_dtype and not comp.error_feedback and comp.clip is None:
+        if src is not None:
+            np.copyto(flat, src)
         registry.run(chan, algorithm, flat, op)     # already in the wire type
         return 0, algorithm
     raw = chan.pool.get("cmp-half", np.uint8, 2 * count)
     wres = ts.worker_residual(count, array_module(flat)) \
         if comp.error_feedback and ts is not None else None
-    bad = comp.compress(flat, raw, wres, name=name)
+    bad = comp.compress(flat if src is None else src, raw, wres, name=name)
     registry.run(chan, algorithm, raw.view(wire_dtype), op)
     comp.decompress(raw, count, flat, name=name)
     return bad, algorithm

@@ -160,6 +160,28 @@ def test_segment_layout_is_block_aligned_and_capped(monkeypatch):
     assert algorithm.segment_layout(bounds, 256, 0.0, 16 << 20).shape[1] - 1 == 1
 
 
+@pytest.mark.parametrize("fmt", QUANT + HALF)
+def test_out_of_place_source_gives_the_same_bits(fmt):
+    # compressed_allreduce(..., src=x) reads the input from x and writes only the result
+    # buffer: the same bits as the in-place call on a copy, x untouched.
+    from ringreduce.compression.algorithm import compressed_allreduce
+    from ringreduce.core.ops import ReduceOp
+    from ringreduce.runtime.context import context
+    chan = context().main
+    comp = getattr(rr.Compression, fmt)(error_feedback=False)
+    count = 64 * 1024 * N + 77
+    x = make_input(R, count, np.float32, "src")
+    keep = x.copy()
+    for op in (ReduceOp.AVERAGE, ReduceOp.SUM):
+        inplace = x.copy()
+        compressed_allreduce(chan, inplace, op, "auto", comp, f"src-{fmt}")
+        out = np.full_like(x, np.nan)
+        compressed_allreduce(chan, out, op, "auto", comp, f"src-{fmt}", src=x)
+        assert_bits_equal(out, inplace)
+        assert_bits_equal(x, keep)
+        assert all_ranks_identical(out)
+
+
 @pytest.mark.parametrize("fmt", QUANT)
 def test_no_error_feedback_matches_simulation(fmt):
     comp = getattr(rr.Compression, fmt)(error_feedback=False, stochastic=True, seed=3)
