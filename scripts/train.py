@@ -412,8 +412,11 @@ def train_ringreduce(args, shard, valid, rank, size):
     sps = per_step * timed_steps / elapsed if timed_steps > 0 else float("nan")
     final = evaluate(model, valid, args, rank, size, reduce_sum)
 
+    auto = None
     if args.compression == "auto" and rank == 0:
         print(rr.compression_state().auto_summary(), flush=True)
+        auto = {name: {"history": r["history"], "format": r["format"], "calls": r["calls"]}
+                for name, r in rr.compression_state().auto_report().items()}
     mine = checksum(model)
     every = rr.allgather_object(mine)
     print(f"rank {rank} checksum {mine}", flush=True)
@@ -424,7 +427,7 @@ def train_ringreduce(args, shard, valid, rank, size):
     return dict(init=init_loss, final=final, sps=sps, losses=losses, nparams=nparams,
                 checksum=mine, step_times=step_times, per_step=per_step, wire=wire_curve,
                 wire_sent=wire_sent, wire_exact=wire.exact,
-                sync_totals=None if sync is None else sync.sync_totals.as_dict())
+                sync_totals=None if sync is None else sync.sync_totals.as_dict(), auto=auto)
 
 
 STATE = {}
@@ -749,7 +752,10 @@ def main(argv=None):
              "wire_mib": res["wire_sent"] / 2**20, "wire": res["wire"], "sps": res["sps"],
              "steps": args.steps, "ranks": size, "outer_lr": args.outer_lr,
              "outer_momentum": args.outer_momentum, "fragments": args.fragments,
-             "overlap_sync": args.overlap_sync}))
+             "overlap_sync": args.overlap_sync,
+             "ddp_losses": ddp["losses"] if args.compare_ddp else None,
+             "ddp_final": ddp["final"] if args.compare_ddp else None,
+             "auto": res.get("auto")}))
     if args.plot and rank == 0:
         import json
 

@@ -6,8 +6,8 @@
 # native algorithm (coll_tuned_allreduce_algorithm N), each with ring/int8/onebit
 # interleaved as the same-run reference. EXTRA_COLS (default: auto and the unpipelined
 # compressed allreduce int8@64M/onebit@64M, for before/after in the same run) join every
-# sweep; the @64M ones join the forced runs too. Every run holds /work/bench.lock and is
-# bounded.
+# sweep; the @64M ones join the forced runs too. Every run is bounded and, with
+# RR_BENCH_LOCK=FILE set, holds that lock (flock).
 # Links: tbf rate limit only, no added delay (no netem on this kernel).
 set -u
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -22,7 +22,7 @@ run() {  # run NAME K M RATE TIMEOUT [--mpi-arg ...] -- bench args
     local margs=()
     while [ "$1" != "--" ]; do margs+=("$1"); shift; done; shift
     echo "== $name" >&2
-    flock /work/bench.lock "$here/cluster.sh" run --nodes "$k" --ranks-per-node "$m" --rate "$rate" \
+    ${RR_BENCH_LOCK:+flock "$RR_BENCH_LOCK"} "$here/cluster.sh" run --nodes "$k" --ranks-per-node "$m" --rate "$rate" \
         --timeout "$limit" --json "$out/$name.links.json" "${margs[@]}" -- \
         python "$here/bench_cluster.py" --json "$out/$name.json" "$@" > "$out/$name.log" 2>&1
     echo "   rc=$? $(grep -c ' ok$' "$out/$name.log") rows ok, $(grep -c 'BAD$' "$out/$name.log") bad" >&2
