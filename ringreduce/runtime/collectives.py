@@ -327,8 +327,11 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
         validate_compression(chan, flat, op, comp, name)
     src = None
     if pending is not None:
-        if (registry.supports_source(algorithm) and comp is None and scales is None
-                and pending.flags.c_contiguous):
+        # Algorithms that read the input themselves (shm, native, the compressed paths'
+        # first compression) skip copying it into the result: one pass over memory less.
+        reads = (registry.supports_source(algorithm) if comp is None
+                 else not on_device and not (comp.two_sided and algorithm == "hierarchical"))
+        if reads and scales is None and pending.flags.c_contiguous:
             src = pending.reshape(-1)
         else:
             np.copyto(buf, pending)
@@ -401,7 +404,7 @@ def _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, agreed) -> 
         hierarchical.allreduce(chan, flat, op, across=lambda leaders, b, o: compressed_allreduce(
             leaders, b, o, "ring", comp, name))
     elif comp is not None:
-        compressed_allreduce(chan, flat, op, algorithm, comp, name)
+        compressed_allreduce(chan, flat, op, algorithm, comp, name, src=src)
     elif algorithm == "mpi":
         # Agreed (check on): every rank is in this call, so MPI's fast blocking allreduce.
         native_allreduce(chan, flat, op, name, src=src, agreed=agreed)
