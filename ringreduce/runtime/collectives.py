@@ -338,24 +338,25 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     seq = chan.next_seq()
     if scales is not None:
         _scale(flat, scales[0])
-    if (check_on and algorithm == "shm" and comp is None and scales is None and not on_device
-            and _shm_inband(chan, seq, lambda row: _write(row, agree.fingerprint(
-                seq, "allreduce", flat.size, dtype_code(buf.dtype), int(op), "shm", name, buf.shape, None)),
-                flat, src, op, name, buf)):
-        if timeline.on:
-            timeline.complete("allreduce", t0, {"name": name, "algorithm": "shm", "in-band": True,
-                                                "bytes": flat.nbytes, "call": seq})
-        return buf
-    if check_on and _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp, scales, on_device):
-        if scales is not None:
-            _scale(flat, scales[1])
-        if timeline.on:
-            timeline.complete("allreduce", t0, {"name": name, "algorithm": "piggyback",
-                                                "bytes": flat.nbytes, "call": seq})
-        return buf
     obs = None if on_device or chan.context is None else chan.context.observations
     t1 = perf_counter() if obs is not None or auto is not None else 0.0
-    _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, check_on)
+    # shm up to 64 KiB: the fingerprint rides in the data's barrier (in-band: _shm_inband).
+    inband = (check_on and algorithm == "shm" and comp is None and scales is None and not on_device
+              and _shm_inband(chan, seq, lambda row: _write(row, agree.fingerprint(
+                  seq, "allreduce", flat.size, dtype_code(buf.dtype), int(op), "shm", name, buf.shape,
+                  None)), flat, src, op, name, buf))
+    if not inband:
+        if check_on and _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp, scales,
+                                         on_device):
+            if scales is not None:
+                _scale(flat, scales[1])
+            if timeline.on:
+                timeline.complete("allreduce", t0, {"name": name, "algorithm": "piggyback",
+                                                    "bytes": flat.nbytes, "call": seq})
+            return buf
+        if t1:
+            t1 = perf_counter()
+        _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, check_on)
     if auto is not None:
         compression_auto.after(chan, state_for(chan), auto, flat, op, name, comp, perf_counter() - t1)
     if obs is not None:
