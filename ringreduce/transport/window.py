@@ -17,10 +17,27 @@ import numpy as np
 
 from ..core.mpi import MPI
 
-__all__ = ["SharedWindow", "RowWindow"]
+__all__ = ["RowWindow", "SharedWindow"]
 
 _MIN_SLOT_BYTES = 1 << 16
 _FLAG_BYTES = 64        # a rank's barrier counter, alone in its cache line
+
+
+def _count_and_wait(win, flag, peers, e: int, wait) -> None:
+    """The barrier in a window: publish our stores, count to e in our flag, wait for every
+    peer's flag to reach e (through `wait(done)` when they are not there yet), see theirs."""
+    win.Sync()
+    flag[0] = e
+
+    def arrived() -> bool:
+        for f in peers:
+            if f[0] < e:
+                return False
+        return True
+
+    if not arrived():
+        wait(arrived)
+    win.Sync()
 
 
 class SharedWindow:
@@ -95,19 +112,9 @@ class SharedWindow:
         microseconds. The wait goes through the supervisor (stall warning, timeout,
         liveness checks) like any MPI request.
         """
-        self.win.Sync()
         self.epoch = e = self.epoch + 1
-        self._flag[0] = e
-        if not self._arrived(e):
-            self.chan.supervisor.wait_until(lambda: self._arrived(e), "shared-memory allreduce barrier",
-                                            chan=self.chan)
-        self.win.Sync()
-
-    def _arrived(self, e: int) -> bool:
-        for f in self._peers:
-            if f[0] < e:
-                return False
-        return True
+        _count_and_wait(self.win, self._flag, self._peers, e, lambda done: self.chan.supervisor.wait_until(
+            done, "shared-memory allreduce barrier", chan=self.chan))
 
     def close(self) -> None:
         if self.win is not None:
@@ -172,18 +179,7 @@ class RowWindow:
 
         `wait(done)` is the supervised wait to use when the peers are not there yet.
         """
-        self.win.Sync()
-        e = self.calls
-        self._flag[0] = e
-        if not self._arrived(e):
-            wait(lambda: self._arrived(e))
-        self.win.Sync()
-
-    def _arrived(self, e: int) -> bool:
-        for f in self._peers:
-            if f[0] < e:
-                return False
-        return True
+        _count_and_wait(self.win, self._flag, self._peers, self.calls, wait)
 
     def close(self) -> None:
         if self.win is not None:

@@ -69,8 +69,9 @@ def everyone(flag: bool) -> bool:
     return bool(MPI.COMM_WORLD.allreduce(int(bool(flag)), op=MPI.MIN))
 
 
-def expect_everywhere(fn, *patterns) -> str:
-    """fn() must raise RingReduceError on every rank, naming this rank, with every pattern in it."""
+def expect_everywhere(fn, *patterns, who: str | None = None) -> str:
+    """fn() must raise RingReduceError on every rank, naming this rank (as `who`, default
+    "rank R"), with every pattern in it."""
     try:
         fn()
     except rr.RingReduceError as exc:
@@ -78,7 +79,7 @@ def expect_everywhere(fn, *patterns) -> str:
     else:
         msg = ""
     assert everyone(bool(msg)), f"some rank did not raise (this rank: {msg!r})"
-    assert msg.startswith(f"rank {rr.rank()}:"), msg
+    assert msg.startswith(f"{who or f'rank {rr.rank()}'}:"), msg
     for p in patterns:
         assert p in msg, f"{p!r} not in {msg!r}"
     return msg

@@ -231,15 +231,6 @@ def test_shm_fingerprint_in_band(count, route):
     assert np.all(y == N - 1)
 
 
+
 def _raises_everywhere(fn, *patterns) -> None:
-    """fn() raises RingReduceError on every rank of the world, with every pattern in it."""
-    try:
-        fn()
-    except rr.RingReduceError as exc:
-        msg = str(exc)
-    else:
-        msg = ""
-    assert everyone(bool(msg)), f"some rank did not raise (this rank: {msg!r})"
-    assert msg.startswith(f"rank {R} of the sub-communicator (world rank {R}):"), msg
-    for p in patterns:
-        assert p in msg, f"{p!r} not in {msg!r}"
+    expect_everywhere(fn, *patterns, who=f"rank {R} of the sub-communicator (world rank {R})")
