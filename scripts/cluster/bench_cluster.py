@@ -15,7 +15,8 @@ ranks) or ``hier+int8`` etc. (compressed between node leaders only). ``ring@1M``
 size) is the ring with ``ringreduce.algorithms.ring.SEGMENT_BYTES`` set to that size for
 its calls only (a benchmark-side monkeypatch, to find the best segment size over TCP);
 ``int8@64M`` likewise sets the compressed allreduce's pipeline segment
-(``ringreduce.compression.algorithm.SEGMENT_BYTES``): 64M makes one segment per chunk at
+(``ringreduce.compression.algorithm.SEGMENT_BYTES``, and ``NODE_SEGMENT_BYTES`` used when
+every rank shares a node): 64M makes one segment per chunk at
 64 MiB, i.e. scatter, reduce and gather one after the other (the unpipelined scheme).
 
 Links: tbf rate limit only, no added delay (no netem on this kernel).
@@ -81,13 +82,15 @@ class Column:
 
     def __call__(self, x, y):
         if self.segment_bytes and self.compression is not None:
-            saved, comp_mod.SEGMENT_BYTES = comp_mod.SEGMENT_BYTES, self.segment_bytes
+            # Both segment sizes: the node-local one applies when every rank shares a node.
+            saved = comp_mod.SEGMENT_BYTES, comp_mod.NODE_SEGMENT_BYTES
+            comp_mod.SEGMENT_BYTES = comp_mod.NODE_SEGMENT_BYTES = self.segment_bytes
             try:
                 self.rr.allreduce(x, op=self.rr.Average, algorithm=self.algorithm,
                                   compression=self.compression, name=f"bench-{self.name}-{x.size}",
                                   out=y)
             finally:
-                comp_mod.SEGMENT_BYTES = saved
+                comp_mod.SEGMENT_BYTES, comp_mod.NODE_SEGMENT_BYTES = saved
         elif self.segment_bytes:
             saved, ring_mod.SEGMENT_BYTES = ring_mod.SEGMENT_BYTES, self.segment_bytes
             try:
