@@ -90,8 +90,7 @@ class Rows:
             self.send = np.zeros(self.width, np.uint8)
             self.recv = np.zeros(n * self.width, np.uint8)
         else:
-            self.send, self.recv = self.window.flip()
-            self.window.calls = 0          # the first begin() takes the same parity again
+            self.send = self.recv = None   # this call's views into the window, set by begin()
 
     def begin(self) -> np.ndarray:
         """The row to write this call's fingerprint (and payload) into."""

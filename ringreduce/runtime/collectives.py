@@ -189,62 +189,41 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
     obs = (chan.context.observations if chan.context is not None and (call.observe or learner is not None)
            else None)
     t1 = perf_counter()
-    # shm up to 64 KiB: the fingerprint rides in the data's barrier (in-band: _shm_inband).
-    if not (check_on and algo == "shm" and _shm_inband(
-            chan, seq, lambda row: agree.HEADER.pack_into(
-                row, 0, seq, 1, call.size, call.dtype_code, call.op, _ALGO_HASHES[algo], call.name_hash,
-                call.shape_hash, 0), flat, src, call.op, name, buf)):
-        if check_on:
-            rows = chan.rows or agree.rows_of(chan)
-            agree.HEADER.pack_into(rows.begin(), 0, seq, 1, call.size, call.dtype_code, call.op,
-                                   _ALGO_HASHES[algo], call.name_hash, call.shape_hash, 0)
-            rows.post(chan, seq, 1, name)
-            if not (_small_same(rows.recv, rows.width, chan.size) if _small_same is not None
-                    else agree.rows_same(rows, chan.size)):
-                table = rows.recv.reshape(chan.size, rows.width)[:, :agree.HEADER_BYTES].copy().view(np.int64)
-                _raise_if_mismatch(chan, table, "allreduce", buf, call.op, algo, name, seq)
+    # shm up to 64 KiB: the input goes into the window first, so the fingerprints'
+    # handshake is the data's barrier too (in-band; shm.stage says when it applies).
+    staged = shm.stage(chan, flat, src) if check_on and algo == "shm" else None
+    if check_on:
+        rows = chan.rows or agree.rows_of(chan)
+        agree.HEADER.pack_into(rows.begin(), 0, seq, 1, call.size, call.dtype_code, call.op,
+                               _ALGO_HASHES[algo], call.name_hash, call.shape_hash, 0)
+        rows.post(chan, seq, 1, name)
+        if not (_small_same(rows.recv, rows.width, chan.size) if _small_same is not None
+                else agree.rows_same(rows, chan.size)):
+            if staged is not None:
+                shm.unstage(chan)
+            table = rows.recv.reshape(chan.size, rows.width)[:, :agree.HEADER_BYTES].copy().view(np.int64)
+            _raise_if_mismatch(chan, table, "allreduce", buf, call.op, algo, name, seq)
+        if staged is None:
             t1 = perf_counter()
-        mpi = call.mpi
-        if algo == "mpi" and check_on and mpi is not None:
-            # Agreed: every rank is in this call, so MPI's blocking allreduce (native.py says why).
-            chan.count(call.nbytes, call.nbytes)
-            chan.comm.Allreduce(MPI_IN_PLACE if src is None else [src, mpi[0]], [flat, mpi[0]], mpi[1])
-            if call.op == Average:
-                finish_average(call.op, flat, chan.size)
-        elif algo == "mpi":
-            native_allreduce(chan, flat, call.op, name, src=src, agreed=check_on)
-        else:
-            registry.run(chan, algo, flat, call.op, src=src)
+    mpi = call.mpi
+    if staged is not None:
+        shm.reduce_replicated(staged, flat, call.op, chan.size)
+    elif algo == "mpi" and check_on and mpi is not None:
+        # Agreed: every rank is in this call, so MPI's blocking allreduce (native.py says why).
+        chan.count(call.nbytes, call.nbytes)
+        chan.comm.Allreduce(MPI_IN_PLACE if src is None else [src, mpi[0]], [flat, mpi[0]], mpi[1])
+        if call.op == Average:
+            finish_average(call.op, flat, chan.size)
+    elif algo == "mpi":
+        native_allreduce(chan, flat, call.op, name, src=src, agreed=check_on)
+    else:
+        registry.run(chan, algo, flat, call.op, src=src)
     if obs is not None:
         seconds = perf_counter() - t1
         obs.record(algo, call.nbytes, seconds)
         if learner is not None:
             learner.done(chan, algo, call.nbytes, call.half, seconds)
     return buf
-
-
-def _shm_inband(chan, seq, write_header, flat, src, op, name, buf) -> bool:
-    """shm with the fingerprint in the data's own barrier: one handshake instead of two.
-
-    Each rank copies its input into its shm slot, writes its fingerprint row, and takes
-    the rows' barrier; only once every row matches does anyone read a peer's slot. It
-    applies to replicated shm calls (<= 64 KiB) once the window holds them (shm.stage),
-    which is the same on every rank whose fingerprint agrees; a rank where it does not
-    apply makes the separate exchange, the same barrier, and fails the comparison there.
-    False: not applicable, nothing done.
-    """
-    slots = shm.stage(chan, flat, src)
-    if slots is None:
-        return False
-    rows = chan.rows or agree.rows_of(chan)
-    write_header(rows.begin())
-    rows.post(chan, seq, 1, name)
-    if not agree.rows_same(rows, chan.size):
-        shm.unstage(chan)
-        table = rows.recv.reshape(chan.size, rows.width)[:, :agree.HEADER_BYTES].copy().view(np.int64)
-        _raise_if_mismatch(chan, table, "allreduce", buf, op, "shm", name, seq)
-    shm.reduce_replicated(slots, flat, op, chan.size)
-    return True
 
 
 def _new_call(chan, key, x, op, algorithm, name):
@@ -340,20 +319,26 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
         _scale(flat, scales[0])
     obs = None if on_device or chan.context is None else chan.context.observations
     t1 = perf_counter() if obs is not None or auto is not None else 0.0
-    # shm up to 64 KiB: the fingerprint rides in the data's barrier (in-band: _shm_inband).
-    inband = (check_on and algorithm == "shm" and comp is None and scales is None and not on_device
-              and _shm_inband(chan, seq, lambda row: _write(row, agree.fingerprint(
-                  seq, "allreduce", flat.size, dtype_code(buf.dtype), int(op), "shm", name, buf.shape,
-                  None)), flat, src, op, name, buf))
-    if not inband:
-        if check_on and _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp, scales,
-                                         on_device):
-            if scales is not None:
-                _scale(flat, scales[1])
-            if timeline.on:
-                timeline.complete("allreduce", t0, {"name": name, "algorithm": "piggyback",
-                                                    "bytes": flat.nbytes, "call": seq})
-            return buf
+    # shm up to 64 KiB: the fingerprints' handshake is the data's barrier too (as in _fast).
+    staged = (shm.stage(chan, flat, src) if check_on and algorithm == "shm" and comp is None
+              and scales is None and not on_device else None)
+    try:
+        piggybacked = check_on and _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp,
+                                                    scales, on_device)
+    except Exception:          # a mismatch, or joined peers: this call is not made as staged
+        if staged is not None:
+            shm.unstage(chan)
+        raise
+    if piggybacked:
+        if scales is not None:
+            _scale(flat, scales[1])
+        if timeline.on:
+            timeline.complete("allreduce", t0, {"name": name, "algorithm": "piggyback",
+                                                "bytes": flat.nbytes, "call": seq})
+        return buf
+    if staged is not None:
+        shm.reduce_replicated(staged, flat, op, chan.size)
+    else:
         if t1:
             t1 = perf_counter()
         _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, check_on)
@@ -370,10 +355,6 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
         timeline.complete("allreduce", t0, {"name": name, "algorithm": algorithm, "bytes": flat.nbytes,
                                             "compression": repr(comp) if comp else None, "call": seq})
     return buf
-
-
-def _write(row: np.ndarray, header: np.ndarray) -> None:
-    row[:header.nbytes] = header.view(np.uint8)
 
 
 def op_code(op, scales) -> int:
