@@ -100,7 +100,8 @@ void check_fmt(int fmt, int64_t block_size) {
 
 int64_t compress(int fmt, py::buffer x, int xdtype, int64_t n, py::buffer out,
                  py::object residual, int64_t block_size, bool has_clip, float clip,
-                 bool stochastic, uint64_t seed, uint64_t counter, uint64_t offset) {
+                 bool stochastic, uint64_t seed, uint64_t counter, uint64_t offset,
+                 float divisor) {
   check_fmt(fmt, block_size);
   if (xdtype != rr::DT_F32 && xdtype != rr::DT_F16 && xdtype != rr::DT_BF16)
     throw std::invalid_argument("x must be float32, float16 or bfloat16");
@@ -115,7 +116,7 @@ int64_t compress(int fmt, py::buffer x, int xdtype, int64_t n, py::buffer out,
     res = static_cast<float*>(br.ptr);
   }
   rr::CompressArgs a{fmt, bx.ptr, xdtype, n, static_cast<uint8_t*>(bo.ptr), res, block_size,
-                     has_clip, clip, stochastic, seed, counter, offset};
+                     has_clip, clip, stochastic, seed, counter, offset, divisor};
   int64_t bad;
   {
     py::gil_scoped_release nogil;
@@ -126,7 +127,7 @@ int64_t compress(int fmt, py::buffer x, int xdtype, int64_t n, py::buffer out,
 }
 
 void decompress(int fmt, py::buffer packed, int64_t n, py::buffer out, int odtype,
-                int64_t block_size) {
+                int64_t block_size, float divisor) {
   check_fmt(fmt, block_size);
   if (odtype != rr::DT_F32 && odtype != rr::DT_F16 && odtype != rr::DT_BF16)
     throw std::invalid_argument("out must be float32, float16 or bfloat16");
@@ -135,7 +136,8 @@ void decompress(int fmt, py::buffer packed, int64_t n, py::buffer out, int odtyp
   need(bp.nbytes, rr::packed_nbytes(fmt, n, block_size), "packed");
   need(bo.nbytes, n * dtype_size(odtype), "out");
   py::gil_scoped_release nogil;
-  g_kernels.decompress(fmt, static_cast<const uint8_t*>(bp.ptr), n, bo.ptr, odtype, block_size);
+  g_kernels.decompress(fmt, static_cast<const uint8_t*>(bp.ptr), n, bo.ptr, odtype, block_size,
+                       divisor);
 }
 
 void decompress_accumulate(int fmt, py::buffer packed, int64_t n, py::buffer acc, float alpha,
@@ -257,8 +259,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("compress", &compress, py::arg("fmt"), py::arg("x"), py::arg("xdtype"), py::arg("n"),
         py::arg("out"), py::arg("residual"), py::arg("block_size"), py::arg("has_clip"),
         py::arg("clip"), py::arg("stochastic"), py::arg("seed"), py::arg("counter"),
-        py::arg("offset"));
-  m.def("decompress", &decompress);
+        py::arg("offset"), py::arg("divisor") = 1.0f);
+  m.def("decompress", &decompress, py::arg("fmt"), py::arg("packed"), py::arg("n"),
+        py::arg("out"), py::arg("odtype"), py::arg("block_size"), py::arg("divisor") = 1.0f);
   m.def("set_isa", &set_isa, "Select the kernels for 'baseline', 'avx2', 'avx512' or 'auto'");
   m.def("isa", []() { return g_isa; });
   m.def("supported_isas", &supported_isas);

@@ -27,7 +27,7 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 int64_t compress(int fmt, uintptr_t x, int xdtype, int64_t n, uintptr_t out, uintptr_t residual,
                  int64_t block_size, bool has_clip, float clip, bool stochastic, uint64_t seed,
-                 uint64_t counter, uint64_t offset, uintptr_t stream) {
+                 uint64_t counter, uint64_t offset, uintptr_t stream, float divisor) {
   if (n == 0) return 0;
   py::gil_scoped_release nogil;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
@@ -36,7 +36,7 @@ int64_t compress(int fmt, uintptr_t x, int xdtype, int64_t n, uintptr_t out, uin
   check(cudaMemsetAsync(dcount, 0, sizeof(*dcount), s), "memset");
   int err = rr_cuda_compress(fmt, ptr<const void>(x), xdtype, n, ptr<uint8_t>(out),
                              ptr<float>(residual), block_size, has_clip, clip, stochastic, seed,
-                             counter, offset, dcount, s);
+                             counter, offset, divisor, dcount, s);
   unsigned long long count = 0;
   if (err == 0) err = cudaMemcpyAsync(&count, dcount, sizeof(count), cudaMemcpyDeviceToHost, s);
   cudaFreeAsync(dcount, s);
@@ -46,10 +46,10 @@ int64_t compress(int fmt, uintptr_t x, int xdtype, int64_t n, uintptr_t out, uin
 }
 
 void decompress(int fmt, uintptr_t packed, int64_t n, uintptr_t out, int odtype,
-                int64_t block_size, uintptr_t stream) {
+                int64_t block_size, uintptr_t stream, float divisor) {
   py::gil_scoped_release nogil;
   check(rr_cuda_decompress(fmt, ptr<const uint8_t>(packed), n, ptr<void>(out), odtype,
-                           block_size, ptr<void>(stream)),
+                           block_size, divisor, ptr<void>(stream)),
         "decompress");
 }
 
@@ -71,8 +71,13 @@ void reduce(int op, int dtype, uintptr_t dst, uintptr_t src, int64_t n, uintptr_
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "ringreduce CUDA kernels (see ringreduce.kernels for the documented API)";
-  m.def("compress", &compress);
-  m.def("decompress", &decompress);
+  m.def("compress", &compress, py::arg("fmt"), py::arg("x"), py::arg("xdtype"), py::arg("n"),
+        py::arg("out"), py::arg("residual"), py::arg("block_size"), py::arg("has_clip"),
+        py::arg("clip"), py::arg("stochastic"), py::arg("seed"), py::arg("counter"),
+        py::arg("offset"), py::arg("stream"), py::arg("divisor") = 1.0f);
+  m.def("decompress", &decompress, py::arg("fmt"), py::arg("packed"), py::arg("n"),
+        py::arg("out"), py::arg("odtype"), py::arg("block_size"), py::arg("stream"),
+        py::arg("divisor") = 1.0f);
   m.def("decompress_accumulate", &decompress_accumulate);
   m.def("reduce", &reduce);
   m.def("device_count", []() {

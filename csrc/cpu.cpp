@@ -192,20 +192,32 @@ inline float get_scale(const uint8_t* packed, int64_t b) {
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 
-// v = x (+ residual), clipped; staged into vb[0, m).
+// v = x (/ divisor) (+ residual), clipped; staged into vb[0, m).
 template <int XDT, bool RES, bool CLIP>
 inline void stage_block(const CompressArgs& a, int64_t start, int64_t m, float* vb) {
   const float* res = a.residual + (RES ? start : 0);
+  const float k = a.divisor;
   if constexpr (XDT == DT_F32) {
     const float* x = static_cast<const float*>(a.x) + start;
-    for (int64_t i = 0; i < m; ++i) {
-      float v = x[i];
-      if constexpr (RES) v = v + res[i];
-      if constexpr (CLIP) v = clip_value(v, a.clip);
-      vb[i] = v;
+    if (k != 1.0f) {  // x / 1 == x but for a signalling NaN's quiet bit: divide only when asked
+      for (int64_t i = 0; i < m; ++i) {
+        float v = x[i] / k;
+        if constexpr (RES) v = v + res[i];
+        if constexpr (CLIP) v = clip_value(v, a.clip);
+        vb[i] = v;
+      }
+    } else {
+      for (int64_t i = 0; i < m; ++i) {
+        float v = x[i];
+        if constexpr (RES) v = v + res[i];
+        if constexpr (CLIP) v = clip_value(v, a.clip);
+        vb[i] = v;
+      }
     }
   } else {
     half_to_f32_n<XDT>(static_cast<const uint16_t*>(a.x) + start, vb, m);
+    if (k != 1.0f)
+      for (int64_t i = 0; i < m; ++i) vb[i] = vb[i] / k;
     for (int64_t i = 0; i < m; ++i) {
       float v = vb[i];
       if constexpr (RES) v = v + res[i];
@@ -417,17 +429,21 @@ inline void for_each_dequant(const uint8_t* packed, int64_t n, int64_t B, F&& f)
   }
 }
 
+template <int FMT, int ODT>
+void decompress_to(const uint8_t* packed, int64_t n, void* out, int64_t B, float k) {
+  if (k != 1.0f) {  // Average folded into the pass: d / k in fp32, then rounded to ODT
+    for_each_dequant<FMT>(packed, n, B, [&](int64_t i, float d) { store_out<ODT>(out, i, d / k); });
+  } else {
+    for_each_dequant<FMT>(packed, n, B, [&](int64_t i, float d) { store_out<ODT>(out, i, d); });
+  }
+}
+
 template <int FMT>
-void decompress_fmt(const uint8_t* packed, int64_t n, void* out, int odt, int64_t B) {
+void decompress_fmt(const uint8_t* packed, int64_t n, void* out, int odt, int64_t B, float k) {
   switch (odt) {
-    case DT_F32:
-      for_each_dequant<FMT>(packed, n, B, [&](int64_t i, float d) { store_out<DT_F32>(out, i, d); });
-      break;
-    case DT_F16:
-      for_each_dequant<FMT>(packed, n, B, [&](int64_t i, float d) { store_out<DT_F16>(out, i, d); });
-      break;
-    default:
-      for_each_dequant<FMT>(packed, n, B, [&](int64_t i, float d) { store_out<DT_BF16>(out, i, d); });
+    case DT_F32: decompress_to<FMT, DT_F32>(packed, n, out, B, k); break;
+    case DT_F16: decompress_to<FMT, DT_F16>(packed, n, out, B, k); break;
+    default: decompress_to<FMT, DT_BF16>(packed, n, out, B, k);
   }
 }
 
@@ -528,13 +544,14 @@ int64_t compress_cpu(const CompressArgs& a) {
   }
 }
 
-void decompress_cpu(int fmt, const uint8_t* packed, int64_t n, void* out, int odt, int64_t B) {
+void decompress_cpu(int fmt, const uint8_t* packed, int64_t n, void* out, int odt, int64_t B,
+                    float k) {
   switch (fmt) {
-    case FMT_FP16: decompress_fmt<FMT_FP16>(packed, n, out, odt, B); break;
-    case FMT_BF16: decompress_fmt<FMT_BF16>(packed, n, out, odt, B); break;
-    case FMT_INT8: decompress_fmt<FMT_INT8>(packed, n, out, odt, B); break;
-    case FMT_INT4: decompress_fmt<FMT_INT4>(packed, n, out, odt, B); break;
-    default: decompress_fmt<FMT_ONEBIT>(packed, n, out, odt, B);
+    case FMT_FP16: decompress_fmt<FMT_FP16>(packed, n, out, odt, B, k); break;
+    case FMT_BF16: decompress_fmt<FMT_BF16>(packed, n, out, odt, B, k); break;
+    case FMT_INT8: decompress_fmt<FMT_INT8>(packed, n, out, odt, B, k); break;
+    case FMT_INT4: decompress_fmt<FMT_INT4>(packed, n, out, odt, B, k); break;
+    default: decompress_fmt<FMT_ONEBIT>(packed, n, out, odt, B, k);
   }
 }
 

@@ -16,14 +16,16 @@ struct CompressArgs {
   float clip;         // > 0, used when has_clip
   bool stochastic;
   uint64_t seed, counter, offset;
+  float divisor = 1.0f;  // != 1: v = x / divisor (fp32) before the residual is added
 };
 
 struct CpuKernels {
   // Returns the number of blocks that contained NaN/Inf (-1: out of memory).
   int64_t (*compress)(const CompressArgs& a);
-  // out: n elements of odtype (DT_F32, DT_F16 or DT_BF16).
+  // out: n elements of odtype (DT_F32, DT_F16 or DT_BF16); divisor != 1: out = dequant / divisor
+  // (fp32), then rounded to odtype.
   void (*decompress)(int fmt, const uint8_t* packed, int64_t n, void* out, int odtype,
-                     int64_t block_size);
+                     int64_t block_size, float divisor);
   // acc[i] = acc[i] + alpha * dequant[i]
   void (*decompress_accumulate)(int fmt, const uint8_t* packed, int64_t n, float* acc,
                                 float alpha, int64_t block_size);

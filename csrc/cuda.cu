@@ -30,6 +30,7 @@ struct DevArgs {
   int stochastic;
   uint64_t key;
   uint64_t offset;
+  float divisor;  // != 1: v = x / divisor (fp32) before the residual is added
 };
 
 __device__ __forceinline__ float load_x(const void* x, int xdt, int64_t i) {
@@ -40,6 +41,7 @@ __device__ __forceinline__ float load_x(const void* x, int xdt, int64_t i) {
 
 __device__ __forceinline__ float stage(const DevArgs& a, int64_t i) {
   float v = load_x(a.x, a.xdtype, i);
+  if (a.divisor != 1.0f) v = v / a.divisor;
   if (a.residual) v = v + a.residual[i];
   if (a.has_clip) v = clip_value(v, a.clip);
   return v;
@@ -181,10 +183,11 @@ __device__ __forceinline__ float dequant_at(int fmt, const uint8_t* p, int64_t n
 }
 
 __global__ void decompress_kernel(int fmt, const uint8_t* p, int64_t n, void* out, int odt,
-                                  int64_t B) {
+                                  int64_t B, float k) {
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x) {
     float d = dequant_at(fmt, p, n, B, i);
+    if (k != 1.0f) d = d / k;
     if (odt == DT_F32) static_cast<float*>(out)[i] = d;
     else if (odt == DT_F16) static_cast<uint16_t*>(out)[i] = f32_to_f16(d);
     else static_cast<uint16_t*>(out)[i] = f32_to_bf16(d);
@@ -259,10 +262,11 @@ using namespace rr;
 extern "C" int rr_cuda_compress(int fmt, const void* x, int xdtype, int64_t n, uint8_t* out,
                                 float* residual, int64_t block_size, int has_clip, float clip,
                                 int stochastic, uint64_t seed, uint64_t counter,
-                                uint64_t offset, unsigned long long* bad_blocks, void* stream) {
+                                uint64_t offset, float divisor, unsigned long long* bad_blocks,
+                                void* stream) {
   if (n <= 0) return (int)cudaSuccess;
   DevArgs a{fmt, x, xdtype, n, out, residual, block_size, has_clip, clip, stochastic,
-            rng_key(seed, counter), offset};
+            rng_key(seed, counter), offset, divisor};
   const int64_t nb = num_blocks(n, block_size);
   const unsigned grid = (unsigned)((nb + kWarps - 1) / kWarps);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -272,10 +276,10 @@ extern "C" int rr_cuda_compress(int fmt, const void* x, int xdtype, int64_t n, u
 }
 
 extern "C" int rr_cuda_decompress(int fmt, const uint8_t* packed, int64_t n, void* out,
-                                  int odtype, int64_t block_size, void* stream) {
+                                  int odtype, int64_t block_size, float divisor, void* stream) {
   if (n <= 0) return (int)cudaSuccess;
   decompress_kernel<<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      fmt, packed, n, out, odtype, block_size);
+      fmt, packed, n, out, odtype, block_size, divisor);
   return (int)cudaGetLastError();
 }
 

@@ -101,6 +101,62 @@ def test_decompress_accumulate(fmt, isa):
         assert_bits_equal(acc, expect)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", IN_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_compress_divisor_is_dividing_first(fmt, dtype, isa):
+    # divisor=k: the bytes and residual of compressing x / float32(k) (an Average's division,
+    # fused into the pass), non-finite values included; k = 1 divides nothing.
+    n, B = 3000, 256
+    x = data(n, dtype, seed=3)
+    x[700] = np.nan
+    for k, use_res, clip in itertools.product((1, 2, 3, 7), (False, True), (None, 0.75)):
+        residual = data(n, np.float32, seed=4) * np.float32(0.1) if use_res else None
+        kw = {"clip": clip, "stochastic": fmt == "int4", "seed": 1, "counter": 2, "offset": 5}
+        out, res, bad = run(fmt, x, residual, B, divisor=k, **kw)
+        first = (x.astype(np.float32) / np.float32(k)).astype(np.float32)
+        rout, rres, rbad = ref.compress(fmt, first, residual, B, **kw)
+        assert bad == rbad
+        assert_bits_equal(out, rout)
+        if use_res:
+            assert_bits_equal(res, rres)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("odtype", IN_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_decompress_divisor(fmt, odtype, isa):
+    # out = dequant / float32(k) in fp32, then rounded to out's dtype: one pass.
+    n = 2000
+    x = data(n, np.float32, seed=6)
+    x[1500] = np.inf
+    out, _, _ = run(fmt, x)
+    d = ref.decompress(fmt, out, n)
+    for k in (1, 2, 3, 7):
+        y = np.empty(n, odtype)
+        kernels.decompress(fmt, out, n, y, divisor=k)
+        with np.errstate(invalid="ignore"):
+            assert_bits_equal(y, (d / np.float32(k)).astype(np.float32).astype(odtype))
+    with pytest.raises(RingReduceError, match="divisor"):
+        kernels.decompress(fmt, out, n, np.empty(n, np.float32), divisor=0)
+
+
+@pytest.mark.parametrize("fmt", ("int8", "int4"))
+def test_scaled_formats_never_decode_negative_zero(fmt, isa):
+    # The compressed allreduce decodes rank 0's piece straight into its accumulator instead
+    # of adding it to 0.0, which is the same bits only because no decoded value is -0.0:
+    # zero levels, zero-scale blocks (tiny, negative or -0.0 inputs) and rounding included.
+    n, B = 4096, 64
+    x = data(n, np.float32, seed=8)
+    x[:B] = -1e-35                     # below kTiny: a zero-scale block of negative values
+    x[B:2 * B] = -0.0
+    x[2 * B:3 * B:2] = -1e-3           # mostly zero levels next to one large value
+    x[2 * B + 1] = 50.0
+    for stoch in (False, True):
+        out, _, _ = run(fmt, x, np.zeros(n, np.float32), B, stochastic=stoch, seed=2)
+        y = np.empty(n, np.float32)
+        kernels.decompress(fmt, out, n, y, block_size=B)
+        assert not np.any((y == 0) & np.signbit(y)), "a -0.0 was decoded"
+
+
 # ---- fp16 / bf16 conversions: every path, every kind of value ------------------------------
 # The avx2/avx512 builds convert with F16C / AVX-512F (vcvtps2ph, vcvtph2ps), the baseline
 # with branch-free integer code; all must give the reference's bytes, specials included.
@@ -430,6 +486,19 @@ def test_cuda_matches_cpu(fmt):
             kernels.decompress(fmt, out, n, y, block_size=B)
             dy = cp.empty(n, odt)
             kernels.decompress(fmt, dout, n, dy, block_size=B)
+            assert_bits_equal(cp.asnumpy(dy), y)
+        for k in (2, 3):     # an Average's divisor, fused into compress and decompress
+            kout, kres, _ = run(fmt, x, residual, divisor=k, **kw)
+            dkout = cp.empty(out.size, cp.uint8)
+            dkres = cp.asarray(residual) if use_res else None
+            kernels.compress(fmt, cp.asarray(x), dkout, residual=dkres, divisor=k, **kw)
+            assert_bits_equal(cp.asnumpy(dkout), kout)
+            if use_res:
+                assert_bits_equal(cp.asnumpy(dkres), kres)
+            y = np.empty(n, np.float32)
+            kernels.decompress(fmt, out, n, y, block_size=B, divisor=k)
+            dy = cp.empty(n, np.float32)
+            kernels.decompress(fmt, dout, n, dy, block_size=B, divisor=k)
             assert_bits_equal(cp.asnumpy(dy), y)
         acc = data(n, np.float32, seed=9)
         dacc = cp.asarray(acc)

@@ -8,7 +8,9 @@ Two-sided scheme, on n ranks, for a tensor split into n block-aligned chunks
    transfers run while the next chunk is being compressed;
 2. reduce: the owner decompresses-and-accumulates the n pieces of its chunk in
    fp32, in rank order (so the sum is the same whoever computes it), divides
-   by n for Average, and compresses the result with its own server residual;
+   by n for Average, and compresses the result with its own server residual
+   (the division is done by the compress kernel as it reads the sum: x / n, then
+   + residual, the same bits as dividing first);
 3. gather: each owner sends its compressed chunk to every other rank, and every
    rank decompresses the same bytes into the output, so all ranks hold
    bit-identical results.
@@ -276,14 +278,20 @@ class TwoSided:
             return 0
         waitall(self.chan, self.my_pieces[s], self.what)
         part = self.acc[a - lo:b - lo]
-        part.fill(0.0)
-        for i in range(n):       # rank order, so the sum is the same whoever computes it
+        first = 0
+        if comp.format in _NO_NEGATIVE_ZERO:
+            # 0.0 + d == d bit for bit unless d is -0.0 (NaN payloads pass through), and
+            # these formats never decode to -0.0: decoding rank 0's piece saves the fill.
+            comp.decompress(self.piece(0, s), b - a, part, name=self.name)
+            first = 1
+        else:
+            part.fill(0.0)
+        for i in range(first, n):    # rank order, so the sum is the same whoever computes it
             comp.decompress(self.piece(i, s), b - a, part, accumulate=True, name=self.name)
-        if self.op == ReduceOp.AVERAGE and n > 1:
-            part /= np.float32(n)
         out = self.packed(self.gather, r, s)
         nb = comp.compress(part, out, None if self.sres is None else self.sres[a - lo:b - lo],
-                           counter=self.scounter, offset=a, name=self.name)
+                           counter=self.scounter, offset=a, name=self.name,
+                           divisor=n if self.op == ReduceOp.AVERAGE and n > 1 else 1)
         for k in range(1, n):
             self.sends.extend(isend(self.chan, out, (r + k) % n, _TAG_GATHER))
         comp.decompress(out, b - a, self.flat[a:b], name=self.name)
@@ -309,6 +317,12 @@ class TwoSided:
         return nb
 
 
+# Formats whose decoded values are never -0.0: a level q (an integer, +0.0 for 0) times
+# a block scale >= +0.0 (or NaN for a non-finite block). onebit decodes a zero-scale
+# block's 0 bits to -scale = -0.0, so it keeps the zero fill.
+_NO_NEGATIVE_ZERO = frozenset({"int8", "int4"})
+
+
 def _ready(reqs: list) -> bool:
     return not reqs or MPI.Request.Testall(reqs)
 
@@ -331,8 +345,11 @@ def _half_ring(chan, flat, op, algorithm, comp, name, ts, src=None) -> tuple[int
     wres = ts.worker_residual(count, array_module(flat)) \
         if comp.error_feedback and ts is not None else None
     bad = comp.compress(flat if src is None else src, raw, wres, name=name)
-    registry.run(chan, algorithm, raw.view(wire_dtype), op)
-    comp.decompress(raw, count, flat, name=name)
+    # Average: the ring sums in the half type and the conversion back divides, in fp32 on
+    # the (identical) summed bits of every rank, so no separate pass over the result.
+    average = op == ReduceOp.AVERAGE and chan.size > 1
+    registry.run(chan, algorithm, raw.view(wire_dtype), ReduceOp.SUM if average else op)
+    comp.decompress(raw, count, flat, name=name, divisor=chan.size if average else 1)
     return bad, algorithm
 
 

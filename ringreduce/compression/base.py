@@ -92,18 +92,21 @@ class Compressor:
         return kernels.packed_nbytes(self.format, n)
 
     def compress(self, x: np.ndarray, packed: np.ndarray, residual: np.ndarray | None = None,
-                 counter: int = 0, offset: int = 0, name: str | None = None) -> int:
-        """Compress flat x (+ residual, updated in place) into packed; returns non-finite blocks."""
+                 counter: int = 0, offset: int = 0, name: str | None = None,
+                 divisor: float = 1.0) -> int:
+        """Compress flat x (/ divisor, + residual updated in place) into packed; returns
+        the non-finite blocks."""
         return kernels.compress(self.format, x, packed, residual=residual, clip=self.clip,
-                                name=name)
+                                divisor=divisor, name=name)
 
     def decompress(self, packed: np.ndarray, n: int, out: np.ndarray, accumulate: bool = False,
-                   name: str | None = None) -> None:
-        """out = dequant(packed), or out += dequant(packed) (fp32 out) when accumulate."""
+                   name: str | None = None, divisor: float = 1.0) -> None:
+        """out = dequant(packed) (/ divisor, in fp32), or out += dequant(packed) (fp32 out)
+        when accumulate."""
         if accumulate:
             kernels.decompress_accumulate(self.format, packed, n, out, name=name)
         else:
-            kernels.decompress(self.format, packed, n, out, name=name)
+            kernels.decompress(self.format, packed, n, out, divisor=divisor, name=name)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -149,15 +152,17 @@ class Quantizer(Compressor):
     def packed_nbytes(self, n: int) -> int:
         return kernels.packed_nbytes(self.format, n, self.block_size)
 
-    def compress(self, x, packed, residual=None, counter=0, offset=0, name=None) -> int:
+    def compress(self, x, packed, residual=None, counter=0, offset=0, name=None,
+                 divisor=1.0) -> int:
         return kernels.compress(self.format, x, packed, residual=residual,
                                 block_size=self.block_size, clip=self.clip,
                                 stochastic=self.stochastic, seed=self.seed, counter=counter,
-                                offset=offset, name=name)
+                                offset=offset, divisor=divisor, name=name)
 
-    def decompress(self, packed, n, out, accumulate=False, name=None) -> None:
+    def decompress(self, packed, n, out, accumulate=False, name=None, divisor=1.0) -> None:
         if accumulate:
             kernels.decompress_accumulate(self.format, packed, n, out, block_size=self.block_size,
                                           name=name)
         else:
-            kernels.decompress(self.format, packed, n, out, block_size=self.block_size, name=name)
+            kernels.decompress(self.format, packed, n, out, block_size=self.block_size,
+                               divisor=divisor, name=name)

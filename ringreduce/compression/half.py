@@ -3,7 +3,9 @@
 Each rank converts its tensor to the half type (round to nearest even), the
 ordinary ring allreduce runs on those bytes with every step computed in fp32
 and rounded back to the half type, and the result is converted to the input's
-dtype. Half the bytes of fp32 on the wire, no block scales. With
+dtype (an Average's sum is divided in fp32 by that conversion, so the mean of
+an fp32 tensor is rounded once, not twice). Half the bytes of fp32 on the wire,
+no block scales. With
 ``error_feedback=True`` (off by default) the conversion error of each call is
 kept in a per-tensor residual and added to the next call's input.
 """

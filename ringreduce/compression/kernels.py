@@ -286,6 +286,14 @@ def _record(event: str, t0: float, fmt: str, n: int, nbytes: int, on_device: boo
     timeline.complete(event, t0, args)
 
 
+def _divisor(divisor, name) -> float:
+    """The divisor as the fp32 value the kernels divide by."""
+    k = float(np.float32(divisor))
+    if not (np.isfinite(k) and k > 0):
+        raise RingReduceError(f"{_label(name, 'divisor')} must be a finite value > 0, got {divisor}")
+    return k
+
+
 # ---- public API ----------------------------------------------------------------
 
 def packed_nbytes(fmt: str, n: int, block_size: int = 256) -> int:
@@ -309,10 +317,11 @@ def packed_nbytes(fmt: str, n: int, block_size: int = 256) -> int:
 
 def compress(fmt: str, x, out, residual=None, block_size: int = 256, clip: float | None = None,
              stochastic: bool = False, seed: int = 0, counter: int = 0, offset: int = 0,
-             *, stream=None, name: str | None = None) -> int:
+             *, divisor: float = 1.0, stream=None, name: str | None = None) -> int:
     """Quantise and pack ``x`` (plus error feedback) into ``out`` in one fused pass.
 
-    Per block of ``block_size`` elements: ``v = x + residual`` (fp32), clip
+    Per block of ``block_size`` elements: ``v = x + residual`` (fp32; ``x / divisor +
+    residual`` when ``divisor`` is not 1, e.g. an Average's rank count), clip
     finite values to ``[-clip, clip]``, choose the block scale, quantise
     (round to nearest even, or stochastically), pack into ``out``, and write
     ``residual = v - dequant`` in place.  A block containing NaN/Inf encodes
@@ -330,6 +339,8 @@ def compress(fmt: str, x, out, residual=None, block_size: int = 256, clip: float
     stochastic : stochastic rounding for int8/int4/onebit (fp16/bf16 always round to nearest even)
     seed, counter, offset : RNG key; element i uses (seed, counter, offset + i), so a
         tensor compressed in pieces at matching offsets gives the same bytes as in one call
+    divisor : finite and > 0 (rounded to fp32); not 1: each element is first divided by it
+        in fp32, the same bits as ``x / np.float32(divisor)``, in the same pass
     stream : CUDA stream for device arrays (see module docstring)
     name : tensor name for error messages
 
@@ -365,29 +376,32 @@ def compress(fmt: str, x, out, residual=None, block_size: int = 256, clip: float
     for arg, val in (("seed", seed), ("counter", counter), ("offset", offset)):
         if not 0 <= int(val) < 2**64:
             raise RingReduceError(f"{arg} must be in [0, 2**64), got {val}")
+    k = _divisor(divisor, name)
     views = [vx, vo] + ([vr] if vr is not None else [])
     t0 = timeline.now() if timeline.on else 0
     if _same_place(views, name):
         bad = int(_cuda().compress(
             code, vx.ptr, vx.dt, n, vo.ptr, vr.ptr if vr is not None else 0, int(block_size),
             has_clip, cl, bool(stochastic), int(seed), int(counter), int(offset),
-            _stream_of(vx, stream)))
+            _stream_of(vx, stream), k))
     else:
         if _C is None:
             raise RingReduceError(_BUILD_HINT)
         bad = int(_C.compress(code, vx.arr, vx.dt, n, vo.arr, vr.arr if vr is not None else None,
                               int(block_size), has_clip, cl, bool(stochastic), int(seed),
-                              int(counter), int(offset)))
+                              int(counter), int(offset), k))
     if t0:
         _record("compress", t0, fmt, n, vo.n, vx.device, name)
     return bad
 
 
-def decompress(fmt: str, packed, n: int, out, block_size: int = 256, *, stream=None,
-               name: str | None = None) -> None:
+def decompress(fmt: str, packed, n: int, out, block_size: int = 256, *, divisor: float = 1.0,
+               stream=None, name: str | None = None) -> None:
     """Unpack ``packed`` into ``out`` (float32, float16 or bfloat16; n elements).
 
-    ``out = dequant(packed)``, rounded to nearest even for half outputs.
+    ``out = dequant(packed)``, rounded to nearest even for half outputs. With
+    ``divisor`` other than 1 (finite, > 0, rounded to fp32), ``out = dequant / divisor``
+    computed in fp32 and then rounded, in the same pass (an Average's division).
 
     Example
     -------
@@ -404,13 +418,15 @@ def decompress(fmt: str, packed, n: int, out, block_size: int = 256, *, stream=N
     _need_n(vp, packed_nbytes(fmt, n, block_size), _label(name, "packed input"))
     _need_dt(vo, _FLOAT_IO, _label(name, "output"))
     _need_n(vo, n, _label(name, "output"))
+    k = _divisor(divisor, name)
     t0 = timeline.now() if timeline.on else 0
     if _same_place([vp, vo], name):
-        _cuda().decompress(code, vp.ptr, n, vo.ptr, vo.dt, int(block_size), _stream_of(vo, stream))
+        _cuda().decompress(code, vp.ptr, n, vo.ptr, vo.dt, int(block_size), _stream_of(vo, stream),
+                           k)
     else:
         if _C is None:
             raise RingReduceError(_BUILD_HINT)
-        _C.decompress(code, vp.arr, n, vo.arr, vo.dt, int(block_size))
+        _C.decompress(code, vp.arr, n, vo.arr, vo.dt, int(block_size), k)
     if t0:
         _record("decompress", t0, fmt, n, vp.n, vo.device, name)
 
