@@ -101,7 +101,7 @@ void check_fmt(int fmt, int64_t block_size) {
 int64_t compress(int fmt, py::buffer x, int xdtype, int64_t n, py::buffer out,
                  py::object residual, int64_t block_size, bool has_clip, float clip,
                  bool stochastic, uint64_t seed, uint64_t counter, uint64_t offset,
-                 float divisor) {
+                 float divisor, py::object values, int vdtype) {
   check_fmt(fmt, block_size);
   if (xdtype != rr::DT_F32 && xdtype != rr::DT_F16 && xdtype != rr::DT_BF16)
     throw std::invalid_argument("x must be float32, float16 or bfloat16");
@@ -115,8 +115,16 @@ int64_t compress(int fmt, py::buffer x, int xdtype, int64_t n, py::buffer out,
     need(br.nbytes, 4 * n, "residual");
     res = static_cast<float*>(br.ptr);
   }
+  void* vals = nullptr;
+  if (!values.is_none()) {
+    if (vdtype != rr::DT_F32 && vdtype != rr::DT_F16 && vdtype != rr::DT_BF16)
+      throw std::invalid_argument("values must be float32, float16 or bfloat16");
+    Buf bv = get_buf(values.cast<py::buffer>(), true, "values");
+    need(bv.nbytes, n * dtype_size(vdtype), "values");
+    vals = bv.ptr;
+  }
   rr::CompressArgs a{fmt, bx.ptr, xdtype, n, static_cast<uint8_t*>(bo.ptr), res, block_size,
-                     has_clip, clip, stochastic, seed, counter, offset, divisor};
+                     has_clip, clip, stochastic, seed, counter, offset, divisor, vals, vdtype};
   int64_t bad;
   {
     py::gil_scoped_release nogil;
@@ -259,7 +267,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("compress", &compress, py::arg("fmt"), py::arg("x"), py::arg("xdtype"), py::arg("n"),
         py::arg("out"), py::arg("residual"), py::arg("block_size"), py::arg("has_clip"),
         py::arg("clip"), py::arg("stochastic"), py::arg("seed"), py::arg("counter"),
-        py::arg("offset"), py::arg("divisor") = 1.0f);
+        py::arg("offset"), py::arg("divisor") = 1.0f, py::arg("values") = py::none(),
+        py::arg("vdtype") = 0);
   m.def("decompress", &decompress, py::arg("fmt"), py::arg("packed"), py::arg("n"),
         py::arg("out"), py::arg("odtype"), py::arg("block_size"), py::arg("divisor") = 1.0f);
   m.def("set_isa", &set_isa, "Select the kernels for 'baseline', 'avx2', 'avx512' or 'auto'");

@@ -27,7 +27,8 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 int64_t compress(int fmt, uintptr_t x, int xdtype, int64_t n, uintptr_t out, uintptr_t residual,
                  int64_t block_size, bool has_clip, float clip, bool stochastic, uint64_t seed,
-                 uint64_t counter, uint64_t offset, uintptr_t stream, float divisor) {
+                 uint64_t counter, uint64_t offset, uintptr_t stream, float divisor,
+                 uintptr_t values, int vdtype) {
   if (n == 0) return 0;
   py::gil_scoped_release nogil;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
@@ -36,7 +37,7 @@ int64_t compress(int fmt, uintptr_t x, int xdtype, int64_t n, uintptr_t out, uin
   check(cudaMemsetAsync(dcount, 0, sizeof(*dcount), s), "memset");
   int err = rr_cuda_compress(fmt, ptr<const void>(x), xdtype, n, ptr<uint8_t>(out),
                              ptr<float>(residual), block_size, has_clip, clip, stochastic, seed,
-                             counter, offset, divisor, dcount, s);
+                             counter, offset, divisor, ptr<void>(values), vdtype, dcount, s);
   unsigned long long count = 0;
   if (err == 0) err = cudaMemcpyAsync(&count, dcount, sizeof(count), cudaMemcpyDeviceToHost, s);
   cudaFreeAsync(dcount, s);
@@ -74,7 +75,8 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("compress", &compress, py::arg("fmt"), py::arg("x"), py::arg("xdtype"), py::arg("n"),
         py::arg("out"), py::arg("residual"), py::arg("block_size"), py::arg("has_clip"),
         py::arg("clip"), py::arg("stochastic"), py::arg("seed"), py::arg("counter"),
-        py::arg("offset"), py::arg("stream"), py::arg("divisor") = 1.0f);
+        py::arg("offset"), py::arg("stream"), py::arg("divisor") = 1.0f,
+        py::arg("values") = 0, py::arg("vdtype") = 0);
   m.def("decompress", &decompress, py::arg("fmt"), py::arg("packed"), py::arg("n"),
         py::arg("out"), py::arg("odtype"), py::arg("block_size"), py::arg("stream"),
         py::arg("divisor") = 1.0f);

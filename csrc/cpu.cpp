@@ -183,6 +183,13 @@ inline void store_out(void* out, int64_t i, float v) {
 }
 
 inline void put_scale(uint8_t* out, int64_t b, float s) { memcpy(out + 4 * b, &s, 4); }
+
+// values[start, start + m) = d[0, m) in the values' dtype, as decompress stores it.
+inline void store_values(const CompressArgs& a, int64_t start, const float* d, int64_t m) {
+  if (a.vdtype == DT_F32) memcpy(static_cast<float*>(a.values) + start, d, m * sizeof(float));
+  else if (a.vdtype == DT_F16) f32_to_f16_n(d, static_cast<uint16_t*>(a.values) + start, m);
+  else f32_to_bf16_n(d, static_cast<uint16_t*>(a.values) + start, m);
+}
 inline float get_scale(const uint8_t* packed, int64_t b) {
   float s;
   memcpy(&s, packed + 4 * b, 4);
@@ -274,9 +281,15 @@ int64_t compress_scaled(const CompressArgs& a) {
     uint8_t* pout = payload + pstart;
 
     if (is_nan(lbad[0])) {  // non-finite block: NaN scale, zero payload, reset residual
-      put_scale(a.out, b, bits_f32(0x7fc00000u));
+      const float nan_scale = bits_f32(0x7fc00000u);
+      put_scale(a.out, b, nan_scale);
       memset(pout, 0, pbytes);
       if constexpr (RES) memset(a.residual + start, 0, m * sizeof(float));
+      if (a.values) {  // what decompress makes of level 0 / bit 0 at a NaN scale
+        const float d = FMT == FMT_ONEBIT ? -nan_scale : dequant_level(0.0f, nan_scale);
+        for (int64_t i = 0; i < m; ++i) vb[i] = d;
+        store_values(a, start, vb, m);
+      }
       ++bad_blocks;
       continue;
     }
@@ -299,7 +312,9 @@ int64_t compress_scaled(const CompressArgs& a) {
         d = dequant_level(q, scale);
       }
       if constexpr (RES) res[i] = v - d;
+      vb[i] = d;  // v is used up: keep what decompress will decode (levels are exact)
     }
+    if (a.values) store_values(a, start, vb, m);
 
     if constexpr (FMT == FMT_INT8) {
       memcpy(pout, lv, m);
@@ -346,6 +361,7 @@ int64_t compress_half(const CompressArgs& a) {
         float* res = a.residual + t;
         for (int64_t i = 0; i < k; ++i) res[i] = vb[i] - db[i];
       }
+      if (a.values) store_values(a, t, db, k);
       memcpy(a.out + 2 * t, hb, 2 * k);  // little-endian host; out may be unaligned
     }
     if (exp_all_ones) {

@@ -17,6 +17,8 @@ struct CompressArgs {
   bool stochastic;
   uint64_t seed, counter, offset;
   float divisor = 1.0f;  // != 1: v = x / divisor (fp32) before the residual is added
+  void* values = nullptr;  // or n elements of vdtype: receives dequant(out), as decompress
+  int vdtype = 0;          // would write it (DT_F32, DT_F16 or DT_BF16)
 };
 
 struct CpuKernels {

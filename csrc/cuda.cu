@@ -31,7 +31,15 @@ struct DevArgs {
   uint64_t key;
   uint64_t offset;
   float divisor;  // != 1: v = x / divisor (fp32) before the residual is added
+  void* values;   // or n elements of vdtype receiving dequant(out), as decompress writes it
+  int vdtype;
 };
+
+__device__ __forceinline__ void store_value(const DevArgs& a, int64_t i, float d) {
+  if (a.vdtype == DT_F32) static_cast<float*>(a.values)[i] = d;
+  else if (a.vdtype == DT_F16) static_cast<uint16_t*>(a.values)[i] = f32_to_f16(d);
+  else static_cast<uint16_t*>(a.values)[i] = f32_to_bf16(d);
+}
 
 __device__ __forceinline__ float load_x(const void* x, int xdt, int64_t i) {
   if (xdt == DT_F32) return static_cast<const float*>(x)[i];
@@ -109,6 +117,11 @@ __global__ void compress_scaled_kernel(DevArgs a, unsigned long long* bad_blocks
     for (int64_t j = lane; j < nbytes_block; j += 32) pout[j] = 0;
     if (a.residual)
       for (int64_t k = lane; k < m; k += 32) a.residual[start + k] = 0.0f;
+    if (a.values) {  // what decompress makes of level 0 / bit 0 at a NaN scale
+      const float nan_scale = bits_f32(0x7fc00000u);
+      const float d = fmt == FMT_ONEBIT ? -nan_scale : dequant_level(0.0f, nan_scale);
+      for (int64_t k = lane; k < m; k += 32) store_value(a, start + k, d);
+    }
     return;
   }
   const float scale = scale_for(fmt, lmax, lsum, m);
@@ -129,6 +142,7 @@ __global__ void compress_scaled_kernel(DevArgs a, unsigned long long* bad_blocks
       int32_t q;
       float d = level_or_bit(fmt, v, inv, scale, stoch, u, &q);
       if (a.residual) a.residual[i] = v - d;
+      if (a.values) store_value(a, i, d);
       if (fmt == FMT_INT8) byte = (uint32_t)q & 0xffu;
       else if (fmt == FMT_INT4) byte |= ((uint32_t)q & 0xfu) << (4 * e);
       else byte |= (uint32_t)q << e;
@@ -157,6 +171,7 @@ __global__ void compress_half_kernel(DevArgs a, unsigned long long* bad_blocks) 
     a.out[2 * i] = (uint8_t)h;
     a.out[2 * i + 1] = (uint8_t)(h >> 8);
     if (a.residual) a.residual[i] = v - d;
+    if (a.values) store_value(a, i, d);
   }
   if (__any_sync(kFull, bad)) {
     if (lane == 0) atomicAdd(bad_blocks, 1ull);
@@ -262,11 +277,11 @@ using namespace rr;
 extern "C" int rr_cuda_compress(int fmt, const void* x, int xdtype, int64_t n, uint8_t* out,
                                 float* residual, int64_t block_size, int has_clip, float clip,
                                 int stochastic, uint64_t seed, uint64_t counter,
-                                uint64_t offset, float divisor, unsigned long long* bad_blocks,
-                                void* stream) {
+                                uint64_t offset, float divisor, void* values, int vdtype,
+                                unsigned long long* bad_blocks, void* stream) {
   if (n <= 0) return (int)cudaSuccess;
   DevArgs a{fmt, x, xdtype, n, out, residual, block_size, has_clip, clip, stochastic,
-            rng_key(seed, counter), offset, divisor};
+            rng_key(seed, counter), offset, divisor, values, vdtype};
   const int64_t nb = num_blocks(n, block_size);
   const unsigned grid = (unsigned)((nb + kWarps - 1) / kWarps);
   cudaStream_t s = static_cast<cudaStream_t>(stream);

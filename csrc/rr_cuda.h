@@ -10,11 +10,13 @@ extern "C" {
 
 // bad_blocks: device pointer to one unsigned long long, incremented once per
 // block that contained NaN/Inf (the caller zeroes it).  divisor != 1: the input
-// is x / divisor (fp32) before the residual is added.
+// is x / divisor (fp32) before the residual is added.  values (or null): n
+// elements of vdtype receiving what decompress would write.
 int rr_cuda_compress(int fmt, const void* x, int xdtype, int64_t n, uint8_t* out,
                      float* residual, int64_t block_size, int has_clip, float clip,
                      int stochastic, uint64_t seed, uint64_t counter, uint64_t offset,
-                     float divisor, unsigned long long* bad_blocks, void* stream);
+                     float divisor, void* values, int vdtype,
+                     unsigned long long* bad_blocks, void* stream);
 
 // divisor != 1: out = dequant / divisor (fp32), then rounded to odtype.
 int rr_cuda_decompress(int fmt, const uint8_t* packed, int64_t n, void* out, int odtype,

@@ -139,6 +139,33 @@ def test_decompress_divisor(fmt, odtype, isa):
         kernels.decompress(fmt, out, n, np.empty(n, np.float32), divisor=0)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("vdtype", IN_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_compress_values_are_what_decompress_writes(fmt, vdtype, isa):
+    # values=: the decoded result written in the compress pass, the bits of a separate
+    # decompress, for every block kind (zero-scale, non-finite, short last) and rounding.
+    n, B = 3000, 256
+    x = data(n, np.float32, seed=9)
+    x[:B] = -1e-35
+    x[B + 3] = np.nan
+    x[2 * B + 1] = -np.inf
+    for use_res, stoch, k in itertools.product((False, True), (False, True), (1, 3)):
+        residual = data(n, np.float32, seed=10) * np.float32(0.1) if use_res else None
+        vals = np.full(n, 7, vdtype)
+        out, res, bad = run(fmt, x, residual, B, stochastic=stoch, seed=4, divisor=k,
+                            values=vals)
+        rout, rres, rbad = run(fmt, x, residual, B, stochastic=stoch, seed=4, divisor=k)
+        assert bad == rbad == 2
+        assert_bits_equal(out, rout)
+        if use_res:
+            assert_bits_equal(res, rres)
+        y = np.empty(n, vdtype)
+        kernels.decompress(fmt, out, n, y, block_size=B)
+        assert_bits_equal(vals, y)
+    with pytest.raises(RingReduceError, match="values"):
+        run(fmt, x, None, B, values=np.empty(n - 1, np.float32))
+
+
 @pytest.mark.parametrize("fmt", ("int8", "int4"))
 def test_scaled_formats_never_decode_negative_zero(fmt, isa):
     # The compressed allreduce decodes rank 0's piece straight into its accumulator instead
@@ -500,6 +527,13 @@ def test_cuda_matches_cpu(fmt):
             dy = cp.empty(n, np.float32)
             kernels.decompress(fmt, dout, n, dy, block_size=B, divisor=k)
             assert_bits_equal(cp.asnumpy(dy), y)
+            for vdt in (np.float32, np.float16):    # the decoded result written in the pass
+                dv = cp.empty(n, vdt)
+                kernels.compress(fmt, cp.asarray(x), cp.empty(out.size, cp.uint8), divisor=k,
+                                 values=dv, **kw)
+                v = np.empty(n, vdt)
+                run(fmt, x, None, divisor=k, values=v, **kw)
+                assert_bits_equal(cp.asnumpy(dv), v)
         acc = data(n, np.float32, seed=9)
         dacc = cp.asarray(acc)
         kernels.decompress_accumulate(fmt, out, n, acc, alpha=0.5, block_size=B)

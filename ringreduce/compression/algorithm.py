@@ -289,12 +289,14 @@ class TwoSided:
         for i in range(first, n):    # rank order, so the sum is the same whoever computes it
             comp.decompress(self.piece(i, s), b - a, part, accumulate=True, name=self.name)
         out = self.packed(self.gather, r, s)
+        # The kernel writes the decoded result into the output as it packs it (the bits
+        # decompress would write), so the owner's own segment needs no decoding pass.
         nb = comp.compress(part, out, None if self.sres is None else self.sres[a - lo:b - lo],
                            counter=self.scounter, offset=a, name=self.name,
-                           divisor=n if self.op == ReduceOp.AVERAGE and n > 1 else 1)
+                           divisor=n if self.op == ReduceOp.AVERAGE and n > 1 else 1,
+                           values=self.flat[a:b])
         for k in range(1, n):
             self.sends.extend(isend(self.chan, out, (r + k) % n, _TAG_GATHER))
-        comp.decompress(out, b - a, self.flat[a:b], name=self.name)
         return nb
 
     def decode(self, j: int, s: int) -> None:

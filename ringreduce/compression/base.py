@@ -93,11 +93,11 @@ class Compressor:
 
     def compress(self, x: np.ndarray, packed: np.ndarray, residual: np.ndarray | None = None,
                  counter: int = 0, offset: int = 0, name: str | None = None,
-                 divisor: float = 1.0) -> int:
+                 divisor: float = 1.0, values: np.ndarray | None = None) -> int:
         """Compress flat x (/ divisor, + residual updated in place) into packed; returns
-        the non-finite blocks."""
+        the non-finite blocks. ``values``, if given, receives what decompress would write."""
         return kernels.compress(self.format, x, packed, residual=residual, clip=self.clip,
-                                divisor=divisor, name=name)
+                                divisor=divisor, values=values, name=name)
 
     def decompress(self, packed: np.ndarray, n: int, out: np.ndarray, accumulate: bool = False,
                    name: str | None = None, divisor: float = 1.0) -> None:
@@ -153,11 +153,11 @@ class Quantizer(Compressor):
         return kernels.packed_nbytes(self.format, n, self.block_size)
 
     def compress(self, x, packed, residual=None, counter=0, offset=0, name=None,
-                 divisor=1.0) -> int:
+                 divisor=1.0, values=None) -> int:
         return kernels.compress(self.format, x, packed, residual=residual,
                                 block_size=self.block_size, clip=self.clip,
                                 stochastic=self.stochastic, seed=self.seed, counter=counter,
-                                offset=offset, divisor=divisor, name=name)
+                                offset=offset, divisor=divisor, values=values, name=name)
 
     def decompress(self, packed, n, out, accumulate=False, name=None, divisor=1.0) -> None:
         if accumulate:

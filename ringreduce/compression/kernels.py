@@ -317,7 +317,7 @@ def packed_nbytes(fmt: str, n: int, block_size: int = 256) -> int:
 
 def compress(fmt: str, x, out, residual=None, block_size: int = 256, clip: float | None = None,
              stochastic: bool = False, seed: int = 0, counter: int = 0, offset: int = 0,
-             *, divisor: float = 1.0, stream=None, name: str | None = None) -> int:
+             *, divisor: float = 1.0, values=None, stream=None, name: str | None = None) -> int:
     """Quantise and pack ``x`` (plus error feedback) into ``out`` in one fused pass.
 
     Per block of ``block_size`` elements: ``v = x + residual`` (fp32; ``x / divisor +
@@ -341,6 +341,9 @@ def compress(fmt: str, x, out, residual=None, block_size: int = 256, clip: float
         tensor compressed in pieces at matching offsets gives the same bytes as in one call
     divisor : finite and > 0 (rounded to fp32); not 1: each element is first divided by it
         in fp32, the same bits as ``x / np.float32(divisor)``, in the same pass
+    values : None, or a float32/float16/bfloat16 array of n elements that receives
+        ``dequant(out)``, the bits ``decompress(fmt, out, n, values)`` would write, in the
+        same pass (saves decoding the bytes just packed)
     stream : CUDA stream for device arrays (see module docstring)
     name : tensor name for error messages
 
@@ -362,6 +365,7 @@ def compress(fmt: str, x, out, residual=None, block_size: int = 256, clip: float
     vx = _view(x, "input", name, False)
     vo = _view(out, "packed output", name, True)
     vr = _view(residual, "residual", name, True) if residual is not None else None
+    vv = _view(values, "values", name, True) if values is not None else None
     n = vx.n
     _need_dt(vx, _FLOAT_IO, _label(name, "input"))
     _need_dt(vo, (_DT_U8,), _label(name, "packed output"))
@@ -369,6 +373,9 @@ def compress(fmt: str, x, out, residual=None, block_size: int = 256, clip: float
     if vr is not None:
         _need_dt(vr, (_DT_F32,), _label(name, "residual"))
         _need_n(vr, n, _label(name, "residual"))
+    if vv is not None:
+        _need_dt(vv, _FLOAT_IO, _label(name, "values"))
+        _need_n(vv, n, _label(name, "values"))
     has_clip = clip is not None
     if has_clip and not (np.isfinite(clip) and clip > 0):
         raise RingReduceError(f"{_label(name, 'clip')} must be a finite value > 0, got {clip}")
@@ -377,19 +384,21 @@ def compress(fmt: str, x, out, residual=None, block_size: int = 256, clip: float
         if not 0 <= int(val) < 2**64:
             raise RingReduceError(f"{arg} must be in [0, 2**64), got {val}")
     k = _divisor(divisor, name)
-    views = [vx, vo] + ([vr] if vr is not None else [])
+    views = [vx, vo] + [v for v in (vr, vv) if v is not None]
     t0 = timeline.now() if timeline.on else 0
     if _same_place(views, name):
         bad = int(_cuda().compress(
             code, vx.ptr, vx.dt, n, vo.ptr, vr.ptr if vr is not None else 0, int(block_size),
             has_clip, cl, bool(stochastic), int(seed), int(counter), int(offset),
-            _stream_of(vx, stream), k))
+            _stream_of(vx, stream), k, vv.ptr if vv is not None else 0,
+            vv.dt if vv is not None else 0))
     else:
         if _C is None:
             raise RingReduceError(_BUILD_HINT)
         bad = int(_C.compress(code, vx.arr, vx.dt, n, vo.arr, vr.arr if vr is not None else None,
                               int(block_size), has_clip, cl, bool(stochastic), int(seed),
-                              int(counter), int(offset), k))
+                              int(counter), int(offset), k,
+                              vv.arr if vv is not None else None, vv.dt if vv is not None else 0))
     if t0:
         _record("compress", t0, fmt, n, vo.n, vx.device, name)
     return bad
