@@ -48,10 +48,11 @@ def test_explores_round_robin_then_keeps_the_fastest(tmp_path, monkeypatch):
     learner = learn.Learner(plan, "shape", [], select.NAMES, save=True)
     cost = {a: 1e-3 * (i + 2) for i, a in enumerate(cands)}
     cost["ring"] = 1e-4
-    need = (learn.WARMUP_ROUNDS + learn.samples(nbytes)) * len(cands)
+    need = learn.explore_calls(nbytes, len(cands))
     ran = _feed(learner, chan, nbytes, cost, need)
-    assert ran[:len(cands)] == [plan.choose(nbytes, False)] + [a for a in cands if a != ran[0]]
-    assert ran == ran[:len(cands)] * (need // len(cands))         # interleaved rounds
+    order = [plan.choose(nbytes, False)] + [a for a in cands if a != ran[0]]
+    one_round = [a for a in order for _ in range(learn.RUN)]       # runs of RUN calls each
+    assert ran == one_round * (need // len(one_round))              # interleaved rounds
     assert learner.settled(nbytes) and learner.pick(nbytes, False) == "ring"
     assert chan.rounds == 1                                          # one agreed round
     saved = json.loads((tmp_path / "learned.json").read_text())
@@ -70,7 +71,7 @@ def test_drift_explores_again_and_is_bounded(monkeypatch):
     learner = learn.Learner(plan, "shape", [], select.NAMES, save=False)
     cost = {a: 1e-4 for a in cands}
     cost["tree"] = 1e-5
-    need = (learn.WARMUP_ROUNDS + learn.samples(nbytes)) * len(cands)
+    need = learn.explore_calls(nbytes, len(cands))
     _feed(learner, chan, nbytes, cost, need)
     assert learner.pick(nbytes, False) == "tree"
     _feed(learner, chan, nbytes, cost, learn.FIRST_CHECK)           # the baseline check

@@ -98,13 +98,20 @@ def terms(name: str, m: float, n: int) -> tuple[float, float, float]:
     return ALGORITHMS[name].terms(m, n)
 
 
-def run(chan, name: str, flat: np.ndarray, op: ReduceOp, src: np.ndarray | None = None) -> None:
-    """Reduce the flat buffer in place with a resolved algorithm name (timeline event included)."""
+def run(chan, name: str, flat: np.ndarray, op: ReduceOp, src: np.ndarray | None = None,
+        agreed=None) -> None:
+    """Reduce the flat buffer in place with a resolved algorithm name (timeline event included).
+
+    `agreed`: the mismatch check's round, started but not finished (the ring only: it
+    finishes the round itself after sending its first segment).
+    """
     algo = ALGORITHMS.get(name)
     if algo is None:
         raise RingReduceError(f"{chan.who}: algorithm {name!r} is not available in this build")
     t0 = timeline.now() if timeline.on else 0
-    if src is not None:
+    if agreed is not None:
+        algo.run(chan, flat, op, agreed=agreed)
+    elif src is not None:
         algo.run(chan, flat, op, src=src)
     else:
         algo.run(chan, flat, op)

@@ -25,16 +25,26 @@ from ..transport.p2p import chunk_bounds, irecv, isend, waitall
 # small enough to keep several transfers in flight. The cost model may tune it.
 SEGMENT_BYTES = 1 << 18
 _TAG = 71
+PRE_TAG = 72      # the first segment, sent before the fingerprints are compared (allreduce's agreed=)
 
 
-def allreduce(chan, buf: np.ndarray, op: ReduceOp) -> None:
-    """Ring-allreduce the flat contiguous array `buf` in place over chan.comm."""
+def allreduce(chan, buf: np.ndarray, op: ReduceOp, agreed=None) -> None:
+    """Ring-allreduce the flat contiguous array `buf` in place over chan.comm.
+
+    With `agreed` (the mismatch check's round, started by the caller), the first
+    segment goes out and its receive is posted before ``agreed(recv, send)``
+    finishes the round, so the round's latency overlaps data instead of preceding
+    it; nothing received is used before it returns, and on a mismatch it raises
+    after settling those two messages (runtime.agree.settle_early).
+    """
     n = chan.size
     if n == 1 or buf.size == 0:
+        if agreed is not None:
+            agreed([], [])
         finish_average(op, buf, n)
         return
     bounds = chunk_bounds(buf.size, n)
-    _Ring(chan, buf, op, bounds[:-1], bounds[1:], 2 * (n - 1)).run()
+    _Ring(chan, buf, op, bounds[:-1], bounds[1:], 2 * (n - 1)).run(agreed)
 
 
 def reduce_scatter(chan, buf: np.ndarray, op: ReduceOp, offsets: np.ndarray) -> None:
@@ -96,17 +106,26 @@ class _Ring:
         waitall(self.chan, self.pending_sends.pop((c, k), []))
         return irecv(self.chan, self.segment(c, k), self.left, _TAG)
 
-    def post_send(self, h: int, k: int) -> None:
+    def post_send(self, h: int, k: int, tag: int = _TAG) -> list:
         c = (self.r - h) % self.n
-        self.pending_sends.setdefault((c, k), []).extend(
-            isend(self.chan, self.segment(c, k), self.right, _TAG))
+        reqs = isend(self.chan, self.segment(c, k), self.right, tag)
+        self.pending_sends.setdefault((c, k), []).extend(reqs)
+        return reqs
 
-    def run(self) -> None:
+    def run(self, agreed=None) -> None:
         n, nseg, op = self.n, self.nseg, self.op
         t0 = timeline.now() if timeline.on else 0
-        recvs = [self.post_recv(0, k) for k in range(nseg)]
-        for k in range(nseg):
-            self.post_send(0, k)
+        if agreed is not None:
+            # Our own first segment needs no agreement to leave; received ones wait for it.
+            first = irecv(self.chan, self.scratch_segment(0, (self.r - 1) % n, 0), self.left, PRE_TAG)
+            agreed(first, self.post_send(0, 0, PRE_TAG))
+            recvs = [first] + [self.post_recv(0, k) for k in range(1, nseg)]
+            for k in range(1, nseg):
+                self.post_send(0, k)
+        else:
+            recvs = [self.post_recv(0, k) for k in range(nseg)]
+            for k in range(nseg):
+                self.post_send(0, k)
         for h in range(self.hops):
             c = (self.r - h - 1) % n
             upcoming = []

@@ -41,12 +41,17 @@ def _raw(name: str) -> str | None:
 
 def check_enabled() -> bool:
     """RINGREDUCE_CHECK: the mismatch check, on unless set to 0/false/off/no."""
+    # Read on every call, so this one is kept to a dict lookup when the variable is unset.
+    if _RAW_ENV is not None and b"RINGREDUCE_CHECK" not in _RAW_ENV:
+        return True
     raw = _raw("RINGREDUCE_CHECK")
     return raw is None or raw.strip().lower() not in OFF
 
 
 def algorithm_override() -> str | None:
     """RINGREDUCE_ALGORITHM, or None when unset or empty."""
+    if _RAW_ENV is not None and b"RINGREDUCE_ALGORITHM" not in _RAW_ENV:
+        return None
     raw = _raw("RINGREDUCE_ALGORITHM")
     return (raw.strip() or None) if raw is not None else None
 

@@ -7,9 +7,13 @@ for host allreduces above the tiny path (> 4 KiB), auto learns per size band
 float Min/Max, which never run native MPI):
 
 1. **Explore.** The band's calls go round-robin over the candidates (the plan's
-   pick first): one untimed warm-up round (a first shm call maps its window, a
-   first ring call fills its scratch pool), then ``samples(m)`` timed rounds,
-   interleaved (A B C A B C ...) so machine noise hits every candidate alike.
+   pick first) in runs of ``RUN`` calls, ``samples(m)`` rounds, interleaved
+   (A A B B C C A A ...) so machine noise hits every candidate alike. Only the
+   last call of each run is timed: the first after another algorithm pays for
+   that one's cache footprint and arrival skew (interleaved call by call, 2-core
+   VM, 256 KiB: shm 170-220 us against 100-113 us in a steady loop, mpi 195-215
+   against 120-155, so the ranking flipped), and it absorbs the first-use costs
+   (a first shm call maps its window, a first ring call fills its scratch pool).
    Only the algorithm's own time is measured (the agreement round costs every
    candidate the same).
 2. **Decide, agreed.** After the last round every rank allreduces (MAX) its
@@ -44,7 +48,7 @@ Example::
     import ringreduce as rr
     rr.init()
     for step in range(100):
-        rr.allreduce(grad)                     # the first ~20 calls of each size explore
+        rr.allreduce(grad)                     # the first 24-40 calls of each size explore
     rr.info()["learned"]["main"]               # {'full 1 MiB': 'shm (learned at call 17, 220 us)', ...}
 """
 from __future__ import annotations
@@ -64,7 +68,7 @@ from .observations import band, band_bytes
 __all__ = ["Learner", "cache_path", "load_cache", "forget", "enabled", "shape_key", "MIN_BYTES"]
 
 MIN_BYTES = 4096          # sizes at or below: the tiny path (one allgather), nothing to learn
-WARMUP_ROUNDS = 1         # untimed rounds before the timed ones
+RUN = 2                   # consecutive calls per candidate in a round; the last is timed
 DRIFT = 1.5               # settled band slower than this x its baseline: explore again
 FIRST_CHECK = 32          # calls between drift checks right after a decision ...
 LAST_CHECK = 1024         # ... doubling up to this while nothing drifts
@@ -78,6 +82,11 @@ CACHE_VERSION = 1
 def samples(nbytes: int) -> int:
     """Timed rounds per candidate: more where calls are short and noisy, fewer where each is long."""
     return 5 if nbytes < (1 << 20) else 3
+
+
+def explore_calls(nbytes: int, candidates: int) -> int:
+    """How many calls of a band exploring takes, over all its candidates."""
+    return samples(nbytes) * RUN * candidates
 
 
 def enabled(tuned: bool) -> bool:
@@ -226,8 +235,7 @@ class Learner:
             b = self._band(t, k, nbytes)
         if b.choice is not None:
             return b.choice
-        n = len(b.candidates)
-        return b.candidates[b.explore_calls % n]
+        return b.candidates[(b.explore_calls // RUN) % len(b.candidates)]
 
     def done(self, chan, algorithm: str, nbytes: int, half: bool, seconds: float) -> None:
         """Account one finished call (every rank calls this after the same calls)."""
@@ -236,11 +244,10 @@ class Learner:
             return
         b.calls += 1
         if b.choice is None:
-            n = len(b.candidates)
-            if b.explore_calls >= WARMUP_ROUNDS * n:
+            if b.explore_calls % RUN == RUN - 1:
                 b.times[algorithm].append(seconds)
             b.explore_calls += 1
-            if b.explore_calls >= (WARMUP_ROUNDS + samples(nbytes)) * n:
+            if b.explore_calls >= explore_calls(nbytes, len(b.candidates)):
                 self._decide(chan, b, half, nbytes)
             return
         recent = b.recent

@@ -18,9 +18,11 @@ import zlib
 import numpy as np
 
 from ..algorithms.allgather import piggyback_bytes
+from ..algorithms.ring import PRE_TAG
 from ..compression import kernels
 from ..core import config, timeline
 from ..core.errors import RingReduceError
+from ..core.mpi import MPI
 from ..liveness.stall import Inspector
 from ..transport.p2p import allgather_bytes, bcast_bytes
 from ..transport.window import RowWindow
@@ -81,6 +83,10 @@ class Rows:
     ranks share a node the rows live in shared memory (transport.window.RowWindow:
     about 1 us at np=2 on a 2-core VM); elsewhere ``post`` is ``Iallgather(send, recv)``
     (3.7-4.1 us there).
+
+    Over MPI the ring starts its data before the agreement ends: ``start()`` posts
+    the exchange, the ring sends its first segment, and ``post(early=...)`` finishes
+    the exchange before any received byte is used (see ``settle_early``).
     """
 
     def __init__(self, n: int, comm=None):
@@ -91,6 +97,7 @@ class Rows:
             self.recv = np.zeros(n * self.width, np.uint8)
         else:
             self.send = self.recv = None   # this call's views into the window, set by begin()
+        self.req = None                    # an exchange posted by start(), finished by post()
 
     def begin(self) -> np.ndarray:
         """The row to write this call's fingerprint (and payload) into."""
@@ -98,12 +105,29 @@ class Rows:
             self.send, self.recv = self.window.flip()
         return self.send
 
-    def post(self, chan, seq: int, kind_code: int, name: str | None) -> None:
-        """Exchange the rows written since begin(): afterwards self.recv holds every rank's."""
+    @property
+    def overlaps(self) -> bool:
+        """Whether the ring may send data before this exchange ends (rows over MPI: across nodes)."""
+        return self.window is None
+
+    def start(self, chan) -> None:
+        """Post the exchange of the row written since begin(); post() finishes it (MPI rows only)."""
+        self.req = chan.comm.Iallgather(self.send, self.recv)
+
+    def post(self, chan, seq: int, kind_code: int, name: str | None, early=None) -> None:
+        """Exchange the rows written since begin(): afterwards self.recv holds every rank's.
+
+        `early` is (receive, send) requests of the ring's first segment when this rank
+        sent it before agreeing; on a mismatch they are settled before this returns.
+        """
         width = self.width
         chan.count(width, (chan.size - 1) * width)
         if self.window is None:
-            finish(chan, chan.comm.Iallgather(self.send, self.recv), seq, kind_code, name)
+            req, self.req = self.req, None
+            finish(chan, req if req is not None else chan.comm.Iallgather(self.send, self.recv),
+                   seq, kind_code, name)
+            if not rows_same(self, chan.size):
+                settle_early(chan, self, early)
             return
         self.window.sync(lambda done: _wait_rows(chan, done, seq, kind_code, name))
 
@@ -116,6 +140,67 @@ class Rows:
 def _wait_rows(chan, done, seq: int, kind_code: int, name: str | None) -> None:
     what = _call_label(kind_code, name)
     chan.supervisor.wait_until(done, lambda: f"{what} (call {seq})", Inspector(chan, seq, what), chan=chan)
+
+
+_ALLREDUCE = KINDS["allreduce"]
+_RING = _hash("ring")
+
+
+def sends_early(row) -> bool:
+    """Whether the rank of a fingerprint row sent the ring's first segment before agreeing.
+
+    Every path that fingerprints an uncompressed host ring allreduce of a non-empty
+    tensor over MPI rows does (collectives._fast and _general), so the row alone says.
+    """
+    return row[1] == _ALLREDUCE and row[5] == _RING and row[8] == 0 and row[2] > 0
+
+
+def settle_early(chan, rows: Rows, early) -> None:
+    """After a mismatched exchange over MPI: consume the ring's early first segments, so none
+    is left to match a later call.
+
+    Each rank that sends early sends exactly one message (tag PRE_TAG) to its right
+    neighbour before the exchange, so from the left neighbour's row every rank knows
+    whether one is coming: it waits for it (a longer one is truncated, which consumes it
+    too), receives it by probe when it posted no receive, or cancels its receive when
+    nothing comes; then its own send completes.
+    """
+    n = chan.size
+    left = (chan.rank - 1) % n
+    table = rows.recv.reshape(n, rows.width)[:, :HEADER_BYTES].copy().view(np.int64)
+    recv, send = early if early is not None else ([], [])
+    if sends_early(table[left]):
+        if recv:
+            _complete_quietly(chan, recv, "the ring's early segment after a mismatch")
+        else:
+            _receive_stray(chan, left)
+    else:
+        for req in recv:
+            req.Cancel()
+        _complete_quietly(chan, recv, "a cancelled early receive")
+    _complete_quietly(chan, send, "the ring's early send after a mismatch")
+
+
+def _complete_quietly(chan, reqs: list, what: str) -> None:
+    for req in reqs:
+        try:
+            chan.wait([req], what)
+        except MPI.Exception:     # MPI_ERR_TRUNCATE: the peer's segment was longer; it is consumed
+            pass
+
+
+def _receive_stray(chan, source: int) -> None:
+    status = MPI.Status()
+    found = []
+
+    def probed() -> bool:
+        msg = chan.comm.improbe(source, PRE_TAG, status)
+        if msg is not None:
+            found.append(msg)
+        return bool(found)
+
+    chan.supervisor.wait_until(probed, "the ring's early segment after a mismatch", chan=chan)
+    found[0].Recv([np.empty(status.Get_count(MPI.BYTE), np.uint8), MPI.BYTE])
 
 
 def rows_of(chan) -> Rows:

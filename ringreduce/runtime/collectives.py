@@ -192,17 +192,22 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
     # shm up to 64 KiB: the input goes into the window first, so the fingerprints'
     # handshake is the data's barrier too (in-band; shm.stage says when it applies).
     staged = shm.stage(chan, flat, src) if check_on and algo == "shm" else None
+    early = None
     if check_on:
         rows = chan.rows or agree.rows_of(chan)
         agree.HEADER.pack_into(rows.begin(), 0, seq, 1, call.size, call.dtype_code, call.op,
                                _ALGO_HASHES[algo], call.name_hash, call.shape_hash, 0)
-        rows.post(chan, seq, 1, name)
-        if not (_small_same(rows.recv, rows.width, chan.size) if _small_same is not None
-                else agree.rows_same(rows, chan.size)):
-            if staged is not None:
-                shm.unstage(chan)
-            table = rows.recv.reshape(chan.size, rows.width)[:, :agree.HEADER_BYTES].copy().view(np.int64)
-            _raise_if_mismatch(chan, table, "allreduce", buf, call.op, algo, name, seq)
+        if algo == "ring" and rows.overlaps:
+            # Across nodes the ring's first segment travels while the rows do (ring.allreduce).
+            rows.start(chan)
+            early = _early_check(chan, rows, seq, buf, call.op, name)
+        else:
+            rows.post(chan, seq, 1, name)
+            if not (_small_same(rows.recv, rows.width, chan.size) if _small_same is not None
+                    else agree.rows_same(rows, chan.size)):
+                if staged is not None:
+                    shm.unstage(chan)
+                _raise_if_mismatch(chan, _table(chan, rows), "allreduce", buf, call.op, algo, name, seq)
         if staged is None:
             t1 = perf_counter()
     mpi = call.mpi
@@ -217,13 +222,27 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
     elif algo == "mpi":
         native_allreduce(chan, flat, call.op, name, src=src, agreed=check_on)
     else:
-        registry.run(chan, algo, flat, call.op, src=src)
+        registry.run(chan, algo, flat, call.op, src=src, agreed=early)
     if obs is not None:
         seconds = perf_counter() - t1
         obs.record(algo, call.nbytes, seconds)
         if learner is not None:
             learner.done(chan, algo, call.nbytes, call.half, seconds)
     return buf
+
+
+def _table(chan, rows) -> np.ndarray:
+    """The received fingerprint headers as an (n, NFIELDS) int64 table."""
+    return rows.recv.reshape(chan.size, rows.width)[:, :agree.HEADER_BYTES].copy().view(np.int64)
+
+
+def _early_check(chan, rows, seq, buf, op, name):
+    """The ring's ``agreed`` callback: finish the started exchange, raise on a mismatch."""
+    def agreed(recv, send):
+        rows.post(chan, seq, 1, name, early=(recv, send))
+        if not agree.rows_same(rows, chan.size):
+            _raise_if_mismatch(chan, _table(chan, rows), "allreduce", buf, op, "ring", name, seq)
+    return agreed
 
 
 def _new_call(chan, key, x, op, algorithm, name):
@@ -322,9 +341,11 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     # shm up to 64 KiB: the fingerprints' handshake is the data's barrier too (as in _fast).
     staged = (shm.stage(chan, flat, src) if check_on and algorithm == "shm" and comp is None
               and scales is None and not on_device else None)
+    early = (_start_early(chan, seq, flat, buf, op, name, scales)
+             if check_on and algorithm == "ring" and comp is None and not on_device else None)
     try:
-        piggybacked = check_on and _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp,
-                                                    scales, on_device)
+        piggybacked = early is None and check_on and _agree_allreduce(
+            chan, seq, flat, buf, op, algorithm, name, comp, scales, on_device)
     except Exception:          # a mismatch, or joined peers: this call is not made as staged
         if staged is not None:
             shm.unstage(chan)
@@ -341,7 +362,7 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     else:
         if t1:
             t1 = perf_counter()
-        _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, check_on)
+        _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, check_on, early)
     if auto is not None:
         compression_auto.after(chan, state_for(chan), auto, flat, op, name, comp, perf_counter() - t1)
     if obs is not None:
@@ -370,15 +391,33 @@ def _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp, scales, on
     piggyback = (algorithm == "allgather" and not on_device
                  and flat.nbytes <= allgather.piggyback_bytes(chan.size))
     table, rows = agree.exchange(chan, header, flat if piggyback else None, name=name)
-    shown = op if scales is None else f"{op!r} x{scales[0]:g} then x{scales[1]:g}"
-    _raise_if_mismatch(chan, table, "allreduce", buf, shown, label, name, seq, comp)
+    _raise_if_mismatch(chan, table, "allreduce", buf, _shown(op, scales), label, name, seq, comp)
     if piggyback:
         allgather.reduce_rows(rows[:, :flat.nbytes], flat, op)
     return piggyback
 
 
-def _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, agreed) -> None:
-    """Run the agreed call: device path, compressed, hierarchical-compressed or an algorithm."""
+def _shown(op, scales):
+    return op if scales is None else f"{op!r} x{scales[0]:g} then x{scales[1]:g}"
+
+
+def _start_early(chan, seq, flat, buf, op, name, scales):
+    """Over MPI rows, start a host ring call's exchange and return the ring's ``agreed``; else None."""
+    rows = chan.rows or agree.rows_of(chan)
+    if not rows.overlaps:
+        return None
+    header = agree.fingerprint(seq, "allreduce", flat.size, dtype_code(buf.dtype), op_code(op, scales),
+                               "ring", name, buf.shape)
+    rows.begin()[:header.nbytes] = header.view(np.uint8)
+    rows.start(chan)
+    return _early_check(chan, rows, seq, buf, _shown(op, scales), name)
+
+
+def _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, agreed, early=None) -> None:
+    """Run the agreed call: device path, compressed, hierarchical-compressed or an algorithm.
+
+    `early`: the ring's unfinished agreement (_start_early), which it finishes itself.
+    """
     if on_device:
         device_path.allreduce(chan, flat, op, algorithm, comp, name)
     elif comp is not None and comp.two_sided and algorithm == "hierarchical":
@@ -391,7 +430,7 @@ def _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, agreed) -> 
         # Agreed (check on): every rank is in this call, so MPI's fast blocking allreduce.
         native_allreduce(chan, flat, op, name, src=src, agreed=agreed)
     else:
-        registry.run(chan, algorithm, flat, op, src=src)
+        registry.run(chan, algorithm, flat, op, src=src, agreed=early)
 
 
 def _raise_tiny_mismatch(chan, table, x, op, name, seq) -> None:

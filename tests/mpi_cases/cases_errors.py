@@ -208,6 +208,59 @@ def test_agreement_rows_over_shared_memory_and_mpi(rows_over, monkeypatch):
         comm.Free()
 
 
+def test_ring_sends_before_agreeing(monkeypatch):
+    # Across nodes the ring's first segment leaves while the fingerprints travel; on a
+    # mismatch that segment is consumed (waited, truncated, probed or cancelled) so no
+    # later call can receive it: each mismatch below is followed by a checked ring call
+    # whose values differ from every earlier one.
+    from mpi4py import MPI
+
+    from ringreduce.runtime import agree
+    from ringreduce.runtime.context import context
+
+    monkeypatch.setenv("RINGREDUCE_NODE_ID", f"node{R}")
+    comm = MPI.COMM_WORLD.Dup()
+    try:
+        ctx = context(comm)
+        monkeypatch.delenv("RINGREDUCE_NODE_ID", raising=False)
+        assert agree.rows_of(ctx.main).overlaps
+        calls = iter(range(1, 1000))
+
+        def checked(count, strided=False):
+            v = next(calls)
+            base = np.full(2 * count, v * (R + 1), np.float32)
+            x = base[::2] if strided and R == 0 else base[:count]     # general path on rank 0
+            y = rr.allreduce(x, op=rr.Sum, algorithm="ring", name="c", comm=comm)
+            assert np.all(y == v * N * (N + 1) // 2), (count, v)
+
+        for count in (0, 1000, 300000):               # nothing to send, one segment, several
+            checked(count)
+            checked(count, strided=True)
+        y = rr.allreduce(np.full(5000, R + 1, np.float32), op=rr.Sum, algorithm="ring", name="c",
+                         comm=comm, prescale_factor=2.0)
+        assert np.all(y == N * (N + 1))
+
+        def ring(count, **kw):
+            kw = {"algorithm": "ring", "name": "w", "comm": comm, **kw}
+            return lambda: rr.allreduce(np.ones(count, np.float32), **kw)
+        last = R == N - 1
+        for count in (1000, 300000):
+            cases = [
+                (ring(count + (1000 if last else 0)), "count"),          # longer first segment
+                (ring(0 if last else count), "count"),                  # one rank sends nothing
+                (ring(count, algorithm="mpi") if last else ring(count), "algorithm"),   # probed
+                (ring(count, algorithm="tree") if last else ring(count), "algorithm"),
+                (ring(count, op=rr.Max) if last else ring(count), "op"),
+                (lambda c=count: rr.allreduce(np.ones(c, np.int32), comm=comm, name="w") if last
+                 else ring(c)(), "rejected"),                           # an error row on one rank
+            ]
+            for fn, field in cases:
+                _raises_everywhere(fn, field)
+                checked(count)
+    finally:
+        comm.Free()
+
+
 @multi
 @pytest.mark.parametrize("count", [1000, 16384])
 @pytest.mark.parametrize("route", ["fast", "general on rank 0"])

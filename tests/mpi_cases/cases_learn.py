@@ -87,8 +87,8 @@ def test_explores_agrees_and_settles(count, dtype, op, check, tmp_path_factory, 
         assert learner is not None and sub.ctx.plan.learn
         picks, calls = _run_until_settled(sub, count, dtype, op)
         cands = sub.ctx.plan.candidates(nbytes, half)
-        # Exactly the schedule: a warm-up round, then the timed rounds, over every candidate.
-        assert calls == (learn.WARMUP_ROUNDS + learn.samples(nbytes)) * len(cands)
+        # Exactly the schedule: the rounds of runs over every candidate.
+        assert calls == learn.explore_calls(nbytes, len(cands))
         assert set(picks) == set(cands)
         if half:
             assert "mpi" not in picks
