@@ -224,6 +224,9 @@ class TwoSided:
         self.sends: list = []
         self.reduced = 0             # my segments reduced, re-compressed and sent so far
         self.decoded = [0] * n       # results decompressed so far, per owner
+        # Ranks 0 and 1 of an int8/int4 call have their own piece decoded into the
+        # accumulator by the kernel that packs it (see reduce_mine for why the bits hold).
+        self.own_first = comp.format in _NO_NEGATIVE_ZERO and r < 2
 
     def piece(self, i: int, s: int) -> np.ndarray:
         """Rank i's compressed piece of segment s of my chunk."""
@@ -264,8 +267,9 @@ class TwoSided:
             if a == b:
                 continue
             dst = self.piece(r, s) if j == r else self.packed(self.send, j, s)
+            vals = self.acc[a - self.lo:b - self.lo] if j == r and self.own_first else None
             bad += comp.compress(self.x[a:b], dst, None if self.wres is None else self.wres[a:b],
-                                 counter=self.wcounter, offset=a, name=self.name)
+                                 counter=self.wcounter, offset=a, name=self.name, values=vals)
             if j != r:
                 self.sends.extend(isend(self.chan, dst, j, _TAG_SCATTER))
         return bad
@@ -278,15 +282,21 @@ class TwoSided:
             return 0
         waitall(self.chan, self.my_pieces[s], self.what)
         part = self.acc[a - lo:b - lo]
-        first = 0
-        if comp.format in _NO_NEGATIVE_ZERO:
-            # 0.0 + d == d bit for bit unless d is -0.0 (NaN payloads pass through), and
-            # these formats never decode to -0.0: decoding rank 0's piece saves the fill.
+        # The sum is ((0 + d0) + d1) + ... + d(n-1) in rank order, so it is the same whoever
+        # computes it. For int8/int4, 0.0 + d0 == d0 bit for bit (they never decode to -0.0,
+        # NaN payloads pass through), so rank 0's piece is decoded instead of added to a
+        # zero fill; and d0 + d1 == d1 + d0 (IEEE addition commutes; their only NaN is the
+        # one quiet NaN of a non-finite block), so rank 1 starts from its own piece, which
+        # scatter already decoded into the accumulator, and adds rank 0's.
+        if self.own_first:
+            rest = [i for i in range(n) if i != r]
+        elif comp.format in _NO_NEGATIVE_ZERO:
             comp.decompress(self.piece(0, s), b - a, part, name=self.name)
-            first = 1
+            rest = range(1, n)
         else:
             part.fill(0.0)
-        for i in range(first, n):    # rank order, so the sum is the same whoever computes it
+            rest = range(n)
+        for i in rest:
             comp.decompress(self.piece(i, s), b - a, part, accumulate=True, name=self.name)
         out = self.packed(self.gather, r, s)
         # The kernel writes the decoded result into the output as it packs it (the bits

@@ -315,6 +315,35 @@ def test_state_per_communicator():
 
 # ---------------------------------------------------------------- non-finite values
 
+def _nonfinite_input(r: int, count: int, B: int, tag: str) -> np.ndarray:
+    # NaN/Inf in the same block on every rank (block 0), on ranks 0 and 1 only (block 2),
+    # on one rank (block 4 + r), and a zero block, which decodes to zero-scale levels.
+    x = make_input(r, count, np.float32, tag)
+    x[3] = np.nan if r % 2 else -np.inf
+    if r < 2:
+        x[2 * B + 1] = np.nan
+    x[(4 + r) * B + 2] = np.inf
+    x[3 * B:4 * B] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("fmt", QUANT)
+def test_nonfinite_blocks_match_simulation(fmt):
+    # The owners' sums over pieces with NaN blocks, in rank order, bit for bit.
+    B = 64
+    count = (8 + N) * B + 9
+    comp = getattr(rr.Compression, fmt)(block_size=B)
+    sim = Simulation(fmt, count, N, B=B)
+    for step, op in enumerate([rr.Average, rr.Sum]):
+        tag = f"nfsim{step}"
+        y = rr.allreduce(_nonfinite_input(R, count, B, tag), op=op, compression=comp,
+                         name=f"nfsim-{fmt}")
+        with np.errstate(invalid="ignore", over="ignore"):
+            expect = sim.step([_nonfinite_input(r, count, B, tag) for r in range(N)], op)
+        assert_bits_equal(y, expect)
+        assert all_ranks_identical(y)
+
+
 @pytest.mark.parametrize("fmt", QUANT)
 def test_nonfinite_propagates_but_not_into_residuals(fmt):
     B = 64
