@@ -74,6 +74,9 @@ def fingerprint(seq: int, kind: str, count: int = 0, dtype_code: int = 0, op: in
                          np.int64)
 
 
+SHARED_PAYLOAD = 4096    # payload bytes of a row in shared memory: runtime.tiny.REACH
+
+
 class Rows:
     """A channel's fingerprint rows: one send row and the n received, of one fixed width.
 
@@ -90,7 +93,11 @@ class Rows:
     """
 
     def __init__(self, n: int, comm=None):
-        self.width = HEADER_BYTES + piggyback_bytes(n)
+        # In shared memory a wider row costs nothing to exchange, so it holds the tiny
+        # path's whole payload (no second exchange up to 4 KiB); over MPI rows stay
+        # under the eager limit (allgather.piggyback_bytes says why).
+        self.width = HEADER_BYTES + (max(piggyback_bytes(n), SHARED_PAYLOAD) if comm is not None
+                                     else piggyback_bytes(n))
         self.window = RowWindow(comm, self.width) if comm is not None else None
         if self.window is None:
             self.send = np.zeros(self.width, np.uint8)

@@ -6,8 +6,9 @@ reduced in rank order with the same arithmetic as numpy), with the per-call
 work done in C++ (``_C.small_pack``, ``_C.small_same``, ``_C.small_reduce``):
 at a few bytes, Python object work would cost several times the MPI call.
 
-Past the row (2 KiB up to 8 ranks), a second allgather carries the rest,
-posted only once the rows have shown that every rank sends the same count.
+Rows in shared memory hold all 4 KiB. Over MPI, past the row (2 KiB up to 8 ranks),
+a second allgather carries the rest, posted only once the rows have shown that
+every rank sends the same count.
 
 The fingerprint layout is agree.HEADER; the C++ packer writes the same bytes,
 which is asserted at import (``_assert_same_layout``).
@@ -25,7 +26,8 @@ from . import agree
 
 __all__ = ["REACH", "allreduce", "TinyRows"]
 
-REACH = 4096     # the tiny path's reach: one row, or a row and a second allgather
+# The tiny path's reach: one row (always, in shared memory), or a row and a second allgather.
+REACH = agree.SHARED_PAYLOAD
 
 # dtype -> (fingerprint code, kernel code, integer?); op -> (code, kernel op, average?).
 _DTYPES = {dt: (code, kernels._NP_DT[dt], dt.kind in "iu") for dt, code in SUPPORTED_DTYPES.items()}
