@@ -30,14 +30,21 @@ class NoCompression(Compressor):
     def packed_nbytes(self, n: int, itemsize: int = 4) -> int:
         return n * itemsize
 
-    def compress(self, x, packed, residual=None, counter=0, offset=0, name=None) -> int:
+    def compress(self, x, packed, residual=None, counter=0, offset=0, name=None,
+                 divisor=1.0, values=None) -> int:
+        if divisor != 1.0:      # in fp32, as the kernels divide
+            x = (x.astype(np.float32) / np.float32(divisor)).astype(x.dtype)
         raw = x.reshape(-1).view(np.uint8)
         packed[:raw.size] = raw
+        if values is not None:
+            values[...] = x.reshape(-1)
         return 0
 
-    def decompress(self, packed, n, out, accumulate=False, name=None) -> None:
+    def decompress(self, packed, n, out, accumulate=False, name=None, divisor=1.0) -> None:
         vals = packed[:n * out.itemsize].view(out.dtype)
         if accumulate:
             out += vals
+        elif divisor != 1.0:
+            out[...] = vals.astype(np.float32) / np.float32(divisor)
         else:
             out[...] = vals
