@@ -208,6 +208,7 @@ def test_agreement_rows_over_shared_memory_and_mpi(rows_over, monkeypatch):
         comm.Free()
 
 
+@multi
 def test_ring_sends_before_agreeing(monkeypatch):
     # Across nodes the ring's first segment leaves while the fingerprints travel; on a
     # mismatch that segment is consumed (waited, truncated, probed or cancelled) so no
