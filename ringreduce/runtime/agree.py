@@ -112,6 +112,10 @@ class Rows:
             self.send, self.recv = self.window.flip()
         return self.send
 
+    def headers(self, n: int) -> np.ndarray:
+        """The received fingerprints as an (n, NFIELDS) int64 table (a copy)."""
+        return self.recv.reshape(n, self.width)[:, :HEADER_BYTES].copy().view(np.int64)
+
     @property
     def overlaps(self) -> bool:
         """Whether the ring may send data before this exchange ends (rows over MPI: across nodes)."""
@@ -174,7 +178,7 @@ def settle_early(chan, rows: Rows, early) -> None:
     """
     n = chan.size
     left = (chan.rank - 1) % n
-    table = rows.recv.reshape(n, rows.width)[:, :HEADER_BYTES].copy().view(np.int64)
+    table = rows.headers(n)
     recv, send = early if early is not None else ([], [])
     if sends_early(table[left]):
         if recv:

@@ -207,7 +207,7 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
                     else agree.rows_same(rows, chan.size)):
                 if staged is not None:
                     shm.unstage(chan)
-                _raise_if_mismatch(chan, _table(chan, rows), "allreduce", buf, call.op, algo, name, seq)
+                _raise_if_mismatch(chan, rows.headers(chan.size), "allreduce", buf, call.op, algo, name, seq)
         if staged is None:
             t1 = perf_counter()
     mpi = call.mpi
@@ -231,17 +231,12 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
     return buf
 
 
-def _table(chan, rows) -> np.ndarray:
-    """The received fingerprint headers as an (n, NFIELDS) int64 table."""
-    return rows.recv.reshape(chan.size, rows.width)[:, :agree.HEADER_BYTES].copy().view(np.int64)
-
-
 def _early_check(chan, rows, seq, buf, op, name):
     """The ring's ``agreed`` callback: finish the started exchange, raise on a mismatch."""
     def agreed(recv, send):
         rows.post(chan, seq, 1, name, early=(recv, send))
         if not agree.rows_same(rows, chan.size):
-            _raise_if_mismatch(chan, _table(chan, rows), "allreduce", buf, op, "ring", name, seq)
+            _raise_if_mismatch(chan, rows.headers(chan.size), "allreduce", buf, op, "ring", name, seq)
     return agreed
 
 
