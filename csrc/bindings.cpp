@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -179,6 +180,37 @@ void reduce(int op, int dtype, py::buffer dst, py::buffer src, int64_t n) {
 constexpr int64_t kHeaderFields = 9;
 constexpr int64_t kHeaderBytes = kHeaderFields * 8;
 
+// The handshake of a shared-memory barrier (transport.window): each rank counts
+// its calls in its own int64 flag, `stride` bytes apart from `flags`, and a call
+// is complete once every flag has reached e.  With `publish`, this rank's
+// earlier stores are fenced before its flag says e (what MPI_Win_sync then a
+// store does).  Polls up to `polls` times (at least once); on success fences
+// again so the peers' rows are read after their flags.  False: not yet (the
+// caller enters its supervised wait and calls again with publish=false).
+// Takes the address as an integer: a numpy argument costs more than the poll.
+bool flags_arrive(uintptr_t flags, int64_t stride, int64_t nranks, int64_t rank, int64_t e,
+                  int64_t polls, bool publish) {
+  auto* base = reinterpret_cast<uint8_t*>(flags);
+  auto flag = [&](int64_t j) { return reinterpret_cast<int64_t*>(base + j * stride); };
+  if (publish) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    __atomic_store_n(flag(rank), e, __ATOMIC_RELEASE);
+  }
+  for (int64_t i = 0; i < std::max<int64_t>(polls, 1); ++i) {
+    bool all = true;
+    for (int64_t j = 0; j < nranks && all; ++j)
+      all = j == rank || __atomic_load_n(flag(j), __ATOMIC_ACQUIRE) >= e;
+    if (all) {
+      __atomic_thread_fence(__ATOMIC_SEQ_CST);
+      return true;
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+  return false;
+}
+
 // Writes [seq, kind, count, dtype, op, algorithm, name, shape, 0] and the first
 // bytes of x (as many as the row holds) into the send row, the rest into `tail`.
 void small_pack(py::array send, py::array x, int64_t seq, int64_t dtype_code, int64_t op,
@@ -257,6 +289,26 @@ void small_reduce(py::array recv, int64_t width, int64_t nranks, py::array out, 
   if (average && nranks > 1) divide_by(d, dtype, nbytes / es, nranks);
 }
 
+// The tiny path over rows in shared memory, in two calls: small_pack and the
+// handshake (False: the peers are not there yet, as flags_arrive), then ...
+bool small_exchange(py::array send, py::array x, int64_t seq, int64_t dtype_code, int64_t op,
+                    int64_t algorithm_hash, int64_t name_hash, int64_t shape_hash,
+                    uintptr_t flags, int64_t stride, int64_t nranks, int64_t rank, int64_t e,
+                    int64_t polls) {
+  if (x.nbytes() + kHeaderBytes > send.nbytes()) throw std::invalid_argument("x does not fit the row");
+  small_pack(send, x, seq, dtype_code, op, algorithm_hash, name_hash, shape_hash, py::none());
+  return flags_arrive(flags, stride, nranks, rank, e, polls, true);
+}
+
+// ... the compare and the reduction: out is written only when every header
+// matched (False: a mismatch, out untouched, so an in-place x keeps its values).
+bool small_finish(py::array recv, int64_t width, int64_t nranks, py::array out, int dtype, int op,
+                  bool average) {
+  if (!small_same(recv, width, nranks)) return false;
+  small_reduce(recv, width, nranks, out, dtype, op, average, py::none());
+  return true;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -278,6 +330,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("reduce", &reduce);
   m.def("small_pack", &small_pack);
   m.def("small_same", &small_same);
+  m.def("flags_arrive", &flags_arrive);
+  m.def("small_exchange", &small_exchange);
+  m.def("small_finish", &small_finish);
   m.def("small_reduce", &small_reduce);
   m.def("packed_nbytes", [](int fmt, int64_t n, int64_t block_size) {
     check_fmt(fmt, block_size);

@@ -14,8 +14,9 @@ float Min/Max, which never run native MPI):
    VM, 256 KiB: shm 170-220 us against 100-113 us in a steady loop, mpi 195-215
    against 120-155, so the ranking flipped), and it absorbs the first-use costs
    (a first shm call maps its window, a first ring call fills its scratch pool).
-   Only the algorithm's own time is measured (the agreement round costs every
-   candidate the same).
+   The whole call is timed, agreement included: it does not cost every candidate
+   the same (staged shm's handshake is its data barrier; a native call waits for
+   the handshake before MPI starts; the ring overlaps it across nodes).
 2. **Decide, agreed.** After the last round every rank allreduces (MAX) its
    per-candidate medians: the collective is as slow as its slowest rank, and
    every rank gets the same vector, so every rank picks the same fastest

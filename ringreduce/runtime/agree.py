@@ -98,7 +98,8 @@ class Rows:
         # under the eager limit (allgather.piggyback_bytes says why).
         self.width = HEADER_BYTES + (max(piggyback_bytes(n), SHARED_PAYLOAD) if comm is not None
                                      else piggyback_bytes(n))
-        self.window = RowWindow(comm, self.width) if comm is not None else None
+        self.window = (RowWindow(comm, self.width, getattr(kernels._C, "flags_arrive", None))
+                       if comm is not None else None)
         if self.window is None:
             self.send = np.zeros(self.width, np.uint8)
             self.recv = np.zeros(n * self.width, np.uint8)
@@ -141,6 +142,16 @@ class Rows:
                 settle_early(chan, self, early)
             return
         self.window.sync(lambda done: _wait_rows(chan, done, seq, kind_code, name))
+
+    def fused(self) -> RowWindow | None:
+        """The shared-memory rows when their handshake can run inside a caller's C++ call
+        (runtime.tiny): the caller counts the bytes, publishes and polls, and calls
+        ``wait_arrival`` when the poll ran out; else None (use ``post``)."""
+        window = self.window
+        return window if window is not None and window.arrive is not None else None
+
+    def wait_arrival(self, chan, seq: int, kind_code: int, name: str | None) -> None:
+        self.window.wait_arrival(lambda done: _wait_rows(chan, done, seq, kind_code, name))
 
     def close(self) -> None:
         if self.window is not None:

@@ -188,7 +188,9 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
     seq = chan.next_seq()
     obs = (chan.context.observations if chan.context is not None and (call.observe or learner is not None)
            else None)
-    t1 = perf_counter()
+    # The learner times the whole call, agreement included: staged shm's handshake is its
+    # data barrier, and a native call pays the handshake before MPI starts.
+    t0 = t1 = perf_counter()
     # shm up to 64 KiB: the input goes into the window first, so the fingerprints'
     # handshake is the data's barrier too (in-band; shm.stage says when it applies).
     staged = shm.stage(chan, flat, src) if check_on and algo == "shm" else None
@@ -224,10 +226,10 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
     else:
         registry.run(chan, algo, flat, call.op, src=src, agreed=early)
     if obs is not None:
-        seconds = perf_counter() - t1
-        obs.record(algo, call.nbytes, seconds)
+        now = perf_counter()
+        obs.record(algo, call.nbytes, now - t1)
         if learner is not None:
-            learner.done(chan, algo, call.nbytes, call.half, seconds)
+            learner.done(chan, algo, call.nbytes, call.half, now - t0)
     return buf
 
 
@@ -332,7 +334,7 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     if scales is not None:
         _scale(flat, scales[0])
     obs = None if on_device or chan.context is None else chan.context.observations
-    t1 = perf_counter() if obs is not None or auto is not None else 0.0
+    started = t1 = perf_counter() if obs is not None or auto is not None else 0.0
     # shm up to 64 KiB: the fingerprints' handshake is the data's barrier too (as in _fast).
     staged = (shm.stage(chan, flat, src) if check_on and algorithm == "shm" and comp is None
               and scales is None and not on_device else None)
@@ -361,10 +363,10 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     if auto is not None:
         compression_auto.after(chan, state_for(chan), auto, flat, op, name, comp, perf_counter() - t1)
     if obs is not None:
-        seconds = perf_counter() - t1
-        obs.record(algorithm if comp is None else f"{algorithm}+{comp.format}", flat.nbytes, seconds)
+        now = perf_counter()
+        obs.record(algorithm if comp is None else f"{algorithm}+{comp.format}", flat.nbytes, now - t1)
         if learner is not None:
-            learner.done(chan, algorithm, flat.nbytes, half, seconds)
+            learner.done(chan, algorithm, flat.nbytes, half, now - started)   # agreement included (_fast)
     if scales is not None:
         _scale(flat, scales[1])
     if timeline.on:

@@ -94,11 +94,26 @@ def allreduce(chan, x: np.ndarray, op, name, inplace: bool, out, raise_mismatch)
     if nbytes > rows.limit:
         tail, rest = rows.tail_views(nbytes - rows.limit, chan.size)
     own = rows.own
-    C.small_pack(own.begin(), x, seq, codes[0], ops[0], _AUTO_HASH,
-                 0 if name is None else agree._hash(name), shape_hash, tail)
-    own.post(chan, seq, 1, name)
+    send = own.begin()
+    name_hash = 0 if name is None else agree._hash(name)
+    shared = own.fused() if tail is None else None
+    if shared is not None:
+        # Rows in shared memory: pack and handshake in one C++ call, compare and reduce
+        # in another (the reduction writes the result only once every header matched).
+        n = chan.size
+        chan.count(rows.width, (n - 1) * rows.width)
+        if not C.small_exchange(send, x, seq, codes[0], ops[0], _AUTO_HASH, name_hash, shape_hash,
+                                shared.flags_at, shared.stride, n, shared.rank, shared.calls,
+                                shared.polls):
+            own.wait_arrival(chan, seq, 1, name)
+        buf = x if inplace else out if out is not None else np.empty_like(x)
+        if C.small_finish(own.recv, rows.width, n, buf, codes[1], ops[1], ops[2]):
+            return buf
+    else:
+        C.small_pack(send, x, seq, codes[0], ops[0], _AUTO_HASH, name_hash, shape_hash, tail)
+        own.post(chan, seq, 1, name)
     recv = own.recv
-    if not C.small_same(recv, rows.width, chan.size):
+    if shared is not None or not C.small_same(recv, rows.width, chan.size):
         table = own.headers(chan.size)
         # With the check off, names and shapes may differ; counts and dtypes never
         # may: a second allgather would not match (a hang, not an error). Every rank
@@ -108,7 +123,8 @@ def allreduce(chan, x: np.ndarray, op, name, inplace: bool, out, raise_mismatch)
     if tail is not None:
         chan.count(tail.size, (chan.size - 1) * tail.size)
         agree.finish(chan, chan.comm.Iallgather(tail, rest), seq, 1, name)
-    buf = x if inplace else out if out is not None else np.empty_like(x)
+    if shared is None:
+        buf = x if inplace else out if out is not None else np.empty_like(x)
     C.small_reduce(recv, rows.width, chan.size, buf, codes[1], ops[1], ops[2], rest)
     return buf
 

@@ -22,6 +22,7 @@ __all__ = ["RowWindow", "SharedWindow"]
 _MIN_SLOT_BYTES = 1 << 16
 _FLAG_BYTES = 64        # a rank's barrier counter, alone in its cache line
 _QUICK_POLLS = 32       # flag polls before the supervised wait (about 0.1 us each)
+_C_POLLS = 256          # the same in C++ (tens of ns each): a few microseconds
 
 
 def _count_and_wait(win, flag, peers, e: int, wait) -> None:
@@ -152,9 +153,15 @@ class RowWindow:
         rows.close()
     """
 
-    def __init__(self, comm, width: int):
+    def __init__(self, comm, width: int, arrive=None):
         n, rank = comm.Get_size(), comm.Get_rank()
-        self.width, self.n = width, n
+        self.width, self.n, self.rank = width, n, rank
+        # The C++ handshake (``_C.flags_arrive``, given by the caller: this layer does not
+        # load the extension): the same flags and fences, without the per-poll Python.
+        # Its arguments are public, for callers that fuse it with their own C++ work.
+        self.arrive = arrive
+        self.stride = _FLAG_BYTES
+        self.polls = _C_POLLS
         block = n * width
         flags_at = -(-2 * block // _FLAG_BYTES) * _FLAG_BYTES
         # One contiguous allocation on rank 0 (the rows of a parity must be adjacent).
@@ -170,6 +177,7 @@ class RowWindow:
         self._flag = flags[rank]
         self._flag[0] = 0
         self._peers = [f for j, f in enumerate(flags) if j != rank]
+        self.flags_at = raw.ctypes.data + flags_at     # address of rank 0's flag
         self.calls = 0
         comm.Barrier()                 # every flag is zero before anyone counts on it
 
@@ -183,11 +191,22 @@ class RowWindow:
 
         `wait(done)` is the supervised wait to use when the peers are not there yet.
         """
-        _count_and_wait(self.win, self._flag, self._peers, self.calls, wait)
+        arrive = self.arrive
+        if arrive is None:
+            _count_and_wait(self.win, self._flag, self._peers, self.calls, wait)
+        elif not arrive(self.flags_at, _FLAG_BYTES, self.n, self.rank, self.calls, _C_POLLS, True):
+            self.wait_arrival(wait)
+
+    def wait_arrival(self, wait) -> None:
+        """After a C++ handshake that published this call but returned before the peers
+        did: `wait(done)` until every flag has reached this call."""
+        arrive, at, n, rank, e = self.arrive, self.flags_at, self.n, self.rank, self.calls
+        wait(lambda: arrive(at, _FLAG_BYTES, n, rank, e, 1, False))
 
     def close(self) -> None:
         if self.win is not None:
             self._flag, self._peers, self._views = None, [], []
+            self.arrive = None
             self.win.Unlock_all()
             self.win.Free()
             self.win = None

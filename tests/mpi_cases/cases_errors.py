@@ -209,6 +209,26 @@ def test_agreement_rows_over_shared_memory_and_mpi(rows_over, monkeypatch):
 
 
 @multi
+@pytest.mark.parametrize("count", [3, 700, 5000])
+def test_shared_rows_with_a_late_rank(count):
+    # The C++ handshake polls a few microseconds, then the supervised wait takes over:
+    # a rank that arrives milliseconds late (each rank in turn) still meets the same
+    # call, and an in-place call that fails the check leaves its input untouched.
+    import time
+
+    for late in range(N):
+        if R == late:
+            time.sleep(0.02)
+        y = rr.allreduce(np.full(count, R + late, np.float32), op=rr.Sum, name="late")
+        assert np.all(y == N * (N - 1) // 2 + N * late), (count, late)
+    x = np.full(count, 7, np.float32)
+    if R == 0:
+        time.sleep(0.02)
+    expect_everywhere(lambda: rr.allreduce_(x, op=rr.Sum if R else rr.Max, name="late"), "op")
+    assert np.all(x == 7)
+
+
+@multi
 def test_ring_sends_before_agreeing(monkeypatch):
     # Across nodes the ring's first segment leaves while the fingerprints travel; on a
     # mismatch that segment is consumed (waited, truncated, probed or cancelled) so no
