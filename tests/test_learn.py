@@ -51,7 +51,7 @@ def test_explores_round_robin_then_keeps_the_fastest(tmp_path, monkeypatch):
     need = learn.explore_calls(nbytes, len(cands))
     ran = _feed(learner, chan, nbytes, cost, need)
     order = [plan.choose(nbytes, False)] + [a for a in cands if a != ran[0]]
-    one_round = [a for a in order for _ in range(learn.RUN)]       # runs of RUN calls each
+    one_round = [a for a in order for _ in range(learn.run_length(nbytes))]   # runs of calls
     assert ran == one_round * (need // len(one_round))              # interleaved rounds
     assert learner.settled(nbytes) and learner.pick(nbytes, False) == "ring"
     assert chan.rounds == 1                                          # one agreed round

@@ -7,9 +7,10 @@ for host allreduces above the tiny path (> 4 KiB), auto learns per size band
 float Min/Max, which never run native MPI):
 
 1. **Explore.** The band's calls go round-robin over the candidates (the plan's
-   pick first) in runs of ``RUN`` calls, ``samples(m)`` rounds, interleaved
-   (A A B B C C A A ...) so machine noise hits every candidate alike. Only the
-   last call of each run is timed: the first after another algorithm pays for
+   pick first) in runs of ``run_length(m)`` calls (4 below 1 MiB, 2 from it),
+   ``samples(m)`` rounds, interleaved (A A B B C C A A ...) so machine noise
+   hits every candidate alike. Only the second half of each run is timed: the
+   first calls after another algorithm pay for
    that one's cache footprint and arrival skew (interleaved call by call, 2-core
    VM, 256 KiB: shm 170-220 us against 100-113 us in a steady loop, mpi 195-215
    against 120-155, so the ranking flipped), and it absorbs the first-use costs
@@ -69,7 +70,9 @@ from .observations import band, band_bytes
 __all__ = ["Learner", "cache_path", "load_cache", "forget", "enabled", "shape_key", "MIN_BYTES"]
 
 MIN_BYTES = 4096          # sizes at or below: the tiny path (one allgather), nothing to learn
-RUN = 2                   # consecutive calls per candidate in a round; the last is timed
+RUN = 2                   # consecutive calls per candidate in a round from 1 MiB ...
+SHORT_RUN = 4             # ... and below (short calls: the switch costs weigh more); the
+                          # second half of each run is timed
 DRIFT = 1.5               # settled band slower than this x its baseline: explore again
 FIRST_CHECK = 32          # calls between drift checks right after a decision ...
 LAST_CHECK = 1024         # ... doubling up to this while nothing drifts
@@ -85,9 +88,14 @@ def samples(nbytes: int) -> int:
     return 5 if nbytes < (1 << 20) else 3
 
 
+def run_length(nbytes: int) -> int:
+    """Consecutive calls of one candidate in an exploring round."""
+    return SHORT_RUN if nbytes < (1 << 20) else RUN
+
+
 def explore_calls(nbytes: int, candidates: int) -> int:
     """How many calls of a band exploring takes, over all its candidates."""
-    return samples(nbytes) * RUN * candidates
+    return samples(nbytes) * run_length(nbytes) * candidates
 
 
 def enabled(tuned: bool) -> bool:
@@ -163,11 +171,12 @@ def forget(path: Path | None = None) -> Path | None:
 class _Band:
     """One (table, band)'s learning state; identical on every rank of a channel."""
 
-    __slots__ = ("candidates", "explore_calls", "times", "choice", "source", "baseline", "recent",
+    __slots__ = ("candidates", "run", "explore_calls", "times", "choice", "source", "baseline", "recent",
                  "since_check", "interval", "reexplored", "learned_at", "calls", "medians", "slow")
 
-    def __init__(self, candidates: list[str], choice: str | None = None, source: str = ""):
+    def __init__(self, candidates: list[str], run: int, choice: str | None = None, source: str = ""):
         self.candidates = candidates
+        self.run = run                    # calls per candidate in a round (run_length)
         self.choice = choice              # None while exploring
         self.source = source              # "learned" / "cache" once settled
         self.explore_calls = 0
@@ -213,10 +222,11 @@ class Learner:
         first = self.plan.choose(band_bytes(k), half)
         cands = [first] + [a for a in cands if a != first]
         cached = self._cached.get((t, k))
+        run = run_length(band_bytes(k))
         if cached in cands:
-            b = _Band(cands, cached, "cache")
+            b = _Band(cands, run, cached, "cache")
         else:
-            b = _Band(cands)
+            b = _Band(cands, run)
             b.explore()
         self.bands[(t, k)] = b
         return b
@@ -236,7 +246,7 @@ class Learner:
             b = self._band(t, k, nbytes)
         if b.choice is not None:
             return b.choice
-        return b.candidates[(b.explore_calls // RUN) % len(b.candidates)]
+        return b.candidates[(b.explore_calls // b.run) % len(b.candidates)]
 
     def done(self, chan, algorithm: str, nbytes: int, half: bool, seconds: float) -> None:
         """Account one finished call (every rank calls this after the same calls)."""
@@ -245,10 +255,10 @@ class Learner:
             return
         b.calls += 1
         if b.choice is None:
-            if b.explore_calls % RUN == RUN - 1:
+            if b.explore_calls % b.run >= b.run // 2:
                 b.times[algorithm].append(seconds)
             b.explore_calls += 1
-            if b.explore_calls >= explore_calls(nbytes, len(b.candidates)):
+            if b.explore_calls >= samples(nbytes) * b.run * len(b.candidates):
                 self._decide(chan, b, half, nbytes)
             return
         recent = b.recent
