@@ -289,6 +289,23 @@ void small_reduce(py::array recv, int64_t width, int64_t nranks, py::array out, 
   if (average && nranks > 1) divide_by(d, dtype, nbytes / es, nranks);
 }
 
+// The fast path's agreement over rows in shared memory, in one call: the call's
+// fingerprint (`header`: kHeaderFields int64, its call number replaced by seq)
+// into the send row, the handshake (flags_arrive), then the compare of every
+// rank's header row in `recv`.  0: every rank agreed; 1: the peers are not
+// there yet (published: the caller waits, then compares); 2: they disagree.
+int header_exchange(py::array send, py::array header, int64_t seq, uintptr_t flags, int64_t stride,
+                    int64_t nranks, int64_t rank, int64_t e, int64_t polls, py::array recv,
+                    int64_t width) {
+  need(send.nbytes(), kHeaderBytes, "send");
+  need(header.nbytes(), kHeaderBytes, "header");
+  auto* dst = static_cast<uint8_t*>(send.mutable_data());
+  memcpy(dst, header.data(), kHeaderBytes);
+  memcpy(dst, &seq, sizeof seq);
+  if (!flags_arrive(flags, stride, nranks, rank, e, polls, true)) return 1;
+  return small_same(recv, width, nranks) ? 0 : 2;
+}
+
 // The tiny path over rows in shared memory, in two calls: small_pack and the
 // handshake (False: the peers are not there yet, as flags_arrive), then ...
 bool small_exchange(py::array send, py::array x, int64_t seq, int64_t dtype_code, int64_t op,
@@ -332,6 +349,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("small_same", &small_same);
   m.def("flags_arrive", &flags_arrive);
   m.def("small_exchange", &small_exchange);
+  m.def("header_exchange", &header_exchange);
   m.def("small_finish", &small_finish);
   m.def("small_reduce", &small_reduce);
   m.def("packed_nbytes", [](int fmt, int64_t n, int64_t block_size) {

@@ -86,30 +86,34 @@ def _prepare_output(chan, x, out, name, inplace: bool, defer: bool = False) -> n
     return out
 
 
-@agree.joinable(lambda: _allreduce_after_join)
 def allreduce_on(chan, x, op=Average, algorithm="auto", compression=None,
                  name=None, out=None, inplace=False, prescale_factor=1.0,
                  postscale_factor=1.0) -> np.ndarray:
     """allreduce on a given channel: the one entry point for both threads (tiny path first)."""
-    if compression is None and type(x) is np.ndarray and prescale_factor == 1.0 and postscale_factor == 1.0:
-        # Outside _general's error sharing: the tiny and fast paths reject by returning
-        # None before any communication, and anything they raise comes after the exchange.
-        if algorithm in _AUTO and x.nbytes <= tiny.REACH:
-            y = tiny.allreduce(chan, x, op, name, inplace, out, _raise_tiny_mismatch)
+    try:      # agree.joinable's handling, inline: a wrapper frame costs more than the tiny path's poll
+        if (compression is None and type(x) is np.ndarray and prescale_factor == 1.0
+                and postscale_factor == 1.0):
+            # Outside _general's error sharing: the tiny and fast paths reject by returning
+            # None before any communication, and anything they raise comes after the exchange.
+            if algorithm in _AUTO and x.nbytes <= tiny.REACH:
+                y = tiny.allreduce(chan, x, op, name, inplace, out, _raise_tiny_mismatch)
+                if y is not None:
+                    return y
+            y = _fast(chan, x, op, algorithm, name, out, inplace)
             if y is not None:
                 return y
-        y = _fast(chan, x, op, algorithm, name, out, inplace)
-        if y is not None:
-            return y
-    return _general(chan, x, op, algorithm, compression, name, out, inplace,
-                    prescale_factor, postscale_factor)
+        return _general(chan, x, op, algorithm, compression, name, out, inplace,
+                        prescale_factor, postscale_factor)
+    except agree.PeersJoined as peers:
+        return _allreduce_after_join(chan, peers.joined, x, op, algorithm, compression, name, out,
+                                     inplace, prescale_factor, postscale_factor)
 
 
 class _Call:
     """What the fast path computes once per (shape, dtype, op, algorithm, name) on a channel."""
 
     __slots__ = ("algorithm", "dtype_code", "half", "mpi", "name_hash", "nbytes", "op", "shape_hash",
-                 "size", "observe", "learner", "band")
+                 "size", "observe", "learner", "band", "headers")
 
     def __init__(self, x, op: ReduceOp, algorithm, name):
         self.op = op
@@ -125,12 +129,23 @@ class _Call:
         # (auto's learning records every call it explores or watches, at any size).
         self.observe = x.nbytes >= _OBSERVE_BYTES
         self.learner = self.band = None       # the learner's state for this size, once looked up
+        self.headers = {}                     # algorithm -> the fingerprint (call number 0)
+
+    def header(self, algorithm: str) -> np.ndarray:
+        """This call's fingerprint with `algorithm`, for the C++ exchange (which sets the call number)."""
+        h = self.headers.get(algorithm)
+        if h is None:
+            h = self.headers[algorithm] = np.frombuffer(agree.HEADER.pack(
+                0, 1, self.size, self.dtype_code, self.op, _ALGO_HASHES[algorithm], self.name_hash,
+                self.shape_hash, 0), np.int64)
+        return h
 
 
 _FAST_CALLS_MAX = 512          # distinct call shapes kept per channel
 _OBSERVE_BYTES = 1 << 16
 _ALGO_HASHES = {a: agree._hash(a) for a in registry.ALGORITHMS}
 _small_same = kernels._C.small_same if kernels._C is not None else None    # the C++ row compare
+_header_exchange = getattr(kernels._C, "header_exchange", None)              # pack, handshake, compare
 
 
 def _fast(chan, x, op, algorithm, name, out, inplace):
@@ -197,19 +212,34 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
     early = None
     if check_on:
         rows = chan.rows or agree.rows_of(chan)
-        agree.HEADER.pack_into(rows.begin(), 0, seq, 1, call.size, call.dtype_code, call.op,
-                               _ALGO_HASHES[algo], call.name_hash, call.shape_hash, 0)
-        if algo == "ring" and rows.overlaps:
-            # Across nodes the ring's first segment travels while the rows do (ring.allreduce).
-            rows.start(chan)
-            early = _early_check(chan, rows, seq, buf, call.op, name)
+        send = rows.begin()
+        shared = rows.fused()
+        n = chan.size
+        if shared is not None:
+            # Rows in shared memory: pack, handshake and compare in one C++ call.
+            chan.count(rows.width, (n - 1) * rows.width)
+            state = _header_exchange(send, call.header(algo), seq, shared.flags_at, shared.stride, n,
+                                     shared.rank, shared.calls, shared.polls, rows.recv, rows.width)
+            if state == 1:                  # the peers are late: the supervised wait, then compare
+                rows.wait_arrival(chan, seq, 1, name)
+                state = 0 if _small_same(rows.recv, rows.width, n) else 2
+            agreed = state == 0
         else:
-            rows.post(chan, seq, 1, name)
-            if not (_small_same(rows.recv, rows.width, chan.size) if _small_same is not None
-                    else agree.rows_same(rows, chan.size)):
-                if staged is not None:
-                    shm.unstage(chan)
-                _raise_if_mismatch(chan, rows.headers(chan.size), "allreduce", buf, call.op, algo, name, seq)
+            agree.HEADER.pack_into(send, 0, seq, 1, call.size, call.dtype_code, call.op,
+                                   _ALGO_HASHES[algo], call.name_hash, call.shape_hash, 0)
+            if algo == "ring" and rows.overlaps:
+                # Across nodes the ring's first segment travels while the rows do (ring.allreduce).
+                rows.start(chan)
+                early = _early_check(chan, rows, seq, buf, call.op, name)
+                agreed = True               # checked by the ring before it uses any data
+            else:
+                rows.post(chan, seq, 1, name)
+                agreed = (_small_same(rows.recv, rows.width, n) if _small_same is not None
+                          else agree.rows_same(rows, n))
+        if not agreed:
+            if staged is not None:
+                shm.unstage(chan)
+            _raise_if_mismatch(chan, rows.headers(n), "allreduce", buf, call.op, algo, name, seq)
         if staged is None:
             t1 = perf_counter()
     mpi = call.mpi
