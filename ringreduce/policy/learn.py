@@ -50,7 +50,7 @@ Example::
     import ringreduce as rr
     rr.init()
     for step in range(100):
-        rr.allreduce(grad)                     # the first 24-40 calls of each size explore
+        rr.allreduce(grad)                     # the first 40-100 calls of each size explore
     rr.info()["learned"]["main"]               # {'full 1 MiB': 'shm (learned at call 17, 220 us)', ...}
 """
 from __future__ import annotations
