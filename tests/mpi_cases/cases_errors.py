@@ -229,6 +229,35 @@ def test_shared_rows_with_a_late_rank(count):
 
 
 @multi
+def test_shared_rows_python_and_cpp_handshakes_meet():
+    # Rank 0 makes the rows' handshake in Python (as without the C++ extension), the
+    # others in C++ (_C.flags_arrive, fused into the tiny and fast paths): the same
+    # flags and rows, so every path still agrees, and a mismatch still names the field.
+    from mpi4py import MPI
+
+    from ringreduce.runtime import agree
+    from ringreduce.runtime.context import context
+
+    comm = MPI.COMM_WORLD.Dup()
+    try:
+        rows = agree.rows_of(context(comm).main)
+        if rows.window is None:
+            pytest.skip("the ranks do not share a node")
+        if R == 0:
+            rows.window.arrive = None
+        for count in (3, 700, 5000, 300000):          # tiny, tiny, fast, fast (larger)
+            for algorithm in ("auto", "mpi", "shm"):
+                y = rr.allreduce(np.full(count, R + 1, np.float32), op=rr.Sum, name="pc",
+                                 algorithm=algorithm, comm=comm)
+                assert np.all(y == N * (N + 1) // 2), (count, algorithm)
+            x = np.ones(count + (R == N - 1), np.float32)
+            _raises_everywhere(lambda x=x: rr.allreduce(x, name="pc", comm=comm), "count", f"rank {N - 1}")
+        assert rr.allgather_object(R, comm=comm) == list(range(N))
+    finally:
+        comm.Free()
+
+
+@multi
 def test_ring_sends_before_agreeing(monkeypatch):
     # Across nodes the ring's first segment leaves while the fingerprints travel; on a
     # mismatch that segment is consumed (waited, truncated, probed or cancelled) so no
