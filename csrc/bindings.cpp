@@ -306,24 +306,28 @@ int header_exchange(py::array send, py::array header, int64_t seq, uintptr_t fla
   return small_same(recv, width, nranks) ? 0 : 2;
 }
 
-// The tiny path over rows in shared memory, in two calls: small_pack and the
-// handshake (False: the peers are not there yet, as flags_arrive), then ...
-bool small_exchange(py::array send, py::array x, int64_t seq, int64_t dtype_code, int64_t op,
-                    int64_t algorithm_hash, int64_t name_hash, int64_t shape_hash,
-                    uintptr_t flags, int64_t stride, int64_t nranks, int64_t rank, int64_t e,
-                    int64_t polls) {
-  if (x.nbytes() + kHeaderBytes > send.nbytes()) throw std::invalid_argument("x does not fit the row");
-  small_pack(send, x, seq, dtype_code, op, algorithm_hash, name_hash, shape_hash, py::none());
-  return flags_arrive(flags, stride, nranks, rank, e, polls, true);
-}
-
-// ... the compare and the reduction: out is written only when every header
-// matched (False: a mismatch, out untouched, so an in-place x keeps its values).
+// The tiny path over rows in shared memory: the compare and the reduction, which
+// writes out only when every header matched (False: a mismatch, out untouched,
+// so an in-place x keeps its values) ...
 bool small_finish(py::array recv, int64_t width, int64_t nranks, py::array out, int dtype, int op,
                   bool average) {
   if (!small_same(recv, width, nranks)) return false;
   small_reduce(recv, width, nranks, out, dtype, op, average, py::none());
   return true;
+}
+
+// ... and the whole call in one: small_pack, the handshake (flags_arrive), then
+// small_finish.  0: done; 1: the peers are not there yet (published: the caller
+// waits, then calls small_finish); 2: the headers differ (out untouched).
+int small_allreduce(py::array send, py::array x, int64_t seq, int64_t dtype_code, int64_t op,
+                    int64_t algorithm_hash, int64_t name_hash, int64_t shape_hash,
+                    uintptr_t flags, int64_t stride, int64_t nranks, int64_t rank, int64_t e,
+                    int64_t polls, py::array recv, int64_t width, py::array out, int dtype,
+                    int kernel_op, bool average) {
+  if (x.nbytes() + kHeaderBytes > send.nbytes()) throw std::invalid_argument("x does not fit the row");
+  small_pack(send, x, seq, dtype_code, op, algorithm_hash, name_hash, shape_hash, py::none());
+  if (!flags_arrive(flags, stride, nranks, rank, e, polls, true)) return 1;
+  return small_finish(recv, width, nranks, out, dtype, kernel_op, average) ? 0 : 2;
 }
 
 }  // namespace
@@ -348,7 +352,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("small_pack", &small_pack);
   m.def("small_same", &small_same);
   m.def("flags_arrive", &flags_arrive);
-  m.def("small_exchange", &small_exchange);
+  m.def("small_allreduce", &small_allreduce);
   m.def("header_exchange", &header_exchange);
   m.def("small_finish", &small_finish);
   m.def("small_reduce", &small_reduce);

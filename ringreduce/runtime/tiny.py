@@ -1,10 +1,12 @@
-"""The tiny path: "auto" allreduces up to 4 KiB of host data in one row exchange and two C++ calls.
+"""The tiny path: "auto" allreduces up to 4 KiB of host data in one row exchange and one to three C++ calls.
 
 It makes exactly the call the general path makes for "auto" at this size (same
 fingerprint, payload piggybacked in the agreement's own allgather, rows
 reduced in rank order with the same arithmetic as numpy), with the per-call
-work done in C++ (``_C.small_pack``, ``_C.small_same``, ``_C.small_reduce``):
-at a few bytes, Python object work would cost several times the MPI call.
+work done in C++: over rows in shared memory one call (``_C.small_allreduce``:
+pack, handshake, compare, reduce), over MPI rows ``_C.small_pack`` then
+``_C.small_same`` and ``_C.small_reduce``: at a few bytes, Python object work
+would cost several times the MPI call.
 
 Rows in shared memory hold all 4 KiB. Over MPI, past the row (2 KiB up to 8 ranks),
 a second allgather carries the rest, posted only once the rows have shown that
@@ -98,16 +100,18 @@ def allreduce(chan, x: np.ndarray, op, name, inplace: bool, out, raise_mismatch)
     name_hash = 0 if name is None else agree._hash(name)
     shared = own.fused() if tail is None else None
     if shared is not None:
-        # Rows in shared memory: pack and handshake in one C++ call, compare and reduce
-        # in another (the reduction writes the result only once every header matched).
+        # Rows in shared memory: pack, handshake, compare and reduce in one C++ call
+        # (the reduction writes the result only once every header matched).
         n = chan.size
         chan.count(rows.width, (n - 1) * rows.width)
-        if not C.small_exchange(send, x, seq, codes[0], ops[0], _AUTO_HASH, name_hash, shape_hash,
-                                shared.flags_at, shared.stride, n, shared.rank, shared.calls,
-                                shared.polls):
-            own.wait_arrival(chan, seq, 1, name)
         buf = x if inplace else out if out is not None else np.empty_like(x)
-        if C.small_finish(own.recv, rows.width, n, buf, codes[1], ops[1], ops[2]):
+        state = C.small_allreduce(send, x, seq, codes[0], ops[0], _AUTO_HASH, name_hash, shape_hash,
+                                  shared.flags_at, shared.stride, n, shared.rank, shared.calls,
+                                  shared.polls, own.recv, rows.width, buf, codes[1], ops[1], ops[2])
+        if state == 1:                  # the peers are late: the supervised wait, then the rest
+            own.wait_arrival(chan, seq, 1, name)
+            state = 0 if C.small_finish(own.recv, rows.width, n, buf, codes[1], ops[1], ops[2]) else 2
+        if state == 0:
             return buf
     else:
         C.small_pack(send, x, seq, codes[0], ops[0], _AUTO_HASH, name_hash, shape_hash, tail)
