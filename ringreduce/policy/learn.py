@@ -7,7 +7,7 @@ for host allreduces above the tiny path (> 4 KiB), auto learns per size band
 float Min/Max, which never run native MPI):
 
 1. **Explore.** The band's calls go round-robin over the candidates (the plan's
-   pick first) in runs of ``run_length(m)`` calls (4 below 1 MiB, 2 from it),
+   pick first) in runs of ``run_length(m)`` calls (4 up to 512 KiB, 2 above),
    ``samples(m)`` rounds, interleaved (A A B B C C A A ...) so machine noise
    hits every candidate alike. Only the second half of each run is timed: the
    first calls after another algorithm pay for
@@ -70,9 +70,10 @@ from .observations import band, band_bytes
 __all__ = ["Learner", "cache_path", "load_cache", "forget", "enabled", "shape_key", "MIN_BYTES"]
 
 MIN_BYTES = 4096          # sizes at or below: the tiny path (one allgather), nothing to learn
-RUN = 2                   # consecutive calls per candidate in a round from 1 MiB ...
-SHORT_RUN = 4             # ... and below (short calls: the switch costs weigh more); the
-                          # second half of each run is timed
+RUN = 2                   # consecutive calls per candidate in a round above 512 KiB ...
+SHORT_RUN = 4             # ... and up to 512 KiB (short calls: the switch costs weigh more);
+                          # the second half of each run is timed
+_SHORT_BANDS = 19         # the last band of SHORT_RUN: sizes in (256 KiB, 512 KiB]
 DRIFT = 1.5               # settled band slower than this x its baseline: explore again
 FIRST_CHECK = 32          # calls between drift checks right after a decision ...
 LAST_CHECK = 1024         # ... doubling up to this while nothing drifts
@@ -91,8 +92,9 @@ def samples(nbytes: int) -> int:
 
 
 def run_length(nbytes: int) -> int:
-    """Consecutive calls of one candidate in an exploring round."""
-    return SHORT_RUN if nbytes < (1 << 20) else RUN
+    """Consecutive calls of one candidate in an exploring round: by size band, so every
+    size of a band gets the same (bands up to 512 KiB: SHORT_RUN; from (512 KiB, 1 MiB]: RUN)."""
+    return SHORT_RUN if band(nbytes) <= _SHORT_BANDS else RUN
 
 
 def explore_calls(nbytes: int, candidates: int) -> int:

@@ -75,6 +75,14 @@ def fingerprint(seq: int, kind: str, count: int = 0, dtype_code: int = 0, op: in
 
 
 SHARED_PAYLOAD = 4096    # payload bytes of a row in shared memory: runtime.tiny.REACH
+# What the paths over shared rows call once Rows.fused() says yes (runtime.tiny, collectives).
+_FUSED = ("flags_arrive", "header_exchange", "small_allreduce", "small_finish")
+
+
+def _cpp_handshake():
+    """_C.flags_arrive when the extension has every fused call (a stale build: None, Python polls)."""
+    C = kernels._C
+    return C.flags_arrive if C is not None and all(hasattr(C, f) for f in _FUSED) else None
 
 
 class Rows:
@@ -98,8 +106,7 @@ class Rows:
         # under the eager limit (allgather.piggyback_bytes says why).
         self.width = HEADER_BYTES + (max(piggyback_bytes(n), SHARED_PAYLOAD) if comm is not None
                                      else piggyback_bytes(n))
-        self.window = (RowWindow(comm, self.width, getattr(kernels._C, "flags_arrive", None))
-                       if comm is not None else None)
+        self.window = RowWindow(comm, self.width, _cpp_handshake()) if comm is not None else None
         if self.window is None:
             self.send = np.zeros(self.width, np.uint8)
             self.recv = np.zeros(n * self.width, np.uint8)

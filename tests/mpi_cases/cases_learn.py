@@ -145,10 +145,11 @@ def test_engine_thread_learns_on_its_own_channel(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RINGREDUCE_LEARNED", "off")
     with _Sub() as sub:
         x = np.full(50000, R + 1, np.float32)
-        for _ in range(60):
+        bg = sub.ctx.background.learner
+        cands = sub.ctx.plan.candidates(x.nbytes, False)
+        for _ in range(learn.explore_calls(x.nbytes, len(cands))):     # exactly the schedule
             y = rr.allreduce_async(x, op=rr.Sum, comm=sub.comm).wait()
             assert np.all(y == N * (N + 1) / 2)
-        bg = sub.ctx.background.learner
         assert bg.settled(x.nbytes) and not sub.ctx.main.learner.bands
         assert everyone(WORLD.allgather(bg.describe()) == [bg.describe()] * N)
 
