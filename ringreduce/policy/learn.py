@@ -262,7 +262,7 @@ class Learner:
             if b.explore_calls % b.run >= b.run // 2:
                 b.times[algorithm].append(seconds)
             b.explore_calls += 1
-            if b.explore_calls >= samples(nbytes) * b.run * len(b.candidates):
+            if b.explore_calls >= explore_calls(nbytes, len(b.candidates)):
                 self._decide(chan, b, half, nbytes)
             return
         recent = b.recent

@@ -99,12 +99,12 @@ def allreduce(chan, x: np.ndarray, op, name, inplace: bool, out, raise_mismatch)
     send = own.begin()
     name_hash = 0 if name is None else agree._hash(name)
     shared = own.fused() if tail is None else None
+    buf = x if inplace else out if out is not None else np.empty_like(x)
     if shared is not None:
         # Rows in shared memory: pack, handshake, compare and reduce in one C++ call
         # (the reduction writes the result only once every header matched).
         n = chan.size
         chan.count(rows.width, (n - 1) * rows.width)
-        buf = x if inplace else out if out is not None else np.empty_like(x)
         state = C.small_allreduce(send, x, seq, codes[0], ops[0], _AUTO_HASH, name_hash, shape_hash,
                                   shared.flags_at, shared.stride, n, shared.rank, shared.calls,
                                   shared.polls, own.recv, rows.width, buf, codes[1], ops[1], ops[2])
@@ -127,8 +127,6 @@ def allreduce(chan, x: np.ndarray, op, name, inplace: bool, out, raise_mismatch)
     if tail is not None:
         chan.count(tail.size, (chan.size - 1) * tail.size)
         agree.finish(chan, chan.comm.Iallgather(tail, rest), seq, 1, name)
-    if shared is None:
-        buf = x if inplace else out if out is not None else np.empty_like(x)
     C.small_reduce(recv, rows.width, chan.size, buf, codes[1], ops[1], ops[2], rest)
     return buf
 
