@@ -102,8 +102,8 @@ def run(chan, name: str, flat: np.ndarray, op: ReduceOp, src: np.ndarray | None 
         agreed=None) -> None:
     """Reduce the flat buffer in place with a resolved algorithm name (timeline event included).
 
-    `agreed`: the mismatch check's round, started but not finished (the ring only: it
-    finishes the round itself after sending its first segment).
+    `agreed`: the mismatch check's round, started but not finished (the ring and the
+    tree: they finish the round themselves after sending their first segment).
     """
     algo = ALGORITHMS.get(name)
     if algo is None:

@@ -28,6 +28,11 @@ _TAG = 71
 PRE_TAG = 72      # the first segment, sent before the fingerprints are compared (allreduce's agreed=)
 
 
+def first_messages(n: int, r: int) -> tuple[int, int]:
+    """(to, from): the peers of the first segment rank r sends and receives before agreeing."""
+    return (r + 1) % n, (r - 1) % n
+
+
 def allreduce(chan, buf: np.ndarray, op: ReduceOp, agreed=None) -> None:
     """Ring-allreduce the flat contiguous array `buf` in place over chan.comm.
 

@@ -18,7 +18,7 @@ import zlib
 import numpy as np
 
 from ..algorithms.allgather import piggyback_bytes
-from ..algorithms.ring import PRE_TAG
+from ..algorithms import ring, tree
 from ..compression import kernels
 from ..core import config, timeline
 from ..core.errors import RingReduceError
@@ -95,8 +95,8 @@ class Rows:
     about 1 us at np=2 on a 2-core VM); elsewhere ``post`` is ``Iallgather(send, recv)``
     (3.7-4.1 us there).
 
-    Over MPI the ring starts its data before the agreement ends: ``start()`` posts
-    the exchange, the ring sends its first segment, and ``post(early=...)`` finishes
+    Over MPI the ring and the tree start their data before the agreement ends: ``start()``
+    posts the exchange, the algorithm sends its first segment, and ``post(early=...)`` finishes
     the exchange before any received byte is used (see ``settle_early``).
     """
 
@@ -126,7 +126,7 @@ class Rows:
 
     @property
     def overlaps(self) -> bool:
-        """Whether the ring may send data before this exchange ends (rows over MPI: across nodes)."""
+        """Whether the ring or tree may send data before this exchange ends (rows over MPI: across nodes)."""
         return self.window is None
 
     def start(self, chan) -> None:
@@ -136,7 +136,7 @@ class Rows:
     def post(self, chan, seq: int, kind_code: int, name: str | None, early=None) -> None:
         """Exchange the rows written since begin(): afterwards self.recv holds every rank's.
 
-        `early` is (receive, send) requests of the ring's first segment when this rank
+        `early` is (receive, send) requests of the ring's or tree's first segment when this rank
         sent it before agreeing; on a mismatch they are settled before this returns.
         """
         width = self.width
@@ -172,42 +172,59 @@ def _wait_rows(chan, done, seq: int, kind_code: int, name: str | None) -> None:
 
 
 _ALLREDUCE = KINDS["allreduce"]
-_RING = _hash("ring")
+# The algorithms that send their first segment before agreeing over MPI rows:
+# fingerprint hash -> (first_messages(n, r) -> (to, from), the tag of that segment).
+_EARLY = {_hash("ring"): (ring.first_messages, ring.PRE_TAG),
+          _hash("tree"): (tree.first_messages, tree.PRE_TAG)}
+EARLY_ALGORITHMS = ("ring", "tree")
 
 
-def sends_early(row) -> bool:
-    """Whether the rank of a fingerprint row sent the ring's first segment before agreeing.
+def early_messages(row, r: int, n: int):
+    """(to, from, tag) of the segment rank r sent and received before agreeing, per its fingerprint
+    row, or None when it sent nothing early.
 
-    Every path that fingerprints an uncompressed host ring allreduce of a non-empty
-    tensor over MPI rows does (collectives._fast and _general), so the row alone says.
+    Every path that fingerprints an uncompressed host ring or tree allreduce of a
+    non-empty tensor over MPI rows sends early (collectives._fast and _general), so
+    the row alone says.
     """
-    return row[1] == _ALLREDUCE and row[5] == _RING and row[8] == 0 and row[2] > 0
+    if row[1] != _ALLREDUCE or row[8] != 0 or row[2] <= 0:
+        return None
+    early = _EARLY.get(int(row[5]))
+    if early is None:
+        return None
+    to, frm = early[0](n, r)
+    return to, frm, early[1]
 
 
 def settle_early(chan, rows: Rows, early) -> None:
-    """After a mismatched exchange over MPI: consume the ring's early first segments, so none
-    is left to match a later call.
+    """After a mismatched exchange over MPI: consume the early first segments, so none is left
+    to match a later call.
 
-    Each rank that sends early sends exactly one message (tag PRE_TAG) to its right
-    neighbour before the exchange, so from the left neighbour's row every rank knows
-    whether one is coming: it waits for it (a longer one is truncated, which consumes it
-    too), receives it by probe when it posted no receive, or cancels its receive when
-    nothing comes; then its own send completes.
+    Each rank that sends early sends at most one message (its algorithm's early tag)
+    before the exchange, to a peer its row determines, so from the rows every rank
+    knows which messages are coming to it: it waits for the one its posted receive
+    matches (a longer one is truncated, which consumes it too), receives the others
+    by probe, or cancels its receive when nothing matches it; then its own send completes.
     """
-    n = chan.size
-    left = (chan.rank - 1) % n
+    n, me = chan.size, chan.rank
     table = rows.headers(n)
     recv, send = early if early is not None else ([], [])
-    if sends_early(table[left]):
-        if recv:
-            _complete_quietly(chan, recv, "the ring's early segment after a mismatch")
+    mine = early_messages(table[me], me, n)
+    posted = (mine[1], mine[2]) if mine is not None and recv else None
+    for source in range(n):
+        theirs = early_messages(table[source], source, n) if source != me else None
+        if theirs is None or theirs[0] != me:
+            continue
+        if (source, theirs[2]) == posted:
+            _complete_quietly(chan, recv, "the early segment after a mismatch")
+            posted = recv = None
         else:
-            _receive_stray(chan, left)
-    else:
+            _receive_stray(chan, source, theirs[2])
+    if recv:
         for req in recv:
             req.Cancel()
         _complete_quietly(chan, recv, "a cancelled early receive")
-    _complete_quietly(chan, send, "the ring's early send after a mismatch")
+    _complete_quietly(chan, send, "the early send after a mismatch")
 
 
 def _complete_quietly(chan, reqs: list, what: str) -> None:
@@ -218,17 +235,17 @@ def _complete_quietly(chan, reqs: list, what: str) -> None:
             pass
 
 
-def _receive_stray(chan, source: int) -> None:
+def _receive_stray(chan, source: int, tag: int) -> None:
     status = MPI.Status()
     found = []
 
     def probed() -> bool:
-        msg = chan.comm.improbe(source, PRE_TAG, status)
+        msg = chan.comm.improbe(source, tag, status)
         if msg is not None:
             found.append(msg)
         return bool(found)
 
-    chan.supervisor.wait_until(probed, "the ring's early segment after a mismatch", chan=chan)
+    chan.supervisor.wait_until(probed, "an early segment after a mismatch", chan=chan)
     found[0].Recv([np.empty(status.Get_count(MPI.BYTE), np.uint8), MPI.BYTE])
 
 

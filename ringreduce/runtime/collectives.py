@@ -227,10 +227,10 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
         else:
             agree.HEADER.pack_into(send, 0, seq, 1, call.size, call.dtype_code, call.op,
                                    _ALGO_HASHES[algo], call.name_hash, call.shape_hash, 0)
-            if algo == "ring" and rows.overlaps:
-                # Across nodes the ring's first segment travels while the rows do (ring.allreduce).
+            if rows.overlaps and algo in agree.EARLY_ALGORITHMS:
+                # Across nodes the ring's or tree's first segment travels while the rows do.
                 rows.start(chan)
-                early = _early_check(chan, rows, seq, buf, call.op, name)
+                early = _early_check(chan, rows, seq, buf, call.op, algo, name)
                 agreed = True               # checked by the ring before it uses any data
             else:
                 rows.post(chan, seq, 1, name)
@@ -263,12 +263,12 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
     return buf
 
 
-def _early_check(chan, rows, seq, buf, op, name):
-    """The ring's ``agreed`` callback: finish the started exchange, raise on a mismatch."""
+def _early_check(chan, rows, seq, buf, op, algorithm, name):
+    """The ring's or tree's ``agreed`` callback: finish the started exchange, raise on a mismatch."""
     def agreed(recv, send):
         rows.post(chan, seq, 1, name, early=(recv, send))
         if not agree.rows_same(rows, chan.size):
-            _raise_if_mismatch(chan, rows.headers(chan.size), "allreduce", buf, op, "ring", name, seq)
+            _raise_if_mismatch(chan, rows.headers(chan.size), "allreduce", buf, op, algorithm, name, seq)
     return agreed
 
 
@@ -368,8 +368,9 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     # shm up to 64 KiB: the fingerprints' handshake is the data's barrier too (as in _fast).
     staged = (shm.stage(chan, flat, src) if check_on and algorithm == "shm" and comp is None
               and scales is None and not on_device else None)
-    early = (_start_early(chan, seq, flat, buf, op, name, scales)
-             if check_on and algorithm == "ring" and comp is None and not on_device else None)
+    early = (_start_early(chan, seq, flat, buf, op, algorithm, name, scales)
+             if check_on and algorithm in agree.EARLY_ALGORITHMS and comp is None and not on_device
+             else None)
     try:
         piggybacked = early is None and check_on and _agree_allreduce(
             chan, seq, flat, buf, op, algorithm, name, comp, scales, on_device)
@@ -428,22 +429,22 @@ def _shown(op, scales):
     return op if scales is None else f"{op!r} x{scales[0]:g} then x{scales[1]:g}"
 
 
-def _start_early(chan, seq, flat, buf, op, name, scales):
-    """Over MPI rows, start a host ring call's exchange and return the ring's ``agreed``; else None."""
+def _start_early(chan, seq, flat, buf, op, algorithm, name, scales):
+    """Over MPI rows, start a host ring or tree call's exchange and return its ``agreed``; else None."""
     rows = chan.rows or agree.rows_of(chan)
     if not rows.overlaps:
         return None
     header = agree.fingerprint(seq, "allreduce", flat.size, dtype_code(buf.dtype), op_code(op, scales),
-                               "ring", name, buf.shape)
+                               algorithm, name, buf.shape)
     rows.begin()[:header.nbytes] = header.view(np.uint8)
     rows.start(chan)
-    return _early_check(chan, rows, seq, buf, _shown(op, scales), name)
+    return _early_check(chan, rows, seq, buf, _shown(op, scales), algorithm, name)
 
 
 def _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, agreed, early=None) -> None:
     """Run the agreed call: device path, compressed, hierarchical-compressed or an algorithm.
 
-    `early`: the ring's unfinished agreement (_start_early), which it finishes itself.
+    `early`: the ring's or tree's unfinished agreement (_start_early), which it finishes itself.
     """
     if on_device:
         device_path.allreduce(chan, flat, op, algorithm, comp, name)

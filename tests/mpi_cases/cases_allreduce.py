@@ -40,6 +40,36 @@ def test_matrix(algorithm, dtype, op, count):
     check_allreduce(algorithm, dtype, op, count)
 
 
+@pytest.fixture(scope="module")
+def across_nodes():
+    """A communicator whose ranks count as separate nodes: the check's rows go over MPI, and
+    the ring and tree send their first segment while the fingerprints travel."""
+    import os
+
+    from mpi4py import MPI
+
+    from ringreduce.runtime import agree
+    from ringreduce.runtime.context import context
+
+    os.environ["RINGREDUCE_NODE_ID"] = f"node{rr.rank()}"
+    comm = MPI.COMM_WORLD.Dup()
+    try:
+        ctx = context(comm)
+    finally:
+        del os.environ["RINGREDUCE_NODE_ID"]
+    assert N == 1 or agree.rows_of(ctx.main).overlaps
+    yield comm
+    comm.Free()
+
+
+@pytest.mark.parametrize("count", SIZES[1:])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("algorithm", ["ring", "tree"])
+def test_first_segment_before_agreeing_matrix(algorithm, dtype, count, across_nodes):
+    for op in ((rr.Sum, rr.Max) if np.dtype(dtype).kind == "i" else (rr.Average, rr.Min)):
+        check_allreduce(algorithm, dtype, op, count, tag="early", comm=across_nodes)
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_messages_split_above_limit(algorithm, monkeypatch):
     # A lowered limit makes every transfer several MPI messages, as counts > 2**31-1 would.

@@ -258,11 +258,14 @@ def test_shared_rows_python_and_cpp_handshakes_meet():
 
 
 @multi
-def test_ring_sends_before_agreeing(monkeypatch):
-    # Across nodes the ring's first segment leaves while the fingerprints travel; on a
-    # mismatch that segment is consumed (waited, truncated, probed or cancelled) so no
-    # later call can receive it: each mismatch below is followed by a checked ring call
-    # whose values differ from every earlier one.
+@pytest.mark.parametrize("algorithm", ["ring", "tree"])
+def test_first_segment_sent_before_agreeing(algorithm, monkeypatch):
+    # Across nodes the ring's and the tree's first segment leaves while the fingerprints
+    # travel; on a mismatch that segment is consumed (waited, truncated, probed or
+    # cancelled) so no later call can receive it: each mismatch below is followed by a
+    # checked call whose values differ from every earlier one. At 3 and 5 ranks the
+    # tree folds: a folded rank sends early, its neighbour only receives, and a rank
+    # whose first partner folds sends nothing early.
     from mpi4py import MPI
 
     from ringreduce.runtime import agree
@@ -280,26 +283,28 @@ def test_ring_sends_before_agreeing(monkeypatch):
             v = next(calls)
             base = np.full(2 * count, v * (R + 1), np.float32)
             x = base[::2] if strided and R == 0 else base[:count]     # general path on rank 0
-            y = rr.allreduce(x, op=rr.Sum, algorithm="ring", name="c", comm=comm)
+            y = rr.allreduce(x, op=rr.Sum, algorithm=algorithm, name="c", comm=comm)
             assert np.all(y == v * N * (N + 1) // 2), (count, v)
 
         for count in (0, 1000, 300000):               # nothing to send, one segment, several
             checked(count)
             checked(count, strided=True)
-        y = rr.allreduce(np.full(5000, R + 1, np.float32), op=rr.Sum, algorithm="ring", name="c",
+        y = rr.allreduce(np.full(5000, R + 1, np.float32), op=rr.Sum, algorithm=algorithm, name="c",
                          comm=comm, prescale_factor=2.0)
         assert np.all(y == N * (N + 1))
 
-        def ring(count, **kw):
-            kw = {"algorithm": "ring", "name": "w", "comm": comm, **kw}
+        def ring(count, **kw):          # a call of the algorithm under test, unless kw says otherwise
+            kw = {"algorithm": algorithm, "name": "w", "comm": comm, **kw}
             return lambda: rr.allreduce(np.ones(count, np.float32), **kw)
+        other = "tree" if algorithm == "ring" else "ring"
         last = R == N - 1
         for count in (1000, 300000):
             cases = [
                 (ring(count + (1000 if last else 0)), "count"),          # longer first segment
                 (ring(0 if last else count), "count"),                  # one rank sends nothing
                 (ring(count, algorithm="mpi") if last else ring(count), "algorithm"),   # probed
-                (ring(count, algorithm="tree") if last else ring(count), "algorithm"),
+                (ring(count, algorithm=other) if last else ring(count), "algorithm"),
+                (ring(count, algorithm=other) if R % 2 else ring(count), "algorithm"),  # half and half
                 (ring(count, op=rr.Max) if last else ring(count), "op"),
                 (lambda c=count: rr.allreduce(np.ones(c, np.int32), comm=comm, name="w") if last
                  else ring(c)(), "rejected"),                           # an error row on one rank
