@@ -97,3 +97,23 @@ def check_allreduce(algorithm, dtype, op, count, tag="matrix", **kwargs):
     assert everyone(err <= tol), f"error {err} > {tol} on some rank"
     assert all_ranks_identical(y), "ranks hold different bits"
     return y
+
+
+def across_nodes_comm():
+    """A Dup of COMM_WORLD whose ranks count as separate nodes (RINGREDUCE_NODE_ID per rank while
+    its context is made): the check's rows go over MPI, as across a cluster's nodes, so the
+    ring and tree send their first segment, and a two-sided compressed call compresses its
+    first segments, while the fingerprints travel. The caller frees it."""
+    import os
+
+    from ringreduce.runtime import agree
+    from ringreduce.runtime.context import context
+
+    os.environ["RINGREDUCE_NODE_ID"] = f"node{rr.rank()}"
+    comm = MPI.COMM_WORLD.Dup()
+    try:
+        ctx = context(comm)
+    finally:
+        del os.environ["RINGREDUCE_NODE_ID"]
+    assert rr.size() == 1 or agree.rows_of(ctx.main).overlaps
+    return comm

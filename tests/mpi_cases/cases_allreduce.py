@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _common import DTYPES, FLOATS, everyone, make_input, check_allreduce
+from _common import DTYPES, FLOATS, across_nodes_comm, everyone, make_input, check_allreduce
 
 import ringreduce as rr
 from ringreduce.algorithms.allgather import piggyback_bytes
@@ -42,22 +42,7 @@ def test_matrix(algorithm, dtype, op, count):
 
 @pytest.fixture(scope="module")
 def across_nodes():
-    """A communicator whose ranks count as separate nodes: the check's rows go over MPI, and
-    the ring and tree send their first segment while the fingerprints travel."""
-    import os
-
-    from mpi4py import MPI
-
-    from ringreduce.runtime import agree
-    from ringreduce.runtime.context import context
-
-    os.environ["RINGREDUCE_NODE_ID"] = f"node{rr.rank()}"
-    comm = MPI.COMM_WORLD.Dup()
-    try:
-        ctx = context(comm)
-    finally:
-        del os.environ["RINGREDUCE_NODE_ID"]
-    assert N == 1 or agree.rows_of(ctx.main).overlaps
+    comm = across_nodes_comm()
     yield comm
     comm.Free()
 
