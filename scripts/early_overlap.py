@@ -1,14 +1,14 @@
-"""Work done while the fingerprints travel, against after them: the ring's and tree's first
-segment, a two-sided compressed call's first compression.
+"""The ring and the tree with their first segment sent while the fingerprints travel, against after them.
 
     mpirun -np 2 python scripts/early_overlap.py --split-nodes           # one machine
-    scripts/cluster/cluster.sh run --nodes 2 --rate 10gbit -- python scripts/early_overlap.py -a ring,tree,int8
+    scripts/cluster/cluster.sh run --nodes 2 --rate 10gbit -- python scripts/early_overlap.py -a ring,tree
 
 Across nodes the check's rows go by MPI_Iallgather, and the ring and the tree
-post their first segment before finishing that exchange (runtime.agree.Rows.start);
-int8, int4 and onebit (two-sided, error feedback) compress their first segments
-meanwhile. This times ``rr.allreduce(x, algorithm=A)`` (or ``compression=A``)
-both ways, interleaved in blocks, by turning the overlap off for the "after" blocks. ``--split-nodes`` gives each
+post their first segment before finishing that exchange (runtime.agree.Rows.start)
+when it is at most agree.EARLY_MAX_BYTES (``--early-max`` changes that, to
+measure where the early send stops paying). This times
+``rr.allreduce(x, algorithm=A)`` both ways, interleaved in blocks, by turning
+the overlap off for the "after" blocks. ``--split-nodes`` gives each
 rank its own node id, so one machine takes the across-nodes path (its "link"
 is then the same memory and cores the exchange uses). Printed on rank 0: per
 size, the median over blocks of the slowest rank's mean call time.
@@ -27,8 +27,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22],
                     help="bytes per call (float32)")
     ap.add_argument("--blocks", type=int, default=12, help="interleaved blocks per setting")
-    ap.add_argument("-a", "--algorithms", default="ring",
-                    help="comma-separated: ring, tree, int8, int4, onebit")
+    ap.add_argument("-a", "--algorithms", default="ring", help="comma-separated: ring, tree")
+    ap.add_argument("--early-max", type=int, default=None,
+                    help="bytes: the largest first segment sent early (default agree.EARLY_MAX_BYTES)")
     ap.add_argument("--split-nodes", action="store_true", help="one node id per rank (one machine)")
     args = ap.parse_args()
     if args.split_nodes:
@@ -38,6 +39,8 @@ def main() -> None:
     import ringreduce as rr
     from ringreduce.runtime import agree
     rr.init()
+    if args.early_max is not None:
+        agree.EARLY_MAX_BYTES = args.early_max
     overlap = [True]
     rows_overlap = agree.Rows.overlaps
     agree.Rows.overlaps = property(lambda rows: overlap[0] and rows_overlap.fget(rows))
@@ -47,10 +50,6 @@ def main() -> None:
             x = np.ones(nbytes // 4, np.float32)
             out = np.empty_like(x)
             calls = max(10, min(2000, (20 << 20) // nbytes))
-            if algorithm in ("ring", "tree"):
-                kw = {"algorithm": algorithm}
-            else:
-                kw = {"compression": getattr(rr.Compression, algorithm), "name": f"{algorithm}{nbytes}"}
             times = {True: [], False: []}
             for block in range(args.blocks + 1):
                 for setting in (True, False):
@@ -58,7 +57,7 @@ def main() -> None:
                     rr.barrier()
                     t = time.perf_counter()
                     for _ in range(calls):
-                        rr.allreduce(x, out=out, **kw)
+                        rr.allreduce(x, out=out, algorithm=algorithm)
                     if block:                                   # the first block warms up
                         times[setting].append((time.perf_counter() - t) / calls)
             slowest = rr.allreduce(np.array([np.median(times[True]), np.median(times[False])]), op=rr.Max)

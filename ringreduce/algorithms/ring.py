@@ -33,6 +33,13 @@ def first_messages(n: int, r: int) -> tuple[int, int]:
     return (r + 1) % n, (r - 1) % n
 
 
+def first_segment_bytes(count: int, itemsize: int, n: int) -> int:
+    """Bytes of the largest first segment of a ring allreduce of `count` elements on n ranks."""
+    largest = -(-count // n)
+    nseg = max(1, -(-largest * itemsize // SEGMENT_BYTES))
+    return -(-largest // nseg) * itemsize
+
+
 def allreduce(chan, buf: np.ndarray, op: ReduceOp, agreed=None) -> None:
     """Ring-allreduce the flat contiguous array `buf` in place over chan.comm.
 

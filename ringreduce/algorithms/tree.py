@@ -56,6 +56,11 @@ def first_messages(n: int, r: int) -> tuple[int | None, int | None]:
     return partner + extra, partner + extra
 
 
+def first_segment_bytes(count: int, itemsize: int, n: int) -> int:
+    """Bytes of the first segment of the first message of a tree allreduce of `count` elements."""
+    return min(count, max(1, SEGMENT_BYTES // itemsize)) * itemsize
+
+
 def _post_first(chan, buf: np.ndarray, tmp: np.ndarray, n: int, r: int) -> tuple[list, list]:
     """Post the first segment of this rank's first send and receive (tag PRE_TAG)."""
     to, frm = first_messages(n, r)

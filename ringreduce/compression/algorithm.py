@@ -53,8 +53,7 @@ from . import kernels
 from . import stats as _stats
 from .state import state_for
 
-__all__ = ["TwoSided", "chunk_layout", "compressed_allreduce", "prepare_two_sided", "segment_layout",
-           "validate"]
+__all__ = ["TwoSided", "chunk_layout", "compressed_allreduce", "segment_layout", "validate"]
 
 _TAG_SCATTER = 81
 _TAG_GATHER = 82
@@ -91,15 +90,13 @@ def chunk_layout(count: int, n: int, block_size: int) -> np.ndarray:
 
 
 def compressed_allreduce(chan, flat: np.ndarray, op: ReduceOp, algorithm: str, comp, name,
-                         src: np.ndarray | None = None, prepared: "TwoSided | None" = None) -> None:
+                         src: np.ndarray | None = None) -> None:
     """Reduce the flat float buffer in place with compression `comp` (Sum or Average).
 
     Called by the engine after the mismatch check; every rank gets the same bits.
     Out of place, ``src`` (flat, same dtype and size as ``flat``) holds the input and
     ``flat`` only receives the result: the first compression reads ``src`` directly,
     which saves copying the input into the result first. The bits are the same.
-    ``prepared``: the two-sided call whose first segments were compressed while the
-    mismatch check's rows travelled (prepare_two_sided), to finish.
 
     Example::
 
@@ -107,27 +104,22 @@ def compressed_allreduce(chan, flat: np.ndarray, op: ReduceOp, algorithm: str, c
     """
     validate(chan, flat, op, comp, name)
     start = time.perf_counter()
-    if prepared is not None:
-        ts, calls = prepared.ts, None
-    else:
-        ts = state_for(chan).tensor(name, flat.size) if name else None
-        calls = ts.calls if ts is not None else chan.seq
-        if ts is not None:
-            ts.calls += 1
+    ts = state_for(chan).tensor(name, flat.size) if name else None
+    calls = ts.calls if ts is not None else chan.seq
+    if ts is not None:
+        ts.calls += 1
     if src is not None and (src.dtype != flat.dtype or src.size != flat.size):
         raise RingReduceError(f"{chan.who}: the input of {_label(name)} ({src.dtype}, {src.size} "
                               f"elements) does not match its result ({flat.dtype}, {flat.size})")
     exact = _exact(chan, flat if src is None else src, op) if comp.measure_error else None
     if comp.two_sided:
-        run = prepared if prepared is not None else TwoSided(chan, flat, op, comp, name, ts, calls, src)
-        bad, used = run.run(), "two-sided"
+        bad, used = _two_sided(chan, flat, op, comp, name, ts, calls, src), "two-sided"
         wire = 2 * (chan.size - 1) * comp.packed_nbytes(flat.size) / chan.size
     else:
         bad, used = _half_ring(chan, flat, op, algorithm, comp, name, ts, src)
         wire = _traffic(used, 2 * flat.size, chan.size)
     _after_nonfinite(chan, ts, name, bad, comp)
-    seconds = time.perf_counter() - start + (prepared.first_seconds if prepared is not None else 0.0)
-    _record(chan, flat, comp, name, ts, bad, wire, used, exact, seconds)
+    _record(chan, flat, comp, name, ts, bad, wire, used, exact, time.perf_counter() - start)
 
 
 # -- int8 / int4 / onebit ----------------------------------------------------------------
@@ -175,25 +167,9 @@ def segment_layout(bounds: np.ndarray, block_size: int, packed_per_element: floa
     return out
 
 
-def prepare_two_sided(chan, flat: np.ndarray, op: ReduceOp, comp, name,
-                      src: np.ndarray | None = None) -> "TwoSided | None":
-    """A two-sided call whose first step (``compress_first``) may run before the ranks have
-    agreed, or None when it may not.
-
-    That step only compresses (this rank's input and residual, into this rank's
-    buffers) and sends nothing, so the mismatch check's rows can travel meanwhile
-    (across nodes: one network latency hidden); ``undo`` puts the residual back when
-    the rows then differ. It needs the tensor's residual state at this size already
-    (a first call, or a size change, would create or reset it: they agree first),
-    and no error measurement (its exact allreduce communicates).
-    """
-    if not comp.two_sided or comp.measure_error or chan.size == 1:
-        return None
-    ts = state_for(chan).tensor_if_any(name, flat.size) if name else None
-    if (name or comp.error_feedback) and ts is None:
-        return None
-    calls = ts.calls if ts is not None else chan.seq      # as compressed_allreduce counts
-    return TwoSided(chan, flat, op, comp, name, ts, calls, src)
+def _two_sided(chan, flat, op, comp, name, ts, calls, src=None) -> int:
+    """The pipelined two-sided allreduce; returns the non-finite blocks met."""
+    return TwoSided(chan, flat, op, comp, name, ts, calls, src).run()
 
 
 class TwoSided:
@@ -239,11 +215,12 @@ class TwoSided:
         base = (calls % 2**32) << 32
         self.wcounter, self.scounter = base | (r + 1), base
         self.what = f"compressed allreduce of {_label(name)}"
-        self.ts = ts
-        self.psz = psz
-        self.first_bad: int | None = None    # compress_first's count of non-finite blocks, once run
-        self.first_seconds = 0.0             # how long compress_first took (the caller's timing adds it)
-        self.saved = None                    # the worker residual of the first segments, until agreed
+        # Every receive is posted up front; messages of one pair and tag match in order.
+        precv = [[irecv(chan, self.piece(i, s), i, _TAG_SCATTER) if i != r and psz[r][s] else []
+                  for s in range(S)] for i in range(n)]
+        self.grecv = [[irecv(chan, self.packed(self.gather, j, s), j, _TAG_GATHER)
+                       if j != r and psz[j][s] else [] for s in range(S)] for j in range(n)]
+        self.my_pieces = [[q for i in range(n) for q in precv[i][s]] for s in range(S)]
         self.sends: list = []
         self.reduced = 0             # my segments reduced, re-compressed and sent so far
         self.decoded = [0] * n       # results decompressed so far, per owner
@@ -261,57 +238,10 @@ class TwoSided:
         k = j * self.S + s
         return buf[self.off[k]:self.off[k + 1]]
 
-    def compress_first(self) -> None:
-        """Compress segment 0 of every owner's chunk, keeping the residual it overwrites for undo().
-
-        Local work only (no message), so it may run while the ranks agree; run() then
-        sends what it packed.
-        """
-        t0 = time.perf_counter()
-        if self.wres is not None:
-            spans = [(int(self.segs[j, 0]), int(self.segs[j, 1])) for j in range(self.n)]
-            saved = self.chan.pool.get("cmp-undo", np.float32, sum(b - a for a, b in spans))
-            at = 0
-            for a, b in spans:
-                saved[at:at + b - a] = self.wres[a:b]
-                at += b - a
-            self.saved = (spans, saved)
-        if self.ts is not None:
-            self.ts.calls += 1
-        self.first_bad = self.scatter(0, send=False)
-        self.first_seconds = time.perf_counter() - t0
-
-    def undo(self) -> None:
-        """After compress_first, when the ranks disagreed: the residual and call count as before."""
-        if self.saved is not None:
-            spans, saved = self.saved
-            at = 0
-            for a, b in spans:
-                self.wres[a:b] = saved[at:at + b - a]
-                at += b - a
-            self.saved = None
-        if self.ts is not None:
-            self.ts.calls -= 1
-
-    def _post_receives(self) -> None:
-        # Every receive is posted up front; messages of one pair and tag match in order.
-        chan, n, r, S, psz = self.chan, self.n, self.r, self.S, self.psz
-        precv = [[irecv(chan, self.piece(i, s), i, _TAG_SCATTER) if i != r and psz[r][s] else []
-                  for s in range(S)] for i in range(n)]
-        self.grecv = [[irecv(chan, self.packed(self.gather, j, s), j, _TAG_GATHER)
-                       if j != r and psz[j][s] else [] for s in range(S)] for j in range(n)]
-        self.my_pieces = [[q for i in range(n) for q in precv[i][s]] for s in range(S)]
-
     def run(self) -> int:
-        self._post_receives()
         bad = 0
-        self.saved = None                    # agreed: the residual stays as compressed
         for s in range(self.S):
-            if s == 0 and self.first_bad is not None:
-                bad += self.first_bad
-                self.send_packed(0)
-            else:
-                bad += self.scatter(s)
+            bad += self.scatter(s)
             bad += self.advance(s + 1)
         while self.reduced < self.S:         # the others are waiting for these: first
             bad += self.reduce_mine(self.reduced)
@@ -324,14 +254,7 @@ class TwoSided:
         waitall(self.chan, self.sends, self.what)
         return bad
 
-    def send_packed(self, s: int) -> None:
-        """Send segment s of every other owner's chunk, packed by compress_first."""
-        for k in range(1, self.n):
-            j = (self.r + k) % self.n
-            if self.segs[j, s] < self.segs[j, s + 1]:
-                self.sends.extend(isend(self.chan, self.packed(self.send, j, s), j, _TAG_SCATTER))
-
-    def scatter(self, s: int, send: bool = True) -> int:
+    def scatter(self, s: int) -> int:
         """Compress segment s of every owner's chunk (+ worker residual) and send it to its owner.
 
         A result segment (j, s) arrives only after owner j had this rank's piece (j, s),
@@ -347,7 +270,7 @@ class TwoSided:
             vals = self.acc[a - self.lo:b - self.lo] if j == r and self.own_first else None
             bad += comp.compress(self.x[a:b], dst, None if self.wres is None else self.wres[a:b],
                                  counter=self.wcounter, offset=a, name=self.name, values=vals)
-            if j != r and send:
+            if j != r:
                 self.sends.extend(isend(self.chan, dst, j, _TAG_SCATTER))
         return bad
 

@@ -7,7 +7,8 @@ import numpy as np
 from . import device
 from .errors import RingReduceError, who
 
-__all__ = ["SUPPORTED_DTYPES", "HALF_DTYPES", "dtype_code", "dtype_name", "is_integer", "check_array", "as_bytes"]
+__all__ = ["SUPPORTED_DTYPES", "HALF_DTYPES", "dtype_code", "dtype_name", "itemsize_of", "is_integer", "check_array",
+           "as_bytes"]
 
 # Codes travel in the mismatch-check fingerprint, so they must never change.
 SUPPORTED_DTYPES = {
@@ -31,6 +32,12 @@ def dtype_code(dtype: np.dtype) -> int:
 def dtype_name(code: int) -> str:
     dt = _BY_CODE.get(int(code))
     return str(dt) if dt is not None else f"<dtype code {code}>"
+
+
+def itemsize_of(code: int) -> int:
+    """Bytes per element of the dtype with this code (0 for an unknown code)."""
+    dt = _BY_CODE.get(int(code))
+    return dt.itemsize if dt is not None else 0
 
 
 def is_integer(dtype: np.dtype) -> bool:

@@ -26,7 +26,7 @@ from ..algorithms.native import allreduce as native_allreduce
 from ..compression import auto as compression_auto
 from ..compression import kernels
 from ..compression import resolve as resolve_compression
-from ..compression.algorithm import compressed_allreduce, prepare_two_sided
+from ..compression.algorithm import compressed_allreduce
 from ..compression.algorithm import validate as validate_compression
 from ..compression.state import CompressionState, state_for
 from ..core import device, timeline
@@ -227,7 +227,7 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
         else:
             agree.HEADER.pack_into(send, 0, seq, 1, call.size, call.dtype_code, call.op,
                                    _ALGO_HASHES[algo], call.name_hash, call.shape_hash, 0)
-            if rows.overlaps and algo in agree.EARLY_ALGORITHMS:
+            if rows.overlaps and agree.early_pays(algo, call.size, x.itemsize, n):
                 # Across nodes the ring's or tree's first segment travels while the rows do.
                 rows.start(chan)
                 early = _early_check(chan, rows, seq, buf, call.op, algo, name)
@@ -369,15 +369,11 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     staged = (shm.stage(chan, flat, src) if check_on and algorithm == "shm" and comp is None
               and scales is None and not on_device else None)
     early = (_start_early(chan, seq, flat, buf, op, algorithm, name, scales)
-             if check_on and algorithm in agree.EARLY_ALGORITHMS and comp is None and not on_device
-             else None)
-    # Across nodes a two-sided compressed call compresses its first segments while the rows travel.
-    prepared = (prepare_two_sided(chan, flat, op, comp, name, src)
-                if check_on and comp is not None and algorithm != "hierarchical" and not on_device
-                and (chan.rows or agree.rows_of(chan)).overlaps else None)
+             if check_on and comp is None and not on_device
+             and agree.early_pays(algorithm, flat.size, flat.itemsize, chan.size) else None)
     try:
         piggybacked = early is None and check_on and _agree_allreduce(
-            chan, seq, flat, buf, op, algorithm, name, comp, scales, on_device, prepared)
+            chan, seq, flat, buf, op, algorithm, name, comp, scales, on_device)
     except Exception:          # a mismatch, or joined peers: this call is not made as staged
         if staged is not None:
             shm.unstage(chan)
@@ -392,9 +388,9 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     if staged is not None:
         shm.reduce_replicated(staged, flat, op, chan.size)
     else:
-        if t1:     # the call's own time: a prepared call's first compression counts, the agreement not
-            t1 = perf_counter() - (prepared.first_seconds if prepared is not None else 0.0)
-        _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, check_on, early, prepared)
+        if t1:
+            t1 = perf_counter()
+        _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, check_on, early)
     if auto is not None:
         compression_auto.after(chan, state_for(chan), auto, flat, op, name, comp, perf_counter() - t1)
     if obs is not None:
@@ -415,29 +411,11 @@ def op_code(op, scales) -> int:
     return int(op) if scales is None else agree._hash((int(op), scales))
 
 
-def _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp, scales, on_device,
-                     prepared=None) -> bool:
-    """The fingerprint exchange (check on); True when the payload rode in it and the result is done.
-
-    `prepared` (a two-sided compressed call, rows over MPI): its first compression runs
-    while the rows travel, and is undone when they differ.
-    """
+def _agree_allreduce(chan, seq, flat, buf, op, algorithm, name, comp, scales, on_device) -> bool:
+    """The fingerprint exchange (check on); True when the payload rode in it and the result is done."""
     label = device_path.label(algorithm) if on_device else algorithm
     header = agree.fingerprint(seq, "allreduce", flat.size, dtype_code(buf.dtype), op_code(op, scales),
                                label, name, buf.shape, comp)
-    if prepared is not None:
-        rows = chan.rows or agree.rows_of(chan)
-        rows.begin()[:header.nbytes] = header.view(np.uint8)
-        rows.start(chan)
-        try:
-            prepared.compress_first()
-        finally:                   # the exchange is finished whatever happens: no rank waits on it
-            rows.post(chan, seq, 1, name)
-        table = rows.headers(chan.size)
-        if not agree.all_same(table):
-            prepared.undo()
-            _raise_if_mismatch(chan, table, "allreduce", buf, _shown(op, scales), label, name, seq, comp)
-        return False
     piggyback = (algorithm == "allgather" and not on_device
                  and flat.nbytes <= allgather.piggyback_bytes(chan.size))
     table, rows = agree.exchange(chan, header, flat if piggyback else None, name=name)
@@ -463,12 +441,10 @@ def _start_early(chan, seq, flat, buf, op, algorithm, name, scales):
     return _early_check(chan, rows, seq, buf, _shown(op, scales), algorithm, name)
 
 
-def _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, agreed, early=None,
-              prepared=None) -> None:
+def _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, agreed, early=None) -> None:
     """Run the agreed call: device path, compressed, hierarchical-compressed or an algorithm.
 
-    `early`: the ring's or tree's unfinished agreement (_start_early), which it finishes itself;
-    `prepared`: a two-sided compressed call whose first segments are packed (prepare_two_sided).
+    `early`: the ring's or tree's unfinished agreement (_start_early), which it finishes itself.
     """
     if on_device:
         device_path.allreduce(chan, flat, op, algorithm, comp, name)
@@ -477,7 +453,7 @@ def _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, agreed, ear
         hierarchical.allreduce(chan, flat, op, across=lambda leaders, b, o: compressed_allreduce(
             leaders, b, o, "ring", comp, name))
     elif comp is not None:
-        compressed_allreduce(chan, flat, op, algorithm, comp, name, src=src, prepared=prepared)
+        compressed_allreduce(chan, flat, op, algorithm, comp, name, src=src)
     elif algorithm == "mpi":
         # Agreed (check on): every rank is in this call, so MPI's fast blocking allreduce.
         native_allreduce(chan, flat, op, name, src=src, agreed=agreed)

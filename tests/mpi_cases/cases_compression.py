@@ -12,7 +12,7 @@ import sys
 import ml_dtypes
 import numpy as np
 import pytest
-from _common import across_nodes_comm, all_ranks_identical, everyone, make_input, expect_everywhere
+from _common import all_ranks_identical, everyone, make_input, expect_everywhere
 
 import ringreduce as rr
 from ringreduce.compression import measure_error
@@ -143,59 +143,6 @@ def test_pipelined_segments_match_simulation(fmt, segment_bytes, monkeypatch):
         assert_bits_equal(y, sim.step([make_input(r, count, np.float32, tag) for r in range(N)],
                                       op))
         assert all_ranks_identical(y)
-
-
-@pytest.mark.parametrize("fmt", QUANT)
-def test_first_segments_compressed_while_agreeing(fmt, monkeypatch):
-    # Across nodes a two-sided call compresses its first segments while the fingerprints
-    # travel (runtime._agree_allreduce, compression.prepare_two_sided). The bits must be
-    # the simulation's, and a mismatch must leave the residuals as they were: every
-    # rejected call below is followed by a checked one, against a simulation that
-    # never saw the rejected call.
-    from ringreduce.compression import algorithm
-    monkeypatch.setattr(algorithm, "SEGMENT_BYTES", 3 * 256)
-    monkeypatch.setattr(algorithm, "MIN_SEGMENT_PACKED", 0)
-    packed_first = []
-    compress_first = algorithm.TwoSided.compress_first
-    monkeypatch.setattr(algorithm.TwoSided, "compress_first",
-                        lambda self: packed_first.append(1) or compress_first(self))
-    comm = across_nodes_comm()
-    try:
-        count = 64 * (5 * N + 3) + 7
-        comp = getattr(rr.Compression, fmt)(block_size=64, stochastic=True, seed=3)
-        sim = Simulation(fmt, count, N, B=64, stochastic=True, seed=3)
-        steps = iter(range(100))
-        last = R == N - 1
-
-        def checked(op=rr.Average):
-            tag = f"early{next(steps)}"
-            y = rr.allreduce(make_input(R, count, np.float32, tag), op=op, compression=comp,
-                             name="early", comm=comm)
-            assert_bits_equal(y, sim.step([make_input(r, count, np.float32, tag) for r in range(N)], op))
-            assert all_ranks_identical(y)
-
-        def call(n=count, **kw):
-            kw = {"compression": comp, "name": "early", "comm": comm, **kw}
-            return lambda: rr.allreduce(np.ones(n, np.float32), **kw)
-
-        checked()
-        checked(rr.Sum)
-        if N > 1:
-            assert len(packed_first) == 1, "the second call did not compress while agreeing"
-        cases = [
-            (call(count + 1 if last else count), "count"),              # no state at that size
-            (call(op=rr.Sum if last else rr.Average), "op"),
-            (call(op=rr.Max) if last else call(), "rejected"),          # an error row
-            (call(compression=rr.Compression.int4(block_size=64) if fmt != "int4"
-                  else rr.Compression.int8(block_size=64)) if last else call(), "compression"),
-            (call(name="other") if last else call(), "name"),
-        ]
-        for fn, field in cases:
-            if N > 1:
-                expect_everywhere(fn, field, who=f"rank {R} of the sub-communicator (world rank {R})")
-            checked()
-    finally:
-        comm.Free()
 
 
 def test_segment_layout_is_block_aligned_and_capped(monkeypatch):

@@ -258,19 +258,25 @@ def test_shared_rows_python_and_cpp_handshakes_meet():
 
 
 @multi
+@pytest.mark.parametrize("early_max", ["default", "any size"])
 @pytest.mark.parametrize("algorithm", ["ring", "tree"])
-def test_first_segment_sent_before_agreeing(algorithm, monkeypatch):
+def test_first_segment_sent_before_agreeing(algorithm, early_max, monkeypatch):
     # Across nodes the ring's and the tree's first segment leaves while the fingerprints
     # travel; on a mismatch that segment is consumed (waited, truncated, probed or
     # cancelled) so no later call can receive it: each mismatch below is followed by a
     # checked call whose values differ from every earlier one. At 3 and 5 ranks the
     # tree folds: a folded rank sends early, its neighbour only receives, and a rank
-    # whose first partner folds sends nothing early.
+    # whose first partner folds sends nothing early. By default only first segments up to
+    # agree.EARLY_MAX_BYTES go early (here 1000 elements do, 300000 do not, and a count
+    # mismatch may pair an early sender with a rank that is not one); "any size" sends
+    # every first segment early, several segments per message included.
     from mpi4py import MPI
 
     from ringreduce.runtime import agree
     from ringreduce.runtime.context import context
 
+    if early_max != "default":
+        monkeypatch.setattr(agree, "EARLY_MAX_BYTES", 1 << 40)
     monkeypatch.setenv("RINGREDUCE_NODE_ID", f"node{R}")
     comm = MPI.COMM_WORLD.Dup()
     try:
@@ -301,6 +307,7 @@ def test_first_segment_sent_before_agreeing(algorithm, monkeypatch):
         for count in (1000, 300000):
             cases = [
                 (ring(count + (1000 if last else 0)), "count"),          # longer first segment
+                (ring(count * 100 if last else count), "count"),         # early on one side only
                 (ring(0 if last else count), "count"),                  # one rank sends nothing
                 (ring(count, algorithm="mpi") if last else ring(count), "algorithm"),   # probed
                 (ring(count, algorithm=other) if last else ring(count), "algorithm"),
