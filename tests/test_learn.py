@@ -104,6 +104,30 @@ def test_drift_explores_again_and_is_bounded(monkeypatch):
     assert band.reexplored == learn.MAX_REEXPLORE and learner.settled(nbytes)
 
 
+def test_drift_explores_only_the_contenders(monkeypatch):
+    # shm wins at 1e-5 s, mpi at 1.5e-5 is a contender, the rest (1e-3) are not. When shm
+    # drifts to 3e-5, only candidates within CONTENDERS x 3e-5 are explored again.
+    monkeypatch.setenv("RINGREDUCE_LEARNED", "off")
+    plan, chan = _plan(), FakeChannel()
+    nbytes = 1 << 14
+    cands = plan.candidates(nbytes, False)
+    assert {"shm", "mpi", "ring"} <= set(cands)
+    learner = learn.Learner(plan, "shape", [], select.NAMES, save=False)
+    cost = {a: 1e-3 for a in cands}
+    cost.update(shm=1e-5, mpi=1.5e-5)
+    _feed(learner, chan, nbytes, cost, learn.explore_calls(nbytes, len(cands)))
+    assert learner.pick(nbytes, False) == "shm"
+    band = learner.bands[(0, learn.band(nbytes))]
+    _feed(learner, chan, nbytes, cost, learn.FIRST_CHECK)               # the baseline
+    cost["shm"] = 3e-5
+    while learner.settled(nbytes):
+        _feed(learner, chan, nbytes, cost, 1)
+    assert learner.events[-1]["drift"]
+    assert sorted(band.candidates) == ["mpi", "shm"]
+    ran = _feed(learner, chan, nbytes, cost, learn.explore_calls(nbytes, 2))
+    assert set(ran) == {"mpi", "shm"} and learner.pick(nbytes, False) == "mpi"
+
+
 def test_cached_bands_start_settled_and_unknown_entries_are_ignored(tmp_path):
     path = tmp_path / "learned.json"
     path.write_text(json.dumps({"version": 1, "shapes": {"s": {"full": {

@@ -29,7 +29,11 @@ float Min/Max, which never run native MPI):
    ``interval`` calls (32, doubling to 1024 while nothing changes) the ranks
    allreduce the median of the recent ones. Slower than ``DRIFT`` x the band's
    baseline (the first such check after a decision) at two checks in a row
-   means the machine changed: the band explores again.
+   means the machine changed: the band explores again, over the candidates
+   whose last median was within ``CONTENDERS`` x the choice's drifted time
+   (on the 2-core VM, whose times swing 2-4x between moments, a 16 KiB band
+   drifted from shm's 17 us and explored the ring's 185 us and the tree's 64 us
+   again for no gain).
 4. **Remember.** Rank 0 writes each decision to the learned cache
    (``~/.cache/ringreduce/learned.json``, or ``RINGREDUCE_LEARNED``), keyed by
    the machine shape (ranks, nodes, ranks per node, shared memory or not). The
@@ -79,6 +83,8 @@ FIRST_CHECK = 32          # calls between drift checks right after a decision ..
 LAST_CHECK = 1024         # ... doubling up to this while nothing drifts
 RECENT = 8                # call times kept for the drift check
 MAX_REEXPLORE = 4         # re-explorations per band and launch (a flapping machine stops here)
+CONTENDERS = 2.0          # a re-exploration tries only the candidates whose last median was
+                          # within this x the drifted time of the choice (see _check_drift)
 SLOW_CHECKS = 2           # consecutive slow drift checks before exploring again
 TABLES = ("full", "half")
 CACHE_VERSION = 1
@@ -323,9 +329,12 @@ class Learner:
                 return
             b.slow = 0
             b.reexplored += 1
+            # Every rank has the same medians and `now` (agreed), so the same contenders.
+            b.candidates = [a for a in b.candidates
+                            if a == b.choice or b.medians.get(a, 0.0) <= CONTENDERS * now]
             event = {"table": TABLES[1 if half else 0], "band": _label(band_bytes(band(nbytes))),
                      "was": b.choice, "call": chan.seq, "baseline_us": round(b.baseline * 1e6, 1),
-                     "now_us": round(now * 1e6, 1), "drift": True}
+                     "now_us": round(now * 1e6, 1), "drift": True, "exploring": list(b.candidates)}
             self.events.append(event)
             logger.info("auto: %s %s drifted (%.1f -> %.1f us); exploring again", event["table"],
                         event["band"], b.baseline * 1e6, now * 1e6)
