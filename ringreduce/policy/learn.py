@@ -258,9 +258,12 @@ class Learner:
             return b.choice
         return b.candidates[(b.explore_calls // b.run) % len(b.candidates)]
 
-    def done(self, chan, algorithm: str, nbytes: int, half: bool, seconds: float) -> None:
-        """Account one finished call (every rank calls this after the same calls)."""
-        b = self.bands.get((1 if half else 0, band(nbytes)))
+    def done(self, chan, algorithm: str, nbytes: int, half: bool, seconds: float,
+             b: _Band | None = None) -> None:
+        """Account one finished call (every rank calls this after the same calls); `b`: its
+        band's state when the caller has it (``band_for``), saving the lookup."""
+        if b is None:
+            b = self.bands.get((1 if half else 0, band(nbytes)))
         if b is None:
             return
         b.calls += 1

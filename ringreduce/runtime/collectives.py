@@ -125,8 +125,8 @@ class _Call:
         self.shape_hash = agree._hash(tuple(x.shape))
         # Native MPI in one blocking call once agreed: (datatype, op), or None.
         self.mpi = native_call(x.dtype, op, x.nbytes)
-        # Observations feed the link-speed estimates: worth their ~0.4 us from 64 KiB up
-        # (auto's learning records every call it explores or watches, at any size).
+        # Observations feed the link-speed estimates (Compression.auto reads them from 64 KiB):
+        # worth their ~0.4 us from 64 KiB up. auto's learner keeps its own times.
         self.observe = x.nbytes >= _OBSERVE_BYTES
         self.learner = self.band = None       # the learner's state for this size, once looked up
         self.headers = {}                     # algorithm -> the fingerprint (call number 0)
@@ -201,8 +201,7 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
             np.copyto(flat, src)
             src = None
     seq = chan.next_seq()
-    obs = (chan.context.observations if chan.context is not None and (call.observe or learner is not None)
-           else None)
+    obs = chan.context.observations if chan.context is not None and call.observe else None
     # The learner times the whole call, agreement included: staged shm's handshake is its
     # data barrier, and a native call pays the handshake before MPI starts.
     t0 = t1 = perf_counter()
@@ -255,11 +254,14 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
         native_allreduce(chan, flat, call.op, name, src=src, agreed=check_on)
     else:
         registry.run(chan, algo, flat, call.op, src=src, agreed=early)
-    if obs is not None:
+    if obs is not None or learner is not None:
+        # Python between two MPI calls costs the peer too (it waits in its next call),
+        # so the bookkeeping stays short: no observation below 64 KiB, the band at hand.
         now = perf_counter()
-        obs.record(algo, call.nbytes, now - t1)
+        if obs is not None:
+            obs.record(algo, call.nbytes, now - t1)
         if learner is not None:
-            learner.done(chan, algo, call.nbytes, call.half, now - t0)
+            learner.done(chan, algo, call.nbytes, call.half, now - t0, call.band)
     return buf
 
 
