@@ -32,8 +32,9 @@ PRE_TAG = 74      # the first segment of the first message, sent before the fing
 SEGMENT_BYTES = 1 << 18
 
 
-def _step(buf: np.ndarray) -> int:
-    return max(1, SEGMENT_BYTES // buf.itemsize)
+def _step(itemsize: int) -> int:
+    """Elements per segment."""
+    return max(1, SEGMENT_BYTES // itemsize)
 
 
 def first_messages(n: int, r: int) -> tuple[int | None, int | None]:
@@ -58,20 +59,20 @@ def first_messages(n: int, r: int) -> tuple[int | None, int | None]:
 
 def first_segment_bytes(count: int, itemsize: int, n: int) -> int:
     """Bytes of the first segment of the first message of a tree allreduce of `count` elements."""
-    return min(count, max(1, SEGMENT_BYTES // itemsize)) * itemsize
+    return min(count, _step(itemsize)) * itemsize
 
 
 def _post_first(chan, buf: np.ndarray, tmp: np.ndarray, n: int, r: int) -> tuple[list, list]:
     """Post the first segment of this rank's first send and receive (tag PRE_TAG)."""
     to, frm = first_messages(n, r)
-    step = min(_step(buf), buf.size)
+    step = min(_step(buf.itemsize), buf.size)
     recv = irecv(chan, tmp[:step], frm, PRE_TAG) if frm is not None else []
     send = isend(chan, buf[:step], to, PRE_TAG) if to is not None else []
     return recv, send
 
 
 def _spans(buf: np.ndarray) -> list[tuple[int, int]]:
-    step = _step(buf)
+    step = _step(buf.itemsize)
     return [(lo, min(lo + step, buf.size)) for lo in range(0, buf.size, step)]
 
 
@@ -89,7 +90,7 @@ def _exchange_reduce(chan, buf: np.ndarray, tmp: np.ndarray, peer: int, op: Redu
     A segment of buf is overwritten only once our own send of it has completed.
     `first`: the (receive, send) requests of the first segment, posted before agreeing.
     """
-    if buf.size <= _step(buf) and first is None:
+    if buf.size <= _step(buf.itemsize) and first is None:
         sendrecv(chan, buf, peer, tmp, peer, _TAG)
         reduce_into(op, buf, tmp, src_first=src_first)
         return
@@ -124,7 +125,8 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, agreed=None) -> None:
     t0 = timeline.now() if timeline.on else 0
 
     if r < 2 * extra:
-        spans = _spans(buf)
+        # The fold is one message, or segments when its first one went before agreeing.
+        spans = _spans(buf) if first is not None else [(0, buf.size)]
         if r % 2 == 0:   # folded away: hand over the data, receive the answer
             for reqs in _post(chan, isend, buf, r + 1, spans, first and first[1]):
                 waitall(chan, reqs)

@@ -186,8 +186,12 @@ EARLY_MAX_BYTES = 1 << 17
 
 def early_pays(algorithm: str, count: int, itemsize: int, n: int) -> bool:
     """Whether an uncompressed host `algorithm` call over MPI rows sends its first segment early."""
-    algo = _EARLY_BY_NAME.get(algorithm)
-    return (algo is not None and count > 0
+    return _sends_early(_EARLY_BY_NAME.get(algorithm), count, itemsize, n)
+
+
+def _sends_early(algo, count: int, itemsize: int, n: int) -> bool:
+    """The one rule, for this rank's call (early_pays) and for every rank's row (early_messages)."""
+    return (algo is not None and count > 0 and itemsize > 0
             and algo.first_segment_bytes(count, itemsize, n) <= EARLY_MAX_BYTES)
 
 
@@ -199,11 +203,10 @@ def early_messages(row, r: int, n: int):
     rows sends early when ``early_pays`` says so (collectives._fast and _general), so
     the row alone says.
     """
-    if row[1] != _ALLREDUCE or row[8] != 0 or row[2] <= 0:
+    if row[1] != _ALLREDUCE or row[8] != 0:
         return None
     algo = _EARLY.get(int(row[5]))
-    itemsize = itemsize_of(row[3])
-    if algo is None or not itemsize or algo.first_segment_bytes(int(row[2]), itemsize, n) > EARLY_MAX_BYTES:
+    if not _sends_early(algo, int(row[2]), itemsize_of(row[3]), n):
         return None
     to, frm = algo.first_messages(n, r)
     return to, frm, algo.PRE_TAG

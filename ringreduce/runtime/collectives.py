@@ -230,7 +230,7 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
                 # Across nodes the ring's or tree's first segment travels while the rows do.
                 rows.start(chan)
                 early = _early_check(chan, rows, seq, buf, call.op, algo, name)
-                agreed = True               # checked by the ring before it uses any data
+                agreed = True               # checked by the ring or tree before it uses any data
             else:
                 rows.post(chan, seq, 1, name)
                 agreed = (_small_same(rows.recv, rows.width, n) if _small_same is not None
