@@ -45,7 +45,7 @@ from ..transport.p2p import bcast_bytes, chunk_bounds
 from ..transport.topology import split_by_node
 from . import ring, shm
 
-__all__ = ["allreduce", "NodeChannels", "node_channels", "cost_terms"]
+__all__ = ["allreduce", "stage", "unstage", "NodeChannels", "node_channels", "cost_terms"]
 
 
 class NodeChannels:
@@ -97,7 +97,7 @@ def node_channels(chan) -> NodeChannels:
     return chan.node_channels
 
 
-def allreduce(chan, buf: np.ndarray, op: ReduceOp, across=None) -> None:
+def allreduce(chan, buf: np.ndarray, op: ReduceOp, across=None, agreed=None) -> None:
     """Hierarchical allreduce of the flat contiguous array `buf` in place.
 
     Parameters
@@ -109,7 +109,21 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, across=None) -> None:
         The leaders' allreduce instead of the ring: the compressed two-sided
         allreduce, given by the runtime (which validated the compression on every
         rank, since only the leaders reach it). The node-local steps stay exact.
+    agreed : callable(recv, send), optional
+        The mismatch check's round, started by the caller over MPI rows (ranks on
+        several nodes). This rank copies its input into its node's window while the
+        fingerprints travel (stage()), then calls ``agreed([], [])``, which raises on a
+        mismatch: nothing was read from a peer and nothing written outside this rank's
+        own slot, and the slot's parity is taken back (unstage()).
     """
+    staged = stage(chan, buf) if agreed is not None else None
+    if agreed is not None:
+        try:
+            agreed([], [])          # no early messages: only this rank's slot was written
+        except BaseException:
+            if staged is not None:
+                unstage(chan)
+            raise
     n = chan.size
     if n == 1 or buf.size == 0:
         finish_average(op, buf, n)
@@ -130,7 +144,10 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, across=None) -> None:
         return
     if lay.shared and node.size > 1:
         win = shm.window(node)
-        slots = win.views(buf.dtype, buf.size)[win.next_parity()]
+        slots = staged
+        if slots is None:
+            slots = win.views(buf.dtype, buf.size)[win.next_parity()]
+            _copy_in(node, slots, buf)
         _reduce_to_leader(win, node, slots, buf, inner)
         if leaders is not None:
             _across(leaders, buf, inner, across)
@@ -156,14 +173,60 @@ def _across(leaders, buf, op, across) -> None:
         ring.allreduce(leaders, buf, op)
 
 
+def stage(chan, buf: np.ndarray):
+    """Copy this rank's input into its node's window before the agreement ends: the slots
+    (allreduce's ``staged``), or None where that does not apply (the first hierarchical
+    call, whose node split is collective; a window too small, whose growth is collective;
+    one node; messages inside the node).
+
+    Whether it applies depends on the call's size and the node's window, the same on
+    every rank of the node once the fingerprints agree; unstage() undoes it when they
+    do not. Nobody reads the slot before the node's first barrier, which comes after
+    the agreement.
+    """
+    lay = chan.node_channels
+    if lay is None or lay.num_nodes == 1 or not lay.shared or type(buf) is not np.ndarray:
+        return None
+    node = lay.node
+    win = node.window
+    if node.size == 1 or win is None or win.win is None or buf.size == 0 or buf.nbytes > win.half:
+        return None
+    slots = win.views(buf.dtype, buf.size)[win.next_parity()]
+    _copy_in(node, slots, buf)
+    return slots
+
+
+def unstage(chan) -> None:
+    """Take back a stage() whose call was not agreed (the parity is the node's shared count)."""
+    chan.node_channels.node.window.calls -= 1
+
+
+def _copy_in(node, slots, buf) -> None:
+    """This rank's part of buf into its slot: what the node's peers will read."""
+    r, count = node.rank, buf.size
+    mine = slots[r]
+    if buf.nbytes <= shm.REPLICATED_MAX_BYTES:
+        if r != 0:                      # the leader reduces into its own buf
+            np.copyto(mine, buf)
+        return
+    bounds = chunk_bounds(count, node.size)
+    lo, hi = int(bounds[r]), int(bounds[r + 1])
+    # Peers read only the chunks they reduce; ours stays in buf.
+    if lo > 0:
+        np.copyto(mine[:lo], buf[:lo])
+    if hi < count:
+        np.copyto(mine[hi:], buf[hi:])
+
+
 def _reduce_to_leader(win, node, slots, buf, op) -> None:
-    """Leave op(all node ranks' buf) in the leader's buf (node rank 0); others' buf unchanged."""
+    """Leave op(all node ranks' buf) in the leader's buf (node rank 0); others' buf unchanged.
+
+    Each rank's part is already in its slot (_copy_in).
+    """
     n, r = node.size, node.rank
     mine = slots[r]
     count = buf.size
     if buf.nbytes <= shm.REPLICATED_MAX_BYTES:
-        if r != 0:
-            np.copyto(mine, buf)
         win.sync()
         if r == 0:
             for j in range(1, n):      # rank order, as in every other reduction here
@@ -171,11 +234,6 @@ def _reduce_to_leader(win, node, slots, buf, op) -> None:
         return
     bounds = chunk_bounds(count, n)
     lo, hi = int(bounds[r]), int(bounds[r + 1])
-    # Peers read only the chunks they reduce; ours stays in buf.
-    if lo > 0:
-        np.copyto(mine[:lo], buf[:lo])
-    if hi < count:
-        np.copyto(mine[hi:], buf[hi:])
     win.sync()
     if hi > lo:
         acc = buf[lo:hi] if r == 0 else mine[lo:hi]

@@ -189,6 +189,13 @@ def early_pays(algorithm: str, count: int, itemsize: int, n: int) -> bool:
     return _sends_early(_EARLY_BY_NAME.get(algorithm), count, itemsize, n)
 
 
+def works_early(algorithm: str, count: int, itemsize: int, n: int) -> bool:
+    """Whether a host `algorithm` call over MPI rows starts before its agreement ends: the ring's
+    and the tree's first segment (early_pays), or the hierarchical copy of this rank's input
+    into its node's window (local work, no message: nothing for settle_early)."""
+    return algorithm == "hierarchical" or early_pays(algorithm, count, itemsize, n)
+
+
 def _sends_early(algo, count: int, itemsize: int, n: int) -> bool:
     """The one rule, for this rank's call (early_pays) and for every rank's row (early_messages)."""
     return (algo is not None and count > 0 and itemsize > 0

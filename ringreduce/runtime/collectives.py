@@ -226,8 +226,9 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
         else:
             agree.HEADER.pack_into(send, 0, seq, 1, call.size, call.dtype_code, call.op,
                                    _ALGO_HASHES[algo], call.name_hash, call.shape_hash, 0)
-            if rows.overlaps and agree.early_pays(algo, call.size, x.itemsize, n):
-                # Across nodes the ring's or tree's first segment travels while the rows do.
+            if rows.overlaps and agree.works_early(algo, call.size, x.itemsize, n):
+                # Across nodes the ring's or tree's first segment travels while the rows do
+                # (the hierarchical path copies into its node's window meanwhile).
                 rows.start(chan)
                 early = _early_check(chan, rows, seq, buf, call.op, algo, name)
                 agreed = True               # checked by the ring or tree before it uses any data
@@ -265,12 +266,14 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
     return buf
 
 
-def _early_check(chan, rows, seq, buf, op, algorithm, name):
-    """The ring's or tree's ``agreed`` callback: finish the started exchange, raise on a mismatch."""
+def _early_check(chan, rows, seq, buf, op, algorithm, name, comp=None):
+    """The ring's, tree's or hierarchical path's ``agreed`` callback: finish the started
+    exchange, raise on a mismatch."""
     def agreed(recv, send):
         rows.post(chan, seq, 1, name, early=(recv, send))
         if not agree.rows_same(rows, chan.size):
-            _raise_if_mismatch(chan, rows.headers(chan.size), "allreduce", buf, op, algorithm, name, seq)
+            _raise_if_mismatch(chan, rows.headers(chan.size), "allreduce", buf, op, algorithm, name, seq,
+                               comp)
     return agreed
 
 
@@ -370,9 +373,12 @@ def _general(chan, x, op, algorithm, compression, name, out, inplace,
     # shm up to 64 KiB: the fingerprints' handshake is the data's barrier too (as in _fast).
     staged = (shm.stage(chan, flat, src) if check_on and algorithm == "shm" and comp is None
               and scales is None and not on_device else None)
-    early = (_start_early(chan, seq, flat, buf, op, algorithm, name, scales)
-             if check_on and comp is None and not on_device
-             and agree.early_pays(algorithm, flat.size, flat.itemsize, chan.size) else None)
+    # Across nodes the ring, the tree and the hierarchical path (compressed between the
+    # leaders too) start before the agreement ends, and finish it themselves.
+    early = (_start_early(chan, seq, flat, buf, op, algorithm, name, scales, comp)
+             if check_on and not on_device
+             and (comp is None or (comp.two_sided and algorithm == "hierarchical"))
+             and agree.works_early(algorithm, flat.size, flat.itemsize, chan.size) else None)
     try:
         piggybacked = early is None and check_on and _agree_allreduce(
             chan, seq, flat, buf, op, algorithm, name, comp, scales, on_device)
@@ -431,16 +437,17 @@ def _shown(op, scales):
     return op if scales is None else f"{op!r} x{scales[0]:g} then x{scales[1]:g}"
 
 
-def _start_early(chan, seq, flat, buf, op, algorithm, name, scales):
-    """Over MPI rows, start a host ring or tree call's exchange and return its ``agreed``; else None."""
+def _start_early(chan, seq, flat, buf, op, algorithm, name, scales, comp=None):
+    """Over MPI rows, start a host ring, tree or hierarchical call's exchange and return its
+    ``agreed``; else None."""
     rows = chan.rows or agree.rows_of(chan)
     if not rows.overlaps:
         return None
     header = agree.fingerprint(seq, "allreduce", flat.size, dtype_code(buf.dtype), op_code(op, scales),
-                               algorithm, name, buf.shape)
+                               algorithm, name, buf.shape, comp)
     rows.begin()[:header.nbytes] = header.view(np.uint8)
     rows.start(chan)
-    return _early_check(chan, rows, seq, buf, _shown(op, scales), algorithm, name)
+    return _early_check(chan, rows, seq, buf, _shown(op, scales), algorithm, name, comp)
 
 
 def _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, agreed, early=None) -> None:
@@ -453,7 +460,7 @@ def _dispatch(chan, flat, op, algorithm, comp, name, src, on_device, agreed, ear
     elif comp is not None and comp.two_sided and algorithm == "hierarchical":
         # Compressed between the node leaders, exact inside the nodes.
         hierarchical.allreduce(chan, flat, op, across=lambda leaders, b, o: compressed_allreduce(
-            leaders, b, o, "ring", comp, name))
+            leaders, b, o, "ring", comp, name), agreed=early)
     elif comp is not None:
         compressed_allreduce(chan, flat, op, algorithm, comp, name, src=src)
     elif algorithm == "mpi":

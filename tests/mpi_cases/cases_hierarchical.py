@@ -13,7 +13,7 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
-from _common import all_ranks_identical, everyone, make_input, check_allreduce
+from _common import all_ranks_identical, check_allreduce, everyone, expect_everywhere, make_input
 from mpi4py import MPI
 
 import ringreduce as rr
@@ -124,6 +124,68 @@ def test_compressed_needs_name_on_every_rank():
     with pytest.raises(rr.RingReduceError, match="name"):
         rr.allreduce(x, algorithm="hierarchical", compression=rr.Compression.int8,
                      comm=COMMS["blocks2"])
+
+
+@pytest.mark.skipif(N == 1, reason="a mismatch needs two ranks")
+@pytest.mark.parametrize("name", ["blocks2", "interleaved", "uneven", "each"])
+def test_staged_while_agreeing(name, monkeypatch):
+    # Across nodes each rank copies its input into its node's window while the fingerprints
+    # travel (hierarchical.stage). On a mismatch nothing was read from a peer and the slot's
+    # parity is taken back: each mismatch below raises on every rank and is followed by a
+    # checked call whose values differ from every earlier one (a parity left behind would
+    # pair this rank's slot with a peer's stale one, or the barrier counts would drift).
+    comm = COMMS[name]
+    ctx = context(comm)
+    staged = []
+
+    def stage(chan, buf, real=hierarchical.stage):
+        slots = real(chan, buf)
+        staged.append(slots is not None)
+        return slots
+    monkeypatch.setattr(hierarchical, "stage", stage)
+    calls = iter(range(1, 1000))
+
+    def checked(count, strided=False):
+        v = next(calls)
+        base = np.full(2 * count, v * (R + 1), np.float32)
+        x = base[::2] if strided and R == 0 else base[:count]       # general path on rank 0
+        y = rr.allreduce(x, op=rr.Sum, algorithm="hierarchical", name="h", comm=comm)
+        assert np.all(y == v * N * (N + 1) // 2), (count, v)
+
+    def call(count, **kw):
+        kw = {"algorithm": "hierarchical", "name": "w", "comm": comm, **kw}
+        return lambda: rr.allreduce(np.ones(count, np.float32), **kw)
+    last = R == N - 1
+    who = f"rank {R} of the sub-communicator (world rank {R})"
+    for count in (1000, 300000):            # replicated and chunked node steps
+        for strided in (False, True, False):
+            checked(count, strided)
+        cases = [
+            (call(count + (1 if last else 0)), "count"),
+            (call(count * 100 if last else count), "count"),      # the window too small on one side
+            (call(0 if last else count), "count"),
+            (call(count, algorithm="mpi") if last else call(count), "algorithm"),
+            (call(count, algorithm="ring") if R % 2 else call(count), "algorithm"),
+            (call(count, op=rr.Max) if last else call(count), "op"),
+            (call(count, compression=rr.Compression.int8) if last else call(count), "compression"),
+            (lambda c=count: rr.allreduce(np.ones(c, np.int32), comm=comm, name="w") if last
+             else call(c)(), "rejected"),                          # an error row on one rank
+        ]
+        for fn, field in cases:
+            expect_everywhere(fn, field, who=who)
+            checked(count)
+        # Compressed between the leaders, staged the same way inside the nodes.
+        x = make_input(R, count, np.float32, "hstage")
+        y = rr.allreduce(x, op=rr.Average, algorithm="hierarchical", compression=rr.Compression.int8,
+                         name=f"hc{count}", comm=comm)
+        ref = np.mean([make_input(r, count, np.float32, "hstage") for r in range(N)], axis=0)
+        assert everyone(float(np.linalg.norm(y - ref) / np.linalg.norm(ref)) <= 0.05)
+        assert all_ranks_identical(y)
+        checked(count)
+    # Where the ranks span nodes and this rank's node holds others, the copies did go early.
+    lay = hierarchical.node_channels(ctx.main)
+    if ctx.num_nodes > 1 and lay.node.size > 1:
+        assert any(staged), staged
 
 
 # ---------------------------------------------------------------- auto across nodes
