@@ -1,12 +1,15 @@
-"""The ring and the tree with their first segment sent while the fingerprints travel, against after them.
+"""The ring, the tree and the hierarchical path started while the fingerprints travel, against after them.
 
     mpirun -np 2 python scripts/early_overlap.py --split-nodes           # one machine
     scripts/cluster/cluster.sh run --nodes 2 --rate 10gbit -- python scripts/early_overlap.py -a ring,tree
+    scripts/cluster/cluster.sh run --nodes 2 --ranks-per-node 2 --rate 10gbit -- \
+        python scripts/early_overlap.py -a hierarchical
 
 Across nodes the check's rows go by MPI_Iallgather, and the ring and the tree
 post their first segment before finishing that exchange (runtime.agree.Rows.start)
 when it is at most agree.EARLY_MAX_BYTES (``--early-max`` changes that, to
-measure where the early send stops paying). This times
+measure where the early send stops paying); the hierarchical path copies each
+rank's input into its node's shared window meanwhile. This times
 ``rr.allreduce(x, algorithm=A)`` both ways, interleaved in blocks, by turning
 the overlap off for the "after" blocks. ``--split-nodes`` gives each
 rank its own node id, so one machine takes the across-nodes path (its "link"
@@ -27,7 +30,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22],
                     help="bytes per call (float32)")
     ap.add_argument("--blocks", type=int, default=12, help="interleaved blocks per setting")
-    ap.add_argument("-a", "--algorithms", default="ring", help="comma-separated: ring, tree")
+    ap.add_argument("-a", "--algorithms", default="ring", help="comma-separated: ring, tree, hierarchical")
     ap.add_argument("--early-max", type=int, default=None,
                     help="bytes: the largest first segment sent early (default agree.EARLY_MAX_BYTES)")
     ap.add_argument("--split-nodes", action="store_true", help="one node id per rank (one machine)")

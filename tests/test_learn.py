@@ -63,6 +63,38 @@ def test_explores_round_robin_then_keeps_the_fastest(tmp_path, monkeypatch):
     assert not (tmp_path / "learned.json").exists()
 
 
+def test_a_close_call_goes_to_a_runoff(monkeypatch):
+    # ring and tree explore within RUNOFF of each other: they explore again in runs twice
+    # as long, the others sit out, and the runoff's times decide (here tree, which lost the
+    # first round by 4 %); afterwards the band keeps every candidate and every median.
+    monkeypatch.setenv("RINGREDUCE_LEARNED", "off")
+    plan, chan = _plan(), FakeChannel()
+    nbytes = 1 << 20
+    cands = plan.candidates(nbytes, False)
+    learner = learn.Learner(plan, "shape", [], select.NAMES, save=False)
+    cost = {a: 1e-3 for a in cands}
+    cost.update(ring=1.00e-4, tree=1.04e-4)
+    _feed(learner, chan, nbytes, cost, learn.explore_calls(nbytes, len(cands)))
+    assert not learner.settled(nbytes) and chan.rounds == 1
+    close = [a for a in cands if a in ("ring", "tree")]
+    assert learner.events[-1]["runoff"] == close
+    cost.update(ring=1.2e-4, tree=0.9e-4)
+    ran = _feed(learner, chan, nbytes, cost, learn.runoff_calls(nbytes, 2))
+    run = 2 * learn.run_length(nbytes)
+    assert ran == [a for _ in range(learn.samples(nbytes)) for a in close for _ in range(run)]
+    assert learner.settled(nbytes) and learner.pick(nbytes, False) == "tree" and chan.rounds == 2
+    band = learner.bands[(0, learn.band(nbytes))]
+    assert band.candidates == [plan.choose(nbytes, False)] + [a for a in cands if a != plan.choose(nbytes, False)]
+    assert band.run == learn.run_length(nbytes) and set(band.medians) == set(cands)
+    assert band.medians["tree"] == pytest.approx(0.9e-4)
+    assert learner.events[-1]["choice"] == "tree"
+    # Far apart (more than RUNOFF): decided in one round.
+    learner2 = learn.Learner(plan, "shape", [], select.NAMES, save=False)
+    cost.update(ring=1e-4, tree=1.2e-4)
+    _feed(learner2, chan, nbytes, cost, learn.explore_calls(nbytes, len(cands)))
+    assert learner2.settled(nbytes) and learner2.pick(nbytes, False) == "ring"
+
+
 def test_drift_explores_again_and_is_bounded(monkeypatch):
     monkeypatch.setenv("RINGREDUCE_LEARNED", "off")
     plan, chan = _plan(), FakeChannel()

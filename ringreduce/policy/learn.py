@@ -25,6 +25,13 @@ float Min/Max, which never run native MPI):
    this channel has made, identical on every rank, so during exploration every
    rank also runs the same algorithm on every call (the mismatch check would
    say so otherwise).
+   **A close call goes to a runoff.** When other candidates' medians are within
+   ``RUNOFF`` x the fastest, those candidates explore once more in runs twice as
+   long (``runoff_calls``), still timing the second half of each run, and that
+   round decides. Interleaved calls are not a steady loop: on the 2-core VM (no
+   tuning file, 2026-12-07) the ring won 16 MiB over mpi by 1.3 % while
+   exploring and then took 1.3x mpi's time in a steady loop; mpi won 256 KiB over
+   shm by 2.7 % and took 1.25x the best.
 3. **Watch for drift.** A settled band keeps the last few call times; every
    ``interval`` calls (32, doubling to 1024 while nothing changes) the ranks
    allreduce the median of the recent ones. Slower than ``DRIFT`` x the band's
@@ -85,6 +92,7 @@ RECENT = 8                # call times kept for the drift check
 MAX_REEXPLORE = 4         # re-explorations per band and launch (a flapping machine stops here)
 CONTENDERS = 2.0          # a re-exploration tries only the candidates whose last median was
                           # within this x the drifted time of the choice (see _check_drift)
+RUNOFF = 1.10             # candidates within this x the fastest median explore again, longer
 SLOW_CHECKS = 2           # consecutive slow drift checks before exploring again
 TABLES = ("full", "half")
 CACHE_VERSION = 1
@@ -106,6 +114,11 @@ def run_length(nbytes: int) -> int:
 def explore_calls(nbytes: int, candidates: int) -> int:
     """How many calls of a band exploring takes, over all its candidates."""
     return samples(nbytes) * run_length(nbytes) * candidates
+
+
+def runoff_calls(nbytes: int, candidates: int) -> int:
+    """How many calls a band's runoff takes (runs twice as long), over the candidates in it."""
+    return samples(nbytes) * 2 * run_length(nbytes) * candidates
 
 
 def enabled(tuned: bool) -> bool:
@@ -182,7 +195,8 @@ class _Band:
     """One (table, band)'s learning state; identical on every rank of a channel."""
 
     __slots__ = ("candidates", "run", "explore_calls", "times", "choice", "source", "baseline", "recent",
-                 "since_check", "interval", "reexplored", "learned_at", "calls", "medians", "slow")
+                 "since_check", "interval", "reexplored", "learned_at", "calls", "medians", "slow",
+                 "runoff_of")
 
     def __init__(self, candidates: list[str], run: int, choice: str | None = None, source: str = ""):
         self.candidates = candidates
@@ -200,11 +214,22 @@ class _Band:
         self.calls = 0
         self.medians: dict[str, float] = {}
         self.slow = 0                     # consecutive drift checks above DRIFT x baseline
+        self.runoff_of: list[str] | None = None   # during a runoff: the round's full candidates
 
     def explore(self) -> None:
         self.choice, self.source = None, ""
         self.explore_calls = 0
         self.times = {a: [] for a in self.candidates}
+
+    def start_runoff(self, close: list[str]) -> None:
+        """Explore `close` again in runs twice as long; finish_runoff() restores the rest."""
+        self.runoff_of, self.candidates = self.candidates, close
+        self.run *= 2
+        self.explore()
+
+    def finish_runoff(self) -> None:
+        self.candidates, self.runoff_of = self.runoff_of, None
+        self.run //= 2
 
 
 class Learner:
@@ -271,7 +296,7 @@ class Learner:
             if b.explore_calls % b.run >= b.run // 2:
                 b.times[algorithm].append(seconds)
             b.explore_calls += 1
-            if b.explore_calls >= explore_calls(nbytes, len(b.candidates)):
+            if b.explore_calls >= samples(nbytes) * b.run * len(b.candidates):
                 self._decide(chan, b, half, nbytes)
             return
         recent = b.recent
@@ -296,11 +321,29 @@ class Learner:
         local = [float(np.median(b.times[a])) if b.times[a] else float("inf") for a in b.candidates]
         agreed = self._agree(chan, local, "auto's learning round")
         i = int(np.argmin(agreed))            # ties: the earlier candidate (the plan's pick first)
-        b.medians = {a: float(s) for a, s in zip(b.candidates, agreed)}
-        b.choice, b.source, b.learned_at = b.candidates[i], "learned", b.calls
-        b.baseline, b.recent, b.since_check, b.interval = None, [], 0, FIRST_CHECK
         table = TABLES[1 if half else 0]
         k = band(nbytes)
+        if b.runoff_of is None:
+            b.medians = {a: float(s) for a, s in zip(b.candidates, agreed)}
+            # Agreed medians, so every rank sees the same close call and the same runoff.
+            close = [a for a, s in zip(b.candidates, agreed) if s <= RUNOFF * agreed[i]]
+            if len(close) > 1:
+                b.start_runoff(close)
+                event = {"table": table, "band": _label(band_bytes(k)), "runoff": close,
+                         "call": chan.seq, "median_us": {a: round(s * 1e6, 1) for a, s in b.medians.items()}}
+                self.events.append(event)
+                logger.info("auto: %s %s is a close call; a runoff between %s (medians %s us)", table,
+                            event["band"], ", ".join(close), event["median_us"])
+                if timeline.on:
+                    timeline.instant("auto runoff", event)
+                return
+        else:
+            winner = b.candidates[i]
+            b.medians.update({a: float(s) for a, s in zip(b.candidates, agreed)})
+            b.finish_runoff()
+            i = b.candidates.index(winner)
+        b.choice, b.source, b.learned_at = b.candidates[i], "learned", b.calls
+        b.baseline, b.recent, b.since_check, b.interval = None, [], 0, FIRST_CHECK
         event = {"table": table, "band": _label(band_bytes(k)), "choice": b.choice,
                  "call": chan.seq, "band_call": b.calls, "reexplored": b.reexplored,
                  "median_us": {a: round(s * 1e6, 1) for a, s in b.medians.items()}}
