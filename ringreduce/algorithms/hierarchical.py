@@ -45,6 +45,10 @@ from ..transport.p2p import bcast_bytes, chunk_bounds
 from ..transport.topology import split_by_node
 from . import ring, shm
 
+# The copy during the agreement goes in blocks of this many bytes, the fingerprints'
+# exchange progressed between them.
+STAGE_BLOCK_BYTES = 1 << 18
+
 __all__ = ["allreduce", "stage", "unstage", "NodeChannels", "node_channels", "cost_terms"]
 
 
@@ -116,8 +120,13 @@ def allreduce(chan, buf: np.ndarray, op: ReduceOp, across=None, agreed=None) -> 
         mismatch: nothing was read from a peer and nothing written outside this rank's
         own slot, and the slot's parity is taken back (unstage()).
     """
-    staged = stage(chan, buf) if agreed is not None else None
+    staged = None
     if agreed is not None:
+        try:
+            staged = stage(chan, buf, getattr(agreed, "progress", None))
+        except BaseException:
+            agreed([], [])          # the peers are in the exchange: finish it, then raise
+            raise
         try:
             agreed([], [])          # no early messages: only this rank's slot was written
         except BaseException:
@@ -173,7 +182,7 @@ def _across(leaders, buf, op, across) -> None:
         ring.allreduce(leaders, buf, op)
 
 
-def stage(chan, buf: np.ndarray):
+def stage(chan, buf: np.ndarray, progress=None):
     """Copy this rank's input into its node's window before the agreement ends: the slots
     (allreduce's ``staged``), or None where that does not apply (the first hierarchical
     call, whose node split is collective; a window too small, whose growth is collective;
@@ -182,7 +191,9 @@ def stage(chan, buf: np.ndarray):
     Whether it applies depends on the call's size and the node's window, the same on
     every rank of the node once the fingerprints agree; unstage() undoes it when they
     do not. Nobody reads the slot before the node's first barrier, which comes after
-    the agreement.
+    the agreement. `progress` (optional) is called between blocks of the copy: MPI
+    advances the fingerprints' MPI_Iallgather past its first round only inside an
+    MPI call, so without it the copy would hide that round alone.
     """
     lay = chan.node_channels
     if lay is None or lay.num_nodes == 1 or not lay.shared or type(buf) is not np.ndarray:
@@ -192,7 +203,7 @@ def stage(chan, buf: np.ndarray):
     if node.size == 1 or win is None or win.win is None or buf.size == 0 or buf.nbytes > win.half:
         return None
     slots = win.views(buf.dtype, buf.size)[win.next_parity()]
-    _copy_in(node, slots, buf)
+    _copy_in(node, slots, buf, progress)
     return slots
 
 
@@ -201,8 +212,9 @@ def unstage(chan) -> None:
     chan.node_channels.node.window.calls -= 1
 
 
-def _copy_in(node, slots, buf) -> None:
-    """This rank's part of buf into its slot: what the node's peers will read."""
+def _copy_in(node, slots, buf, progress=None) -> None:
+    """This rank's part of buf into its slot: what the node's peers will read (calling
+    `progress` between blocks of STAGE_BLOCK_BYTES, when given)."""
     r, count = node.rank, buf.size
     mine = slots[r]
     if buf.nbytes <= shm.REPLICATED_MAX_BYTES:
@@ -212,10 +224,13 @@ def _copy_in(node, slots, buf) -> None:
     bounds = chunk_bounds(count, node.size)
     lo, hi = int(bounds[r]), int(bounds[r + 1])
     # Peers read only the chunks they reduce; ours stays in buf.
-    if lo > 0:
-        np.copyto(mine[:lo], buf[:lo])
-    if hi < count:
-        np.copyto(mine[hi:], buf[hi:])
+    step = count if progress is None else max(1, STAGE_BLOCK_BYTES // buf.itemsize)
+    for a, b in ((0, lo), (hi, count)):
+        for start in range(a, b, step):
+            stop = min(b, start + step)
+            np.copyto(mine[start:stop], buf[start:stop])
+            if progress is not None:
+                progress()
 
 
 def _reduce_to_leader(win, node, slots, buf, op) -> None:

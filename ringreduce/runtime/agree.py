@@ -134,6 +134,12 @@ class Rows:
         """Post the exchange of the row written since begin(); post() finishes it (MPI rows only)."""
         self.req = chan.comm.Iallgather(self.send, self.recv)
 
+    def progress(self) -> None:
+        """Let MPI advance the exchange start() posted (its later rounds move only inside MPI calls)."""
+        req = self.req
+        if req is not None:
+            req.Test()
+
     def post(self, chan, seq: int, kind_code: int, name: str | None, early=None) -> None:
         """Exchange the rows written since begin(): afterwards self.recv holds every rank's.
 

@@ -274,6 +274,7 @@ def _early_check(chan, rows, seq, buf, op, algorithm, name, comp=None):
         if not agree.rows_same(rows, chan.size):
             _raise_if_mismatch(chan, rows.headers(chan.size), "allreduce", buf, op, algorithm, name, seq,
                                comp)
+    agreed.progress = rows.progress      # for work done meanwhile (the hierarchical copy)
     return agreed
 
 

@@ -138,8 +138,8 @@ def test_staged_while_agreeing(name, monkeypatch):
     ctx = context(comm)
     staged = []
 
-    def stage(chan, buf, real=hierarchical.stage):
-        slots = real(chan, buf)
+    def stage(chan, buf, progress=None, real=hierarchical.stage):
+        slots = real(chan, buf, progress)
         staged.append(slots is not None)
         return slots
     monkeypatch.setattr(hierarchical, "stage", stage)
