@@ -136,6 +136,36 @@ def test_drift_explores_again_and_is_bounded(monkeypatch):
     assert band.reexplored == learn.MAX_REEXPLORE and learner.settled(nbytes)
 
 
+def test_untimed_calls_change_nothing(monkeypatch):
+    # The fast path times a settled band's call only when band.timed() says the drift check
+    # will read it (the last RECENT calls before a check) and counts the others with
+    # band.untimed(). Fed the same call times, such a learner makes every decision, drift
+    # check and re-exploration at the same call as one that times every call.
+    monkeypatch.setenv("RINGREDUCE_LEARNED", "off")
+    plan, nbytes = _plan(), 1 << 16
+    cands = plan.candidates(nbytes, False)
+    every, chan_a = learn.Learner(plan, "shape", [], select.NAMES, save=False), FakeChannel()
+    some, chan_b = learn.Learner(plan, "shape", [], select.NAMES, save=False), FakeChannel()
+    untimed = 0
+    for i in range(6000):
+        slow = 1.0 if i < 2500 else 3.0                      # the machine changes at call 2500
+        cost = {a: (1e-4 if a == "tree" else 3e-4) * slow * (1 + (i % 7) / 50) for a in cands}
+        for learner, chan, all_timed in ((every, chan_a, True), (some, chan_b, False)):
+            chan.seq += 1
+            a = learner.pick(nbytes, False)
+            band = learner.band_for(nbytes, False)
+            if all_timed or band.timed():
+                learner.done(chan, a, nbytes, False, cost[a], band)
+            else:
+                band.untimed()
+                untimed += 1
+    a, b = every.bands[(0, learn.band(nbytes))], some.bands[(0, learn.band(nbytes))]
+    assert every.events == some.events and any(e.get("drift") for e in every.events)
+    assert (a.calls, a.since_check, a.interval, a.baseline, a.choice) == \
+        (b.calls, b.since_check, b.interval, b.baseline, b.choice)
+    assert untimed > 4000 and chan_a.rounds == chan_b.rounds
+
+
 def test_drift_explores_only_the_contenders(monkeypatch):
     # shm wins at 1e-5 s, mpi at 1.5e-5 is a contender, the rest (1e-3) are not. When shm
     # drifts to 3e-5, only candidates within CONTENDERS x 3e-5 are explored again.

@@ -221,6 +221,16 @@ class _Band:
         self.explore_calls = 0
         self.times = {a: [] for a in self.candidates}
 
+    def timed(self) -> bool:
+        """Whether this call's time is read: while exploring, and for the last RECENT calls
+        before a drift check (the check reads only those). Else the caller counts the call
+        with ``untimed()`` instead of ``Learner.done``: less Python between two MPI calls."""
+        return self.choice is None or self.since_check >= self.interval - RECENT
+
+    def untimed(self) -> None:
+        self.calls += 1
+        self.since_check += 1
+
     def start_runoff(self, close: list[str]) -> None:
         """Explore `close` again in runs twice as long; finish_runoff() restores the rest."""
         self.runoff_of, self.candidates = self.candidates, close

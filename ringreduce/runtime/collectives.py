@@ -171,7 +171,7 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
             return None
     check_on = config.check_enabled()
     algo = call.algorithm
-    learner = None
+    learner = untimed = None
     if algo is None:
         override = config.algorithm_override()
         if override is not None and override != "auto":
@@ -183,6 +183,9 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
                 call.learner, band = learner, learner.band_for(call.nbytes, call.half)
                 call.band = band
             algo = band.choice if band.choice is not None else learner.pick(call.nbytes, call.half)
+            if not band.timed():
+                learner = None              # settled, no drift check near: counted at the end
+                untimed = band
         else:
             learner = None
             algo = policy.choose(chan.plan, call.nbytes, x.dtype, chan.size, call.op, check_on)
@@ -263,6 +266,8 @@ def _fast(chan, x, op, algorithm, name, out, inplace):
             obs.record(algo, call.nbytes, now - t1)
         if learner is not None:
             learner.done(chan, algo, call.nbytes, call.half, now - t0, call.band)
+    if untimed is not None:
+        untimed.untimed()
     return buf
 
 
