@@ -79,3 +79,23 @@ def test_bench_collectives_np2(tmp_path, kind):
     assert "mpi" in names and ({"rr"} if kind == "alltoall" else {"rr-ring", "rr-shm", "rr-mpi", "rr-auto"}) <= names
     for w in rows:
         assert w["error"] <= (1e-5 if kind == "reducescatter" else 0.0), w
+
+
+def test_tune_prices_native_as_auto_runs_it(monkeypatch):
+    # --tune times its "mpi" candidate through rr.allreduce (the check's handshake and our
+    # call around MPI's, as auto runs it); the benchmark's own "mpi" column stays bare MPI.
+    import numpy as np
+    from mpi4py import MPI
+
+    import ringreduce as rr
+    state = {"op": "sum", "dtype": np.dtype(np.float32), "x": np.ones(8, np.float32),
+             "y": np.zeros(8, np.float32)}
+    plain, = bench.build_columns(["mpi"], [], MPI.COMM_SELF, state)
+    routed, = bench.build_columns(["mpi"], [], MPI.COMM_SELF, state, routed_mpi=True)
+    assert routed.name == plain.name == "mpi" and routed.ours and not plain.ours
+    seen = []
+    monkeypatch.setattr(rr, "allreduce", lambda x, op, algorithm, out: seen.append(algorithm))
+    plain.call()
+    assert seen == [] and np.all(state["y"] == 1)        # MPI_Allreduce on one rank
+    routed.call()
+    assert seen == ["mpi"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
 import time
@@ -154,8 +153,12 @@ def _torch_view(torch, a: np.ndarray):
     return torch.from_numpy(a)
 
 
-def build_columns(names, comps, comm, state) -> list[Column]:
-    """The columns to time, each closing over state['x'] / state['y'] (set per size)."""
+def build_columns(names, comps, comm, state, routed_mpi: bool = False) -> list[Column]:
+    """The columns to time, each closing over state['x'] / state['y'] (set per size).
+
+    routed_mpi: the "mpi" column is ``rr.allreduce(algorithm="mpi")`` (what auto runs when
+    it picks native MPI: the check's handshake and our call around MPI's) instead of
+    MPI_Allreduce alone, so that --tune prices every candidate as auto will run it."""
     import ringreduce as rr
     MPI = _mpi()
     n = comm.Get_size()
@@ -166,7 +169,7 @@ def build_columns(names, comps, comm, state) -> list[Column]:
     half = state["dtype"].itemsize == 2 and state["dtype"].kind in "fV"
     cols = []
     for name in names:
-        if name == "mpi":
+        if name == "mpi" and not routed_mpi:
             if half:
                 continue          # MPI has no half-type reduction
 
@@ -255,8 +258,9 @@ def _settle_auto(call, x, op: str, limit: int = 400) -> int:
     return calls
 
 
-def run_sweep(args, comm, sizes, names, comps, progress=True) -> list[dict]:
-    """Time every column at every size; returns one row dict per (size, column)."""
+def run_sweep(args, comm, sizes, names, comps, progress=True, routed_mpi=False) -> list[dict]:
+    """Time every column at every size; returns one row dict per (size, column)
+    (routed_mpi: see build_columns)."""
     n, rank = comm.Get_size(), comm.Get_rank()
     dtype = _np_dtype(args.dtype)
     maxcount = max(1, max(sizes) // dtype.itemsize)
@@ -265,7 +269,7 @@ def run_sweep(args, comm, sizes, names, comps, progress=True) -> list[dict]:
     full_ref = reference(args.op, n, maxcount, dtype)
     full_y = np.empty_like(full_x)
     state["ps_buf"] = np.empty(n * full_x.nbytes if rank == 0 else 0, np.uint8)
-    cols = build_columns(names, comps, comm, state)
+    cols = build_columns(names, comps, comm, state, routed_mpi)
     bar = None
     if progress and rank == 0 and not args.no_progress:
         try:
@@ -417,12 +421,19 @@ def plot_model(rows: list[dict], params: dict, n: int, path: str) -> None:
 
 
 def tune(args, comm) -> int:
-    """Measure each algorithm (check off), fit the model, write the tuning file on rank 0."""
-    os.environ["RINGREDUCE_CHECK"] = "0"       # price the algorithms themselves
+    """Measure each algorithm as auto runs it, fit the model, write the tuning file on rank 0.
+
+    Every candidate is timed through rr.allreduce with the mismatch check as this job
+    has it (on unless RINGREDUCE_CHECK=0), native MPI included: the check does not cost
+    every candidate alike (staged shm uses its handshake as the data barrier, a native
+    call pays it before MPI starts). Pricing bare MPI_Allreduce against our check-free
+    calls put 16-64 KiB on native MPI, which then took native + 13-21 us per call with the
+    check (2-core VM, np=2, 2026-12-07) where shm took native + 0-4 us.
+    """
     n, rank = comm.Get_size(), comm.Get_rank()
     sizes = sizes_between(args.begin, args.end, args.factor)
     ag_sizes = [s for s in sizes if n * s <= select.ALLGATHER_MAX_TOTAL_BYTES]
-    rows = run_sweep(args, comm, sizes, ["mpi", "tree", "ring", "shm"], [])
+    rows = run_sweep(args, comm, sizes, ["mpi", "tree", "ring", "shm"], [], routed_mpi=True)
     if ag_sizes:
         rows += run_sweep(args, comm, ag_sizes, ["allgather"], [], progress=False)
     gamma = comm.bcast(measure_gamma() if rank == 0 else None, root=0)
