@@ -23,6 +23,7 @@ import numpy as np
 import ringreduce as rr   # before mpi4py.MPI: it quiets Open MPI's osc/ucx warnings
 from mpi4py import MPI  # noqa: E402
 from ringreduce.algorithms import native  # noqa: E402
+from ringreduce.cli.bench import _time  # noqa: E402
 from ringreduce.core.ops import ReduceOp  # noqa: E402
 from ringreduce.runtime.context import context  # noqa: E402
 
@@ -32,14 +33,6 @@ def main() -> None:
     rr.init()
     comm = MPI.COMM_WORLD
     chan = context().main
-
-    def timed(fn, iters):
-        fn()
-        comm.Barrier()
-        t = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return comm.allreduce((time.perf_counter() - t) / iters, op=MPI.MAX)
 
     def checked(flag, x, y):
         os.environ["RINGREDUCE_CHECK"] = flag
@@ -55,9 +48,9 @@ def main() -> None:
         samples = {k: [] for k in ("blocking", "nonblocking", "on", "off")}
         for _ in range(9):
             for k, fn in loops.items():
-                samples[k].append(timed(fn, iters))
+                samples[k].append(_time(comm, fn, iters))
             for k, flag in (("on", "1"), ("off", "0")):
-                samples[k].append(timed(checked(flag, x, y), iters))
+                samples[k].append(_time(comm, checked(flag, x, y), iters))
         os.environ["RINGREDUCE_CHECK"] = "1"
         rows.append((nbytes, {k: statistics.median(v) * 1e6 for k, v in samples.items()}))
     if comm.Get_rank() == 0:
