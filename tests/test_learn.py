@@ -29,6 +29,11 @@ def _plan():
     return select.make_plan(tuning.DEFAULTS, 2, True)
 
 
+def _learner(plan, save=False):
+    """A fresh learner on `plan`, nothing cached, for the shape "shape"."""
+    return learn.Learner(plan, "shape", [], select.NAMES, save=save)
+
+
 def _feed(learner, chan, nbytes, cost, calls):
     """Run `calls` calls whose time is cost[algorithm]; returns the algorithms run."""
     ran = []
@@ -45,7 +50,7 @@ def test_explores_round_robin_then_keeps_the_fastest(tmp_path, monkeypatch):
     plan, chan = _plan(), FakeChannel()
     nbytes = 1 << 20
     cands = plan.candidates(nbytes, False)
-    learner = learn.Learner(plan, "shape", [], select.NAMES, save=True)
+    learner = _learner(plan, save=True)
     cost = {a: 1e-3 * (i + 2) for i, a in enumerate(cands)}
     cost["ring"] = 1e-4
     need = learn.explore_calls(nbytes, len(cands))
@@ -71,7 +76,7 @@ def test_a_close_call_goes_to_a_runoff(monkeypatch):
     plan, chan = _plan(), FakeChannel()
     nbytes = 1 << 20
     cands = plan.candidates(nbytes, False)
-    learner = learn.Learner(plan, "shape", [], select.NAMES, save=False)
+    learner = _learner(plan)
     cost = {a: 1e-3 for a in cands}
     cost.update(ring=1.00e-4, tree=1.04e-4)
     _feed(learner, chan, nbytes, cost, learn.explore_calls(nbytes, len(cands)))
@@ -89,7 +94,7 @@ def test_a_close_call_goes_to_a_runoff(monkeypatch):
     assert band.medians["tree"] == pytest.approx(0.9e-4)
     assert learner.events[-1]["choice"] == "tree"
     # Far apart (more than RUNOFF): decided in one round.
-    learner2 = learn.Learner(plan, "shape", [], select.NAMES, save=False)
+    learner2 = _learner(plan)
     cost.update(ring=1e-4, tree=1.2e-4)
     _feed(learner2, chan, nbytes, cost, learn.explore_calls(nbytes, len(cands)))
     assert learner2.settled(nbytes) and learner2.pick(nbytes, False) == "ring"
@@ -100,7 +105,7 @@ def test_drift_explores_again_and_is_bounded(monkeypatch):
     plan, chan = _plan(), FakeChannel()
     nbytes = 1 << 16
     cands = plan.candidates(nbytes, False)
-    learner = learn.Learner(plan, "shape", [], select.NAMES, save=False)
+    learner = _learner(plan)
     cost = {a: 1e-4 for a in cands}
     cost["tree"] = 1e-5
     need = learn.explore_calls(nbytes, len(cands))
@@ -144,8 +149,8 @@ def test_untimed_calls_change_nothing(monkeypatch):
     monkeypatch.setenv("RINGREDUCE_LEARNED", "off")
     plan, nbytes = _plan(), 1 << 16
     cands = plan.candidates(nbytes, False)
-    every, chan_a = learn.Learner(plan, "shape", [], select.NAMES, save=False), FakeChannel()
-    some, chan_b = learn.Learner(plan, "shape", [], select.NAMES, save=False), FakeChannel()
+    every, chan_a = _learner(plan), FakeChannel()
+    some, chan_b = _learner(plan), FakeChannel()
     untimed = 0
     for i in range(6000):
         slow = 1.0 if i < 2500 else 3.0                      # the machine changes at call 2500
@@ -174,7 +179,7 @@ def test_drift_explores_only_the_contenders(monkeypatch):
     nbytes = 1 << 14
     cands = plan.candidates(nbytes, False)
     assert {"shm", "mpi", "ring"} <= set(cands)
-    learner = learn.Learner(plan, "shape", [], select.NAMES, save=False)
+    learner = _learner(plan)
     cost = {a: 1e-3 for a in cands}
     cost.update(shm=1e-5, mpi=1.5e-5)
     _feed(learner, chan, nbytes, cost, learn.explore_calls(nbytes, len(cands)))
